@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One entry point, each mode doing its own set-up into ./.venv:
+#   ./run.sh          the main job, end to end on a small default
+#   ./run.sh test     the test suite (what CI runs)
+#   ./run.sh bench    the benchmarks (bench.py), printed as ratios
+set -euo pipefail
+cd "$(dirname "$0")"
+mode="${1:-main}"
+
+# --- set-up: a local virtual environment with pinned torch, then the requirements ----------
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+PY=.venv/bin/python
+# torch==2.13.0: a CPU wheel where one lies on local disk (our CI), a CUDA build from PyPI on Linux
+# GPU machines. Set TORCH_SPEC to install another build (e.g. TORCH_SPEC="torch==2.13.0+cu126").
+if ! $PY -c "import torch" 2>/dev/null; then
+    $PY -m pip install -q --upgrade pip
+    $PY -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+reqs=requirements.txt
+[ "$mode" = main ] || reqs=requirements-test.txt
+$PY -m pip install -q -r "$reqs"
+# The GPT-2 tokenizer downloads once; offline machines use a cache beside the project.
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken_cache ]; then
+    export TIKTOKEN_CACHE_DIR="$PWD/../shared/tiktoken_cache"
+fi
+
+# --- the modes ------------------------------------------------------------------------------
+case "$mode" in
+main)
+    # Until fineweb.py / train.py / hellaswag.py land, the main job is the model itself:
+    # the presets, the tokenizer and KV-cache sampling.
+    $PY model.py
+    ;;
+test)
+    shift || true
+    $PY -m pytest tests -q "$@"
+    ;;
+bench)
+    shift || true
+    $PY bench.py "$@"
+    ;;
+*)
+    echo "usage: ./run.sh [main|test|bench] [args...]" >&2
+    exit 2
+    ;;
+esac
