@@ -18,27 +18,19 @@ import time
 import torch
 
 
-def timeit(fn, repeat, warmup=1):
-    """Per-call seconds of fn: the median of `repeat` timed calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def paired(fns, repeat, warmup=1):
+    """Time several functions call by call in alternation, so that drifting machine load hits
+    all of them alike; returns {name: median seconds per call}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved(fns, rounds, repeat):
-    """Time several functions in alternation (so drifting machine load hits all alike);
-    returns {name: best-of-rounds median seconds}."""
-    best = {}
-    for _ in range(rounds):
         for name, fn in fns.items():
-            t = timeit(fn, repeat)
-            best[name] = min(best.get(name, float("inf")), t)
-    return best
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -79,8 +71,8 @@ def bench_model(args):
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
-    rounds, repeat = (1, 1) if args.quick else (3, 3)
-    t = interleaved({"ours": step_ours, "theirs": step_theirs}, rounds, repeat)
+    repeat = 1 if args.quick else args.repeat
+    t = paired({"ours": step_ours, "theirs": step_theirs}, repeat)
     tokens = B * T
     rows = [(f"train step fp32 L{L} C{C} B{B} T{T} (tok/s)", tokens / t["ours"], tokens / t["theirs"])]
 
@@ -104,7 +96,7 @@ def bench_model(args):
                            theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N,
                                            min_new_tokens=N, do_sample=False, pad_token_id=0)[0, P:]), \
             "greedy outputs differ: the comparison would be meaningless"
-    t = interleaved({"ours": sample_ours, "theirs": sample_theirs}, rounds, repeat)
+    t = paired({"ours": sample_ours, "theirs": sample_theirs}, repeat)
     rows.append((f"greedy sampling {N} tokens after {P}, batch 1 (tok/s)", N / t["ours"], N / t["theirs"]))
     return rows, "transformers"
 
@@ -115,7 +107,8 @@ SECTIONS = {"model": bench_model}
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--section", choices=list(SECTIONS), action="append", help="run only this section (repeatable)")
-    p.add_argument("--quick", action="store_true", help="one round of one repetition (smoke run)")
+    p.add_argument("--quick", action="store_true", help="one timed call of each (smoke run)")
+    p.add_argument("--repeat", type=int, default=9, help="timed calls of each side; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--n_head", type=int, default=6)

@@ -202,8 +202,10 @@ class GPT(nn.Module):
     # -- sampling ------------------------------------------------------------
 
     @torch.no_grad()
-    def _next_logits(self, idx, kv_caches, pos):
-        return self._lm_head(self._hidden(idx, kv_caches, pos)[:, -1]).float()
+    def _next_logits(self, idx, kv_caches, pos, head_t):
+        # head_t: the lm_head as a contiguous (n_embd, vocab) copy. A one-row matmul is bound
+        # by reading the weight, and MKL reads this layout ~1.5x faster than wte's (vocab, n_embd).
+        return (self._hidden(idx, kv_caches, pos)[:, -1] @ head_t).float()
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         eos_token_id=None, generator=None, seed=None, use_cache=True):
@@ -228,15 +230,17 @@ class GPT(nn.Module):
             seq = idx  # everything so far, never cropped (the window is cut from it)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             caches, pos = None, 0
+            with torch.no_grad():
+                head_t = self.transformer.wte.weight[: self.config.vocab_size].t().contiguous()
             if use_cache:
                 caches = self._new_kv_caches(B, min(bs, T + max_new_tokens), idx.device)
             for step in range(max_new_tokens):
                 if use_cache and 0 < pos < bs:
-                    logits = self._next_logits(seq[:, -1:], caches, pos)  # one new token
+                    logits = self._next_logits(seq[:, -1:], caches, pos, head_t)  # one new token
                     pos += 1
                 else:  # first step, no cache, or a full window: run the whole window
                     window = seq[:, -bs:]
-                    logits = self._next_logits(window, caches, 0)
+                    logits = self._next_logits(window, caches, 0, head_t)
                     pos = window.size(1)
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)
                 if eos_token_id is not None:

@@ -16,11 +16,12 @@ PY=.venv/bin/python
 # GPU machines. Set TORCH_SPEC to install another build (e.g. TORCH_SPEC="torch==2.13.0+cu126").
 if ! $PY -c "import torch" 2>/dev/null; then
     $PY -m pip install -q --upgrade pip
-    $PY -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    $PY -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
 reqs=requirements.txt
 [ "$mode" = main ] || reqs=requirements-test.txt
-$PY -m pip install -q -r "$reqs"
+# (grep drops the pip warnings about this machine's unused local package index)
+$PY -m pip install -q -r "$reqs" 2> >(grep -v "^WARNING: Location" >&2)
 # The GPT-2 tokenizer downloads once; offline machines use a cache beside the project.
 if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken_cache ]; then
     export TIKTOKEN_CACHE_DIR="$PWD/../shared/tiktoken_cache"
