@@ -426,8 +426,7 @@ def _download_hf(name, cache_dir=None):
         if os.path.isfile(dest):
             continue
         try:
-            print(f"downloading {base + fname} -> {dest}")
-            _atomic_write(dest, lambda p: urllib.request.urlretrieve(base + fname, p))
+            _atomic_write(dest, lambda p: _fetch(base + fname, p))
         except (urllib.error.URLError, OSError) as e:
             raise ModelLoadError(
                 f"could not download {name!r} from the Hugging Face Hub ({e}). Offline? On a machine with "
@@ -497,6 +496,18 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         grad_x, grad_w, count = ctx.saved_tensors
         scale = grad_loss / count
         return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+
+
+def _fetch(url, path):
+    """Download url to path with a progress bar."""
+    from tqdm import tqdm
+
+    with tqdm(unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:
+        def hook(blocks, block_size, total):
+            bar.total = total if total > 0 else None
+            bar.update(blocks * block_size - bar.n)
+
+        urllib.request.urlretrieve(url, path, reporthook=hook)
 
 
 # -----------------------------------------------------------------------------

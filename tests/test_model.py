@@ -560,3 +560,18 @@ def test_chunked_loss_under_bf16_autocast_matches_fp32():
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_from_pretrained_hub_name_offline_says_what_to_do(tmp_path, monkeypatch):
+    """Offline, a hub name fails with one ModelLoadError that names the model and says to pass a local directory."""
+    import urllib.error
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(M.urllib.request, "urlretrieve", no_network)
+    with pytest.raises(M.ModelLoadError) as e:
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    msg = str(e.value)
+    assert "'gpt2'" in msg and "directory" in msg and "model.safetensors" in msg
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # no half-written file left behind
