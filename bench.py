@@ -7,14 +7,23 @@ ratios (these machines are noisy; absolute numbers from one run mean little).
     python bench.py --quick          # fewer repetitions (a smoke run)
 
 Sections:
-  model  training step (forward + backward + AdamW) and KV-cache sampling, ours against
-         transformers' GPT2LMHeadModel at the same config, same inputs.
+  model    training step (forward + backward + AdamW) and KV-cache sampling, ours against
+           transformers' GPT2LMHeadModel at the same config, same inputs.
+  fineweb  fineweb.py end to end (read, tokenize, write shards) over ../shared/corpus (or
+           --corpus), against a build-nanogpt-style Pool.imap and against the machine's
+           limit: cores x the single-process encode_ordinary rate.
 """
 
 import argparse
+import glob
+import multiprocessing as mp
+import os
+import shutil
 import statistics
+import tempfile
 import time
 
+import numpy as np
 import torch
 
 
@@ -74,7 +83,7 @@ def bench_model(args):
     repeat = 1 if args.quick else args.repeat
     t = paired({"ours": step_ours, "theirs": step_theirs}, repeat)
     tokens = B * T
-    rows = [(f"train step fp32 L{L} C{C} B{B} T{T} (tok/s)", tokens / t["ours"], tokens / t["theirs"])]
+    rows = [(f"train step fp32 L{L} C{C} B{B} T{T} (tok/s)", tokens / t["ours"], tokens / t["theirs"], "transformers")]
 
     # Sampling: greedy decoding of N new tokens after a P-token prompt, batch 1, KV cache on both.
     ours.eval()
@@ -97,11 +106,77 @@ def bench_model(args):
                                            min_new_tokens=N, do_sample=False, pad_token_id=0)[0, P:]), \
             "greedy outputs differ: the comparison would be meaningless"
     t = paired({"ours": sample_ours, "theirs": sample_theirs}, repeat)
-    rows.append((f"greedy sampling {N} tokens after {P}, batch 1 (tok/s)", N / t["ours"], N / t["theirs"]))
-    return rows, "transformers"
+    rows.append((f"greedy sampling {N} tokens after {P}, batch 1 (tok/s)", N / t["ours"], N / t["theirs"], "transformers"))
+    return rows
 
 
-SECTIONS = {"model": bench_model}
+# build-nanogpt's fineweb.py, rewritten: module-level encoder (inherited by forked workers),
+# one document per task, chunksize 16, tokens gathered and written by the parent.
+_bn_encoder = None
+
+
+def _bn_tokenize(doc):
+    tokens = [50256] + _bn_encoder.encode_ordinary(doc)
+    return np.array(tokens).astype(np.uint16)
+
+
+def _bn_run(texts, out_dir, shard_size):
+    buf, fill, index = np.empty(shard_size, dtype=np.uint16), 0, 0
+    with mp.get_context("fork").Pool(max(1, os.cpu_count() // 2)) as pool:
+        for tokens in pool.imap(_bn_tokenize, texts, chunksize=16):
+            while len(tokens):
+                take = min(len(tokens), shard_size - fill)
+                buf[fill : fill + take], tokens = tokens[:take], tokens[take:]
+                fill += take
+                if fill == shard_size:
+                    np.save(os.path.join(out_dir, f"shard_{index:06d}.npy"), buf)
+                    fill, index = 0, index + 1
+    if fill:
+        np.save(os.path.join(out_dir, f"shard_{index:06d}.npy"), buf[:fill])
+
+
+def bench_fineweb(args):
+    """fineweb.py end to end vs a build-nanogpt-style pipeline and vs cores x one core's rate."""
+    global _bn_encoder
+    import fineweb
+    from model import get_tokenizer
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    corpus = args.corpus
+    files = fineweb.local_files(corpus)
+    enc = _bn_encoder = get_tokenizer()
+    texts = [d for f in files for d in fineweb.read_file(f, "text")]
+    n_tokens = sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
+    work = tempfile.mkdtemp(prefix="bench-fineweb-")
+    shard_size = 1_000_000
+
+    def ours():
+        out = os.path.join(work, "ours")
+        shutil.rmtree(out, ignore_errors=True)
+        assert fineweb.main(["--source", corpus, "--path", out, "--shard_size", str(shard_size)]) == 0
+
+    def baseline():  # reads the files too, as build-nanogpt's load_dataset does
+        out = os.path.join(work, "baseline")
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        _bn_run([d for f in files for d in fineweb.read_file(f, "text")], out, shard_size)
+
+    def one_core():
+        for t in texts:
+            enc.encode_ordinary(t)
+
+    try:
+        t = paired({"ours": ours, "baseline": baseline, "one_core": one_core}, 1 if args.quick else args.repeat)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    limit = os.cpu_count() * n_tokens / t["one_core"]
+    ours_rate = n_tokens / t["ours"]
+    label = f"fineweb.py {n_tokens / 1e6:.1f}M tokens, {os.cpu_count()} workers (tok/s)"
+    return [(label, ours_rate, n_tokens / t["baseline"], "build-nanogpt Pool.imap"),
+            (label, ours_rate, limit, "limit: cores x 1-core rate")]
+
+
+SECTIONS = {"model": bench_model, "fineweb": bench_fineweb}
 
 
 def main():
@@ -117,14 +192,14 @@ def main():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"), help="text for the fineweb section")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     print(f"{'benchmark':<58} {'ours':>12} {'reference':>12} {'ratio':>7}  reference")
     for name in args.section or list(SECTIONS):
-        rows, ref_name = SECTIONS[name](args)
-        for label, ours, ref in rows:
+        for label, ours, ref, ref_name in SECTIONS[name](args):
             print(f"{label:<58} {ours:>12,.1f} {ref:>12,.1f} {ours / ref:>6.2f}x  {ref_name}")
 
 

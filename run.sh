@@ -30,8 +30,15 @@ fi
 # --- the modes ------------------------------------------------------------------------------
 case "$mode" in
 main)
-    # Until fineweb.py / train.py / hellaswag.py land, the main job is the model itself:
-    # the presets, the tokenizer and KV-cache sampling.
+    # 1. a small dataset: the local corpus beside the project if there is one (offline CI and
+    #    development machines), else the first 2M tokens of FineWebEdu, streamed
+    if [ -d ../shared/corpus ]; then
+        $PY fineweb.py --source ../shared/corpus --path data/small --shard_size 1_000_000
+    else
+        $PY fineweb.py --path data/small --max_tokens 2_000_000 --shard_size 1_000_000
+    fi
+    # 2. the model: presets, tokenizer and KV-cache sampling (train.py, hellaswag.py and
+    #    generate.py take over from here as they land)
     $PY model.py
     ;;
 test)

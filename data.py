@@ -1,0 +1,145 @@
+"""
+Token shards on disk -> training batches, the same for any number of GPUs.
+
+fineweb.py writes uint16 .npy shards named <prefix>_val_NNNNNN.npy / <prefix>_train_NNNNNN.npy.
+DataLoader cuts each shard into windows of seq_len + 1 tokens (x = window[:-1], y = window[1:])
+and lays them out as one stream:
+
+  train: epoch after epoch, the shards in an order shuffled by (seed, epoch) and the windows
+         of each shard in an order shuffled by (seed, epoch, shard). Reshuffled every epoch,
+         so no periodic pattern shows in the loss.
+  val:   the shards in name order, the windows in file order; reset() starts it over, so
+         every evaluation sees the same batches.
+
+Optimizer step k consumes the G = total_batch_size / seq_len stream windows [k*G, (k+1)*G),
+and micro-step m of rank r takes its B = micro_batch_size windows at k*G + (m*world + r)*B.
+So the tokens of step k depend only on (data, seed, total_batch_size, seq_len, k): a run on
+8 GPUs, on 1 GPU with gradient accumulation, or with a different micro-batch sees the same
+global batches. The loader's state is two integers (step, micro-step).
+"""
+
+import bisect
+import functools
+import glob
+import os
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad data or settings; the message names the file or the numbers."""
+
+
+def open_shard(path, min_tokens=2):
+    """Memory-map a token shard, checking that it is a 1-D uint16 .npy of at least min_tokens."""
+    name = os.path.basename(path)
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle
+    except Exception as e:  # truncated file, pickled objects, not an .npy at all
+        raise DataError(f"{path}: not a valid token shard ({type(e).__name__}: {e})") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise DataError(f"{name}: expected a 1-D uint16 token array, found {tokens.ndim}-D {tokens.dtype} ({path})")
+    if len(tokens) < min_tokens:
+        raise DataError(f"{name}: {len(tokens)} tokens, too short for one sequence of {min_tokens - 1} ({path})")
+    return tokens
+
+
+def find_shards(path, split):
+    if not os.path.isdir(path):
+        raise DataError(f"data directory {path!r} does not exist (make one with fineweb.py)")
+    files = sorted(glob.glob(os.path.join(path, f"*_{split}_*.npy")))
+    if not files:
+        raise DataError(f"no '*_{split}_*.npy' shards in {path!r} (make them with fineweb.py)")
+    return files
+
+
+class DataLoader:
+    def __init__(self, path, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0):
+        if split not in ("train", "val"):
+            raise DataError(f"split must be 'train' or 'val', not {split!r}")
+        for name, v in [("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
+                        ("total_batch_size", total_batch_size), ("world_size", world_size)]:
+            if v <= 0:
+                raise DataError(f"{name} must be positive, got {v}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+        if not isinstance(seed, int) or seed < 0:
+            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+        per_micro_step = seq_len * micro_batch_size * world_size
+        if total_batch_size % per_micro_step:
+            raise DataError(
+                f"total_batch_size {total_batch_size} is not divisible by seq_len {seq_len} x micro-batch "
+                f"{micro_batch_size} x world size {world_size} = {per_micro_step} tokens per micro-step")
+        self.split, self.seq_len, self.B = split, seq_len, micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.total_batch_size = total_batch_size
+        self.grad_accum_steps = total_batch_size // per_micro_step
+        self.windows_per_step = total_batch_size // seq_len
+
+        self.files = find_shards(path, split)
+        self.shards = [open_shard(f, seq_len + 1) for f in self.files]
+        self.num_tokens = sum(len(s) for s in self.shards)
+        self.windows = [(len(s) - 1) // seq_len for s in self.shards]
+        self.epoch_windows = sum(self.windows)
+        self.reset()
+
+    def reset(self):
+        self.step, self.micro_step = 0, 0
+
+    # -- the stream ----------------------------------------------------------
+
+    @functools.lru_cache(maxsize=4)
+    def _epoch_layout(self, epoch):
+        """(shard order, cumulative window counts in that order) of one epoch."""
+        if self.split == "train":
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        else:
+            order = np.arange(len(self.shards))
+        return order, np.cumsum([self.windows[i] for i in order]).tolist()
+
+    @functools.lru_cache(maxsize=8)
+    def _window_order(self, epoch, shard):
+        if self.split == "train":
+            return np.random.default_rng([self.seed, epoch, shard]).permutation(self.windows[shard])
+        return None
+
+    def window(self, g):
+        """Tokens (seq_len + 1,) of stream window g."""
+        epoch, i = divmod(g, self.epoch_windows)
+        order, cum = self._epoch_layout(epoch)
+        j = bisect.bisect_right(cum, i)  # position in this epoch's shard order
+        shard = int(order[j])
+        w = i - (cum[j - 1] if j else 0)
+        perm = self._window_order(epoch, shard)
+        if perm is not None:
+            w = int(perm[w])
+        start = w * self.seq_len
+        return self.shards[shard][start : start + self.seq_len + 1]
+
+    def next_batch(self):
+        """(x, y): int64 tensors (micro_batch_size, seq_len) of this rank's next micro-step."""
+        first = self.step * self.windows_per_step + (self.micro_step * self.world_size + self.rank) * self.B
+        buf = np.stack([self.window(g) for g in range(first, first + self.B)]).astype(np.int64)
+        self.micro_step += 1
+        if self.micro_step == self.grad_accum_steps:
+            self.step, self.micro_step = self.step + 1, 0
+        buf = torch.from_numpy(buf)
+        return buf[:, :-1], buf[:, 1:]
+
+    # -- resume --------------------------------------------------------------
+
+    def state_dict(self):
+        return {"step": self.step, "micro_step": self.micro_step, "seed": self.seed, "split": self.split,
+                "seq_len": self.seq_len, "total_batch_size": self.total_batch_size,
+                "epoch_windows": self.epoch_windows}
+
+    def load_state_dict(self, state):
+        for key in ("seed", "split", "seq_len", "total_batch_size", "epoch_windows"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
+                                + (" (the shards differ)" if key == "epoch_windows" else ""))
+        if state["micro_step"] >= self.grad_accum_steps:
+            raise DataError(f"loader state is at micro-step {state['micro_step']}, but a step has only "
+                            f"{self.grad_accum_steps} here")
+        self.step, self.micro_step = state["step"], state["micro_step"]

@@ -1,0 +1,364 @@
+"""
+FineWebEdu (or your own text) -> GPT-2 token shards for train.py.
+
+    python fineweb.py                                    # FineWebEdu sample-10BT: ~10B tokens, ~20 GB
+    python fineweb.py --max_tokens 20_000_000            # a quick 20M-token dataset
+    python fineweb.py --source ../shared/corpus --path data/corpus --shard_size 1_000_000
+
+Every document is preceded by <|endoftext|> and tokenized with GPT-2's BPE; the token stream
+is cut into shards of --shard_size tokens saved as uint16 .npy: <prefix>_val_000000.npy first,
+then <prefix>_train_000001.npy, ... Tokenization runs in --workers processes (fork or spawn).
+
+Resumable: each shard is written under a temporary name and renamed when complete, and
+manifest.json (source, settings, tokenizer, shards with token counts and sha256) records
+where in the document stream each shard ends. Re-running the same command after a crash or
+Ctrl-C keeps the finished shards and continues; the result is byte-identical to an
+uninterrupted run.
+"""
+
+import argparse
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+EOT = 50256
+TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model.get_tokenizer loads it
+HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
+FORMATS = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
+BATCH_CHARS = 1 << 18  # text per task sent to a worker (~60k tokens)
+
+
+class InputError(Exception):
+    """Bad input: printed as one line, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Reading documents
+
+
+def local_files(source):
+    """The files a --source names: a file, a directory (recursively) or a glob; sorted."""
+    if os.path.isfile(source):
+        files = [source]
+    elif os.path.isdir(source):
+        files = [os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs]
+    else:
+        files = glob.glob(source, recursive=True)
+        if not files:
+            raise InputError(f"source {source!r} not found (no such file, directory or glob match)")
+    files = sorted(f for f in files if f.endswith(FORMATS) and os.path.isfile(f))
+    if not files:
+        raise InputError(f"source {source!r} holds no {', '.join(FORMATS)} files")
+    return files
+
+
+def read_file(path, text_field):
+    """Yield the documents of one local file."""
+    try:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            if text_field not in pf.schema_arrow.names:
+                raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text_field")
+            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+                for row, text in enumerate(batch.column(0).to_pylist()):
+                    if not isinstance(text, str):
+                        raise InputError(f"{path}: a row's {text_field!r} is {type(text).__name__}, not text")
+                    yield text
+        else:  # JSON lines, optionally gzipped
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise InputError(f"{path}, line {lineno}: record has no text field {text_field!r}; set --text_field")
+                    yield record[text_field]
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    except InputError:
+        raise
+    except Exception as e:  # e.g. a corrupt parquet file
+        raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def documents(args, files):
+    """The document stream of --source (streamed from the Hub, or the local files), in a fixed order."""
+    if files is None:
+        try:
+            from datasets import load_dataset
+
+            ds = iter(load_dataset(HF_DATASET, name=args.hf_config, split="train", streaming=True))
+        except Exception as e:
+            raise InputError(f"cannot stream {HF_DATASET} ({args.hf_config}): {type(e).__name__}: {e}. "
+                             "Offline? Pass local files with --source") from None
+        i = 0
+        try:
+            for i, record in enumerate(ds):
+                if not isinstance(record.get(args.text_field), str):
+                    raise InputError(f"{HF_DATASET} record {i} has no text field {args.text_field!r}; set --text_field")
+                yield record[args.text_field]
+        except InputError:
+            raise
+        except Exception as e:  # a dropped connection mid-stream
+            raise InputError(f"streaming {HF_DATASET} failed at record {i}: {type(e).__name__}: {e}. "
+                             "The finished shards are kept: run the same command again to continue") from None
+    else:
+        for path in files:
+            yield from read_file(path, args.text_field)
+
+
+def batches(docs):
+    """Group documents into tasks of about BATCH_CHARS characters. The first tasks are
+    smaller, so that every worker has something to do as soon as it starts."""
+    batch, chars, target = [], 0, BATCH_CHARS // 16
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= target:
+            yield batch
+            batch, chars, target = [], 0, min(2 * target, BATCH_CHARS)
+    if batch:
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing (in worker processes)
+
+_encoder = None
+
+
+def _init_worker():
+    global _encoder
+    if _encoder is None:  # forked workers inherit the parent's (see run)
+        from model import ModelLoadError, get_tokenizer  # (imports torch: only when there is work)
+
+        try:
+            _encoder = get_tokenizer()
+        except ModelLoadError as e:
+            raise InputError(str(e)) from None
+
+
+def _encode(text):
+    """GPT-2 BPE of text as ordinary text (special-token strings are not special) -> uint32 array.
+    encode_to_numpy skips building a Python list: ~10% faster than encode_ordinary."""
+    if hasattr(_encoder, "encode_to_numpy"):
+        return _encoder.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    return np.array(_encoder.encode_ordinary(text), dtype=np.uint32)
+
+
+def tokenize(texts):
+    """Documents -> (uint16 tokens with <|endoftext|> before each document, per-document lengths)."""
+    eot = np.array([EOT], dtype=np.uint32)
+    parts = []
+    for text in texts:
+        parts += [eot, _encode(text)]
+    tokens = np.concatenate(parts)
+    if tokens.max() >= 2**16:
+        raise InputError(f"token id {tokens.max()} does not fit in uint16")
+    lengths = np.fromiter((len(p) + 1 for p in parts[1::2]), dtype=np.int64, count=len(texts))
+    return tokens.astype(np.uint16), lengths
+
+
+# -----------------------------------------------------------------------------
+# Writing shards
+
+
+class _HashingWriter:
+    """File wrapper that hashes what np.save writes (no fileno, so numpy writes through it)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha.update(data)
+        return self.f.write(data)
+
+
+def write_shard(path, tokens):
+    """Save tokens as .npy atomically; returns the file's sha256."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    with open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        np.save(w, tokens)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return w.sha.hexdigest()
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def shard_name(prefix, index):
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
+def load_manifest(args):
+    """The manifest of this dataset, fresh or resumed; refuses a directory of another dataset."""
+    settings = {"source": args.source if args.source == HF_DATASET else os.path.abspath(args.source),
+                "hf_config": args.hf_config if args.source == HF_DATASET else None,
+                "text_field": args.text_field, "shard_size": args.shard_size, "max_tokens": args.max_tokens,
+                "prefix": args.prefix, "tokenizer": TOKENIZER}
+    path = os.path.join(args.path, "manifest.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is unreadable ({e}); remove it to start over") from None
+        for key, value in settings.items():
+            if manifest.get(key) != value:
+                raise InputError(f"output directory {args.path!r} holds another dataset ({key}: {manifest.get(key)!r} "
+                                 f"there, {value!r} asked); choose another --path")
+        # keep the recorded shards that are on disk, whole; drop any after a missing one
+        kept = []
+        for shard in manifest["shards"]:
+            f = os.path.join(args.path, shard["name"])
+            if not os.path.isfile(f) or np.load(f, mmap_mode="r").shape != (shard["tokens"],):
+                break
+            kept.append(shard)
+        manifest["shards"] = kept
+        return manifest
+    others = glob.glob(os.path.join(args.path, "*_train_*.npy")) + glob.glob(os.path.join(args.path, "*_val_*.npy"))
+    if others:
+        raise InputError(f"output directory {args.path!r} holds shards without a manifest.json; choose another --path")
+    return {**settings, "complete": False, "tokens": 0, "documents": 0, "shards": []}
+
+
+def run(args):
+    files = None if args.source == HF_DATASET else local_files(args.source)  # fail fast on a bad source
+    if os.path.exists(args.path) and not os.path.isdir(args.path):
+        raise InputError(f"output path {args.path!r} exists and is not a directory")
+    os.makedirs(args.path, exist_ok=True)
+    manifest = load_manifest(args)
+    if manifest["complete"]:
+        print(f"{args.path}: already complete ({manifest['tokens']:,} tokens in {len(manifest['shards'])} shards)")
+        return
+    _init_worker()  # fails here, with a clear message, if the BPE cannot be had; forked workers inherit it
+    for f in glob.glob(os.path.join(args.path, ".tmp-*")):  # left by a crash
+        os.remove(f)
+    from tqdm import tqdm
+
+    written = sum(s["tokens"] for s in manifest["shards"])
+    bar = tqdm(total=args.max_tokens, initial=written, unit="tok", unit_scale=True, desc="tokenizing", smoothing=0.1)
+    try:
+        written = tokenize_into_shards(args, files, manifest, bar)
+    finally:
+        bar.close()  # before any error message, so that it stands on a line of its own
+    shards = manifest["shards"]
+    manifest.update(complete=True, tokens=written)
+    write_json(os.path.join(args.path, "manifest.json"), manifest)
+    print(f"{args.path}: {written:,} tokens in {len(shards)} shards ({shards[0]['name']} ... {shards[-1]['name']})")
+
+
+def tokenize_into_shards(args, files, manifest, bar):
+    """Tokenize the documents after the manifest's finished shards into new shards, recording
+    each in the manifest; returns the total tokens written."""
+    shards = manifest["shards"]
+    # where the finished shards end: documents wholly written, and tokens of the next one
+    doc, skip = (shards[-1]["end_doc"], shards[-1]["end_skip"]) if shards else (0, 0)
+    written = sum(s["tokens"] for s in shards)
+    limit = args.max_tokens or float("inf")
+    buf, fill = np.empty(args.shard_size, dtype=np.uint16), 0
+
+    def flush(end_doc, end_skip):
+        name = shard_name(args.prefix, len(shards))
+        sha = write_shard(os.path.join(args.path, name), buf[:fill])
+        shards.append({"name": name, "split": "val" if not shards else "train", "tokens": fill, "sha256": sha,
+                       "end_doc": end_doc, "end_skip": end_skip})
+        manifest.update(tokens=sum(s["tokens"] for s in shards), documents=end_doc)
+        write_json(os.path.join(args.path, "manifest.json"), manifest)
+
+    docs_iter = documents(args, files)
+    for _ in range(doc):  # documents already in finished shards
+        next(docs_iter)
+    with mp.get_context(args.start_method).Pool(args.workers, initializer=_init_worker) as pool:
+        inflight = deque()  # bounded, so memory stays at about one shard plus a few batches
+        tasks = batches(docs_iter)
+        while written < limit:
+            while len(inflight) < 2 * args.workers:
+                batch = next(tasks, None)
+                if batch is None:
+                    break
+                inflight.append(pool.apply_async(tokenize, (batch,)))
+            if not inflight:
+                break
+            tokens, lengths = inflight.popleft().get()
+            ends = np.cumsum(lengths)  # end of each document within `tokens`
+            pos, skip = skip, 0  # a resumed run starts inside its first document
+            while pos < len(tokens) and written < limit:
+                take = int(min(len(tokens) - pos, args.shard_size - fill, limit - written))
+                buf[fill : fill + take] = tokens[pos : pos + take]
+                fill, pos, written = fill + take, pos + take, written + take
+                bar.update(take)
+                if fill == args.shard_size and written < limit:
+                    d = int(np.searchsorted(ends, pos, side="right"))  # documents finished
+                    flush(doc + d, pos - (int(ends[d - 1]) if d else 0))
+                    fill = 0
+            doc += int(np.searchsorted(ends, pos, side="right"))
+            bar.set_postfix(docs=f"{doc:,}", refresh=False)
+        pool.terminate()
+    if fill:
+        flush(doc, 0)
+    return written
+
+
+def positive_int(text):
+    try:
+        v = int(float(text.replace("_", "")))  # accepts 1e8 and 100_000_000
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=HF_DATASET,
+                   help=f"{HF_DATASET} (streamed) or local data: a file, directory or glob of "
+                        f"{', '.join(FORMATS)} (a .txt file is one document)")
+    p.add_argument("--hf_config", default=HF_CONFIG, help="dataset config when streaming FineWebEdu")
+    p.add_argument("--text_field", default="text", help="the text field of parquet/JSON records")
+    p.add_argument("--path", default="edu_fineweb10B", help="output directory of shards and manifest.json")
+    p.add_argument("--prefix", default="edufineweb", help="shard name prefix")
+    p.add_argument("--shard_size", type=positive_int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--max_tokens", type=positive_int, default=None, help="stop after this many tokens")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="tokenizer processes")
+    p.add_argument("--start_method", choices=mp.get_all_start_methods(), default=None,
+                   help="multiprocessing start method (default: the platform's)")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,729 @@
+"""Tests for the data pipeline: fineweb.py (tokenize -> .npy shards) and data.py (DataLoader)."""
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "python-docs"
+EOT = 50256
+SHARD_RE = r"^{prefix}_(val|train)_(\d{{6}})\.npy$"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def enc():
+    from model import get_tokenizer
+
+    return get_tokenizer()
+
+
+def run_fineweb(*args, workers=2, timeout=120):
+    """Run fineweb.py as a subprocess; return the CompletedProcess."""
+    cmd = [sys.executable, "fineweb.py", *map(str, args)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ.copy(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"fineweb failed rc={proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}"
+
+
+def final_shards(out, prefix="edufineweb"):
+    """Final-named shard files in `out`, sorted by index."""
+    pat = re.compile(SHARD_RE.format(prefix=re.escape(prefix)))
+    names = [n for n in os.listdir(out) if pat.match(n)]
+    return sorted(names, key=lambda n: int(pat.match(n).group(2)))
+
+
+def load_manifest(out):
+    p = Path(out) / "manifest.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def all_tokens(out, prefix="edufineweb"):
+    return np.concatenate([np.load(Path(out) / n, allow_pickle=False) for n in final_shards(out, prefix)])
+
+
+def decode_docs(enc, tokens):
+    """Split a token stream on EOT (each doc is PRECEDED by EOT) and decode each piece."""
+    toks = [int(t) for t in tokens]
+    assert toks[0] == EOT, "stream must start with <|endoftext|>"
+    docs, cur = [], []
+    for t in toks[1:]:
+        if t == EOT:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    docs.append(cur)
+    return [enc.decode(d) for d in docs]
+
+
+def check_output(enc, out, docs, shard_size, prefix="edufineweb", source=None):
+    """Shards decode to `docs` in order; sizes, names, dtype and manifest are consistent."""
+    names = final_shards(out, prefix)
+    assert names, f"no shards in {out}: {os.listdir(out)}"
+    # names: first is val_000000, then train_000001, train_000002, ...
+    expected = [f"{prefix}_val_000000.npy"] + [f"{prefix}_train_{i:06d}.npy" for i in range(1, len(names))]
+    assert names == expected
+    assert not [n for n in os.listdir(out) if "tmp" in n.lower()], os.listdir(out)
+    arrays = [np.load(Path(out) / n, allow_pickle=False) for n in names]
+    for i, a in enumerate(arrays):
+        assert a.dtype == np.uint16 and a.ndim == 1
+        if i < len(arrays) - 1:
+            assert len(a) == shard_size, f"{names[i]} has {len(a)} tokens"
+        else:
+            assert 0 < len(a) <= shard_size
+    stream = np.concatenate(arrays)
+    assert decode_docs(enc, stream) == docs
+    # a token-exact check too: EOT + encode_ordinary(doc) for each doc
+    expect = []
+    for d in docs:
+        expect.append(EOT)
+        expect.extend(enc.encode_ordinary(d))
+    assert stream.tolist() == expect
+
+    m = load_manifest(out)
+    assert m is not None
+    assert m["complete"] is True
+    assert m["tokenizer"] == "r50k_base"
+    assert m["shard_size"] == shard_size
+    assert m["tokens"] == len(stream)
+    assert m["documents"] == len(docs)
+    assert "source" in m and "text_field" in m
+    assert len(m["shards"]) == len(names)
+    for entry, name, a in zip(m["shards"], names, arrays):
+        assert os.path.basename(entry["name"]) == name
+        assert entry["split"] == ("val" if "_val_" in name else "train")
+        assert entry["tokens"] == len(a)
+        assert entry["sha256"] == hashlib.sha256((Path(out) / name).read_bytes()).hexdigest()
+    return stream
+
+
+WORDS = ("the of and to in is was for on that with as by at from this be are or an which it not "
+         "model data token shard train value python function return class module error file read "
+         "write stream batch window epoch seed order random memory tensor layer output input").split()
+
+
+def synth_docs(n, words_per_doc, seed=0):
+    """Deterministic English-ish documents with some punctuation, newlines and non-ASCII text."""
+    rng = random.Random(seed)
+    extras = ["café", "naïve", "日本語", "😀", "Ω≈ç", "\n\n", "\n", ", ", ". ", "; ", " (x=3)", " 42"]
+    docs = []
+    for i in range(n):
+        parts = [f"Document {i}:"]
+        for _ in range(words_per_doc):
+            parts.append(rng.choice(WORDS))
+            if rng.random() < 0.08:
+                parts.append(rng.choice(extras))
+        docs.append(" ".join(parts))
+    return docs
+
+
+def write_txt_dir(d, docs):
+    """One doc per file; created in reverse so sorting (not creation order) must be used."""
+    d.mkdir(parents=True, exist_ok=True)
+    for i in reversed(range(len(docs))):
+        (d / f"doc_{i:05d}.txt").write_text(docs[i], encoding="utf-8")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# fineweb.py: formats and round trip
+# ----------------------------------------------------------------------------------------------
+
+def test_fineweb_txt_dir_roundtrip(tmp_path, enc):
+    """A directory of .txt files (recursive, sorted by path) round-trips to the docs in order."""
+    docs = synth_docs(30, 120, seed=1)
+    src = tmp_path / "src"
+    write_txt_dir(src, docs[:20])
+    write_txt_dir(src / "sub", docs[20:])  # 'doc_*' < 'sub' in any path ordering
+    (src / "README.md").write_text("not a supported file; must be ignored")
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 1000))
+    stream = check_output(enc, out, docs, 1000)
+    assert len(final_shards(out)) >= 3
+
+
+def test_fineweb_jsonl_roundtrip_and_prefix(tmp_path, enc):
+    """Several .jsonl files (given as a glob) round-trip in file then record order; --prefix names the shards."""
+    docs = synth_docs(25, 100, seed=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    chunks = [docs[:10], docs[10:18], docs[18:]]
+    for i in reversed(range(3)):
+        with open(src / f"part_{i:03d}.jsonl", "w", encoding="utf-8") as f:
+            for j, d in enumerate(chunks[i]):
+                f.write(json.dumps({"id": j, "text": d, "meta": {"x": 1}}) + "\n")
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", str(src / "*.jsonl"), "--path", out, "--shard_size", 777,
+                         "--prefix", "mydata"))
+    check_output(enc, out, docs, 777, prefix="mydata")
+    assert not final_shards(out)  # nothing named with the default prefix
+
+
+def test_fineweb_jsonl_gz_and_json_with_text_field(tmp_path, enc):
+    """A .jsonl.gz file and a .json (JSON lines) file with --text_field round-trip; the field is recorded."""
+    docs = synth_docs(20, 90, seed=3)
+    src = tmp_path / "src"
+    src.mkdir()
+    with gzip.open(src / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        for d in docs[:12]:
+            f.write(json.dumps({"content": d, "text": "WRONG FIELD"}) + "\n")
+    with open(src / "b.json", "w", encoding="utf-8") as f:
+        for d in docs[12:]:
+            f.write(json.dumps({"content": d}, ensure_ascii=False) + "\n")
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 500, "--text_field", "content"))
+    check_output(enc, out, docs, 500)
+    assert load_manifest(out)["text_field"] == "content"
+
+
+def test_fineweb_parquet_roundtrip(tmp_path, enc):
+    """Parquet files (several row groups, extra columns) round-trip in sorted file then row order."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    docs = synth_docs(40, 80, seed=4)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, chunk in reversed(list(enumerate([docs[:25], docs[25:]]))):
+        table = pa.table({"id": list(range(len(chunk))), "text": chunk, "score": [0.5] * len(chunk)})
+        pq.write_table(table, src / f"train-{i:05d}.parquet", row_group_size=7)
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 1024))
+    check_output(enc, out, docs, 1024)
+    # a single parquet file as the source works too
+    out2 = tmp_path / "out2"
+    check_ok(run_fineweb("--source", src / "train-00001.parquet", "--path", out2, "--shard_size", 1024))
+    check_output(enc, out2, docs[25:], 1024)
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared python-docs corpus not present")
+def test_fineweb_real_corpus_roundtrip(tmp_path, enc):
+    """Real English text files (copied from the shared corpus) round-trip exactly."""
+    files = sorted(CORPUS.glob("*.txt"))[:15]
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = []
+    for f in files:
+        text = f.read_bytes().decode("utf-8")
+        (src / f.name).write_bytes(text.encode("utf-8"))
+        docs.append(text)
+    if any("\r" in d for d in docs):
+        pytest.skip("corpus has CR characters; newline handling is out of scope")
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 8192))
+    check_output(enc, out, docs, 8192)
+
+
+def test_fineweb_max_tokens(tmp_path, enc):
+    """--max_tokens M writes exactly M tokens: the prefix of the full stream."""
+    docs = synth_docs(30, 200, seed=5)
+    src = write_txt_dir(tmp_path / "src", docs)
+    full = tmp_path / "full"
+    check_ok(run_fineweb("--source", src, "--path", full, "--shard_size", 1000))
+    full_stream = all_tokens(full)
+    M = 2345
+    assert len(full_stream) > M + 1000
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 1000, "--max_tokens", M))
+    sizes = [len(np.load(out / n)) for n in final_shards(out)]
+    assert sizes == [1000, 1000, 345]
+    assert all_tokens(out).tolist() == full_stream[:M].tolist()
+    m = load_manifest(out)
+    assert m["complete"] is True and m["tokens"] == M
+    assert [s["tokens"] for s in m["shards"]] == sizes
+
+
+def test_fineweb_rerun_after_completion_is_noop(tmp_path):
+    """Re-running a finished command exits 0 and leaves every shard file and the manifest untouched."""
+    src = write_txt_dir(tmp_path / "src", synth_docs(10, 100, seed=6))
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 600))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    time.sleep(0.05)
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 600))
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    assert after == before
+
+
+def test_fineweb_workers_1_vs_2_identical(tmp_path):
+    """--workers 1 and --workers 2 write byte-identical shards and the same manifest shard list."""
+    src = write_txt_dir(tmp_path / "src", synth_docs(40, 400, seed=7))
+    o1, o2 = tmp_path / "w1", tmp_path / "w2"
+    check_ok(run_fineweb("--source", src, "--path", o1, "--shard_size", 2048, workers=1))
+    check_ok(run_fineweb("--source", src, "--path", o2, "--shard_size", 2048, workers=2))
+    n1, n2 = final_shards(o1), final_shards(o2)
+    assert n1 == n2 and len(n1) >= 4
+    for n in n1:
+        assert (o1 / n).read_bytes() == (o2 / n).read_bytes(), n
+    assert load_manifest(o1)["shards"] == load_manifest(o2)["shards"]
+
+
+def test_fineweb_spawn_start_method_identical(tmp_path):
+    """Under the spawn start method (macOS, Windows) the workers write the same shards as under fork."""
+    src = write_txt_dir(tmp_path / "src", synth_docs(20, 300, seed=9))
+    o1, o2 = tmp_path / "fork", tmp_path / "spawn"
+    check_ok(run_fineweb("--source", src, "--path", o1, "--shard_size", 2048, "--start_method", "fork", workers=2))
+    check_ok(run_fineweb("--source", src, "--path", o2, "--shard_size", 2048, "--start_method", "spawn", workers=2))
+    assert final_shards(o1) == final_shards(o2)
+    for n in final_shards(o1):
+        assert (o1 / n).read_bytes() == (o2 / n).read_bytes(), n
+
+
+def test_fineweb_special_token_text_is_ordinary_text(tmp_path, enc):
+    """A document that contains the text '<|endoftext|>' is tokenized as ordinary text, not as the separator."""
+    docs = ["before <|endoftext|> after", "second <|fim_prefix|> doc"]
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 1000))
+    tokens = all_tokens(out).tolist()
+    assert tokens == [t for d in docs for t in [50256] + enc.encode_ordinary(d)]
+    assert tokens.count(50256) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# fineweb.py: crash + resume
+# ----------------------------------------------------------------------------------------------
+
+def _check_final_shards_valid(out, shard_size, seen):
+    """Every final-named shard loads as a full-size uint16 shard (nothing half-written has a final name)."""
+    for n in final_shards(out):
+        if n in seen:
+            continue
+        a = np.load(out / n, allow_pickle=False)
+        assert a.dtype == np.uint16 and a.shape == (shard_size,), f"invalid final-named shard {n}: {a.dtype} {a.shape}"
+        seen.add(n)
+
+
+def _run_and_kill(src, out, shard_size, min_shards, deadline_s=60):
+    """Start fineweb, SIGKILL it as soon as >= min_shards final shards exist. Returns True if killed
+    mid-run, False if it finished first."""
+    cmd = [sys.executable, "fineweb.py", "--source", str(src), "--path", str(out),
+           "--shard_size", str(shard_size), "--workers", "1"]
+    p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    seen = set()
+    t0 = time.time()
+    try:
+        while True:
+            if p.poll() is not None:
+                err = p.stderr.read().decode()
+                assert p.returncode == 0, f"fineweb failed: {err}"
+                return False
+            if out.is_dir():
+                names = final_shards(out)
+                if len(names) >= min_shards:
+                    p.send_signal(signal.SIGKILL)
+                    p.wait()
+                    break
+            assert time.time() - t0 < deadline_s, "fineweb produced no shards in time"
+            time.sleep(0.003)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+    _check_final_shards_valid(out, shard_size, seen)
+    m = load_manifest(out)
+    if m is not None and m.get("complete") is True:
+        return False  # finished between our check and the kill
+    return True
+
+
+def test_fineweb_kill_and_resume_is_byte_identical(tmp_path):
+    """SIGKILL mid-run, then re-run (twice): final shards + manifest equal an uninterrupted run byte for byte."""
+    shard_size = 4096
+    base_docs = synth_docs(60, 15000, seed=8)  # 60 docs, ~1M tokens: an uninterrupted run takes > 2 s
+    for attempt in range(3):
+        reps = 4 ** attempt  # grow the data if the run finishes before it can be killed
+        docs = [d + f"\n(copy {r})" for r in range(reps) for d in base_docs]
+        src = write_txt_dir(tmp_path / f"src{attempt}", docs)
+        out = tmp_path / f"killed{attempt}"
+        if _run_and_kill(src, out, shard_size, min_shards=2):
+            break
+    else:
+        pytest.fail("fineweb always finished before it could be killed, even on the largest data")
+    m = load_manifest(out)
+    assert m is None or m.get("complete") is not True
+    n_after_first_kill = len(final_shards(out))
+
+    # resume, and kill again later (resume of a resume); it may finish first, that's fine
+    _run_and_kill(src, out, shard_size, min_shards=n_after_first_kill + 40)
+    # resume to completion
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", shard_size, workers=1))
+
+    ref = tmp_path / "reference"
+    check_ok(run_fineweb("--source", src, "--path", ref, "--shard_size", shard_size, workers=1))
+    names = final_shards(ref)
+    assert final_shards(out) == names
+    assert len(names) > n_after_first_kill
+    for n in names:
+        assert (out / n).read_bytes() == (ref / n).read_bytes(), f"{n} differs after resume"
+    mo, mr = load_manifest(out), load_manifest(ref)
+    assert mo["complete"] is True and mr["complete"] is True
+    assert mo["shards"] == mr["shards"]
+    assert mo["tokens"] == mr["tokens"] and mo["documents"] == mr["documents"]
+    assert not [n for n in os.listdir(out) if "tmp" in n.lower()], os.listdir(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# fineweb.py: bad input
+# ----------------------------------------------------------------------------------------------
+
+def assert_clean_error(proc, *must_contain):
+    """Exit 2, exactly one 'error:' line on stderr naming the thing, no traceback."""
+    assert proc.returncode == 2, f"rc={proc.returncode}\nstderr:{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    err_lines = [l for l in lines if l.startswith("error:")]
+    assert len(err_lines) == 1, f"expected one 'error:' line, got stderr:\n{proc.stderr}"
+    for s in must_contain:
+        assert s in err_lines[0], f"{s!r} not in {err_lines[0]!r}"
+    return err_lines[0]
+
+
+def test_fineweb_error_missing_source(tmp_path):
+    """A missing source path exits 2 with one 'error:' line naming the path."""
+    missing = tmp_path / "does_not_exist_xyz"
+    proc = run_fineweb("--source", missing, "--path", tmp_path / "out", "--shard_size", 100)
+    assert_clean_error(proc, "does_not_exist_xyz")
+
+
+def test_fineweb_error_jsonl_missing_field(tmp_path):
+    """A .jsonl record without the text field exits 2 naming the file and the line number."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "records.jsonl", "w") as f:
+        f.write(json.dumps({"text": "first doc"}) + "\n")
+        f.write(json.dumps({"text": "second doc"}) + "\n")
+        f.write(json.dumps({"body": "no text field here"}) + "\n")
+        f.write(json.dumps({"text": "fourth doc"}) + "\n")
+    proc = run_fineweb("--source", src, "--path", tmp_path / "out", "--shard_size", 100)
+    line = assert_clean_error(proc, "records.jsonl")
+    assert re.search(r"(?<!\d)3(?!\d)", line.replace("records.jsonl", "")), line
+
+
+def test_fineweb_error_malformed_json(tmp_path):
+    """A malformed JSON line exits 2 naming the file and the line number."""
+    src = tmp_path / "broken.jsonl"
+    src.write_text('{"text": "ok 1"}\n{"text": "ok 2"}\n{"text": "ok 3"}\n{"text": "oops\n{"text": "ok 5"}\n')
+    proc = run_fineweb("--source", src, "--path", tmp_path / "out", "--shard_size", 100)
+    line = assert_clean_error(proc, "broken.jsonl")
+    assert re.search(r"(?<!\d)4(?!\d)", line.replace("broken.jsonl", "")), line
+
+
+def test_fineweb_error_output_dir_for_other_source(tmp_path):
+    """Writing into a directory whose manifest is for another source or other settings exits 2 naming the directory."""
+    a = write_txt_dir(tmp_path / "src_a", synth_docs(5, 50, seed=9))
+    b = write_txt_dir(tmp_path / "src_b", synth_docs(5, 50, seed=10))
+    out = tmp_path / "shared_out_dir"
+    check_ok(run_fineweb("--source", a, "--path", out, "--shard_size", 200))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_fineweb("--source", b, "--path", out, "--shard_size", 200)
+    assert_clean_error(proc, "shared_out_dir")
+    proc = run_fineweb("--source", a, "--path", out, "--shard_size", 300)
+    assert_clean_error(proc, "shared_out_dir")
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before  # nothing was overwritten
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: DataLoader
+# ----------------------------------------------------------------------------------------------
+
+T = 16  # seq_len for the loader tests
+TRAIN_LENS = [5 * T + 1, 3 * T + 1 + 7, 4 * T + 1, 6 * T + 1 + 3]  # 5, 3, 4, 6 windows (+ leftovers)
+N_WIN = sum((n - 1) // T for n in TRAIN_LENS)  # 18 windows per epoch
+
+
+def shard_values(s, n):
+    """Distinct token values per shard and position (a window's first token identifies it)."""
+    return ((np.arange(n) + 7000 * s + 11) % 50000).astype(np.uint16)
+
+
+@pytest.fixture
+def train_dir(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    for s, n in enumerate(TRAIN_LENS):
+        np.save(d / f"toy_train_{s + 1:06d}.npy", shard_values(s, n))
+    # val shards: written out of name order on purpose
+    np.save(d / "toy_val_000001.npy", shard_values(20, 3 * T + 1))
+    np.save(d / "toy_val_000000.npy", shard_values(10, 4 * T + 5))
+    return d
+
+
+def window_ids(x):
+    """Map each row of x to (shard, window index) using the first token."""
+    ids = []
+    for row in x.tolist():
+        v = row[0]
+        s = (v - 11) // 7000
+        start = (v - 11) % 7000
+        assert start % T == 0, f"window does not start on a seq_len boundary: {row[:3]}"
+        ids.append((s, start // T))
+    return ids
+
+
+def check_xy(x, y, B):
+    """Shapes/dtypes are right and x, y are exactly shard[start:start+T], shard[start+1:start+T+1]."""
+    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    assert x.dtype == torch.int64 and y.dtype == torch.int64
+    assert x.shape == (B, T) and y.shape == (B, T)
+    for (s, i), xr, yr in zip(window_ids(x), x.tolist(), y.tolist()):
+        data = shard_values(s, TRAIN_LENS[s] if s < len(TRAIN_LENS) else 10 ** 4).astype(np.int64)
+        assert xr == data[i * T:i * T + T].tolist()
+        assert yr == data[i * T + 1:i * T + T + 1].tolist()
+        assert xr[1:] == yr[:-1]
+
+
+def global_batches(path, steps, B, world, total, seed=0, split="train"):
+    """Simulate `world` ranks; return the global batch (x, y) of each optimizer step, in stream order."""
+    from data import DataLoader
+
+    loaders = [DataLoader(str(path), split, T, B, total, rank=r, world_size=world, seed=seed) for r in range(world)]
+    accum = loaders[0].grad_accum_steps
+    assert accum == total // (T * B * world)
+    out = []
+    for _ in range(steps):
+        xs, ys = [], []
+        for m in range(accum):
+            for r in range(world):  # stream order: (m * world + r) * B
+                x, y = loaders[r].next_batch()
+                check_xy(x, y, B)
+                xs.append(x)
+                ys.append(y)
+        out.append((torch.cat(xs), torch.cat(ys)))
+    return out
+
+
+def test_loader_global_batch_independent_of_layout(train_dir):
+    """The global batch of each step is the same for any (world_size, micro_batch) split, across epochs."""
+    total = 8 * T  # 8 windows per step; 18 windows per epoch -> steps straddle epoch boundaries
+    steps = 7
+    ref = global_batches(train_dir, steps, B=4, world=1, total=total)  # accum 2
+    for B, world in [(8, 1), (4, 2), (2, 2), (1, 4)]:
+        got = global_batches(train_dir, steps, B=B, world=world, total=total)
+        for k in range(steps):
+            assert torch.equal(got[k][0], ref[k][0]), f"step {k} x differs for B={B} world={world}"
+            assert torch.equal(got[k][1], ref[k][1]), f"step {k} y differs for B={B} world={world}"
+
+
+def _stream(path, n_windows, seed=0):
+    """The first n_windows of the train stream as (shard, window) ids."""
+    steps = -(-n_windows // 6)
+    batches = global_batches(path, steps, B=6, world=1, total=6 * T, seed=seed)
+    ids = [w for x, _ in batches for w in window_ids(x)]
+    return ids[:n_windows]
+
+
+def test_loader_epochs_cover_every_window_once(train_dir):
+    """Each epoch visits every window exactly once, shard by shard; epochs differ; seeds differ."""
+    epochs = 4
+    ids = _stream(train_dir, epochs * N_WIN, seed=0)
+    all_windows = {(s, i) for s, n in enumerate(TRAIN_LENS) for i in range((n - 1) // T)}
+    per_epoch = [ids[e * N_WIN:(e + 1) * N_WIN] for e in range(epochs)]
+    shard_orders = set()
+    for e, ep in enumerate(per_epoch):
+        assert len(set(ep)) == N_WIN and set(ep) == all_windows, f"epoch {e} does not cover each window once"
+        # shards are visited one after another (windows of a shard are contiguous within the epoch)
+        shard_seq = [s for s, _ in ep]
+        runs = [s for j, s in enumerate(shard_seq) if j == 0 or shard_seq[j - 1] != s]
+        assert sorted(runs) == list(range(len(TRAIN_LENS))), f"epoch {e} shard order {runs}"
+        shard_orders.add(tuple(runs))
+    assert len(shard_orders) > 1, "the shard order is never reshuffled between epochs"
+    assert per_epoch[1] != per_epoch[0]
+    assert len({tuple(ep) for ep in per_epoch}) == epochs
+    # windows are shuffled within shards (not always file order)
+    within = [[i for s2, i in ep if s2 == s] for ep in per_epoch for s in range(len(TRAIN_LENS))]
+    assert any(w != sorted(w) for w in within), "windows are never shuffled within a shard"
+    # a different seed gives a different order, the same seed the same order
+    assert _stream(train_dir, 2 * N_WIN, seed=1) != ids[:2 * N_WIN]
+    assert _stream(train_dir, 2 * N_WIN, seed=0) == ids[:2 * N_WIN]
+
+
+def test_loader_attributes_and_reset(train_dir):
+    """num_tokens counts the split's tokens; grad_accum_steps is right; reset() restarts the stream."""
+    from data import DataLoader
+
+    ld = DataLoader(str(train_dir), "train", T, 2, 8 * T, seed=3)
+    assert ld.num_tokens == sum(TRAIN_LENS)
+    assert ld.grad_accum_steps == 4
+    first = [ld.next_batch() for _ in range(25)]  # past one epoch (18 windows = 9 batches)
+    ld.reset()
+    again = [ld.next_batch() for _ in range(25)]
+    for (x1, y1), (x2, y2) in zip(first, again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    val = DataLoader(str(train_dir), "val", T, 2, 2 * T)
+    assert val.num_tokens == (4 * T + 5) + (3 * T + 1)
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 5, 13])
+def test_loader_state_dict_roundtrip(train_dir, consumed):
+    """A new loader given state_dict() continues with exactly the next batches (also mid-accumulation)."""
+    from data import DataLoader
+
+    def make():
+        return DataLoader(str(train_dir), "train", T, 2, 8 * T, rank=1, world_size=2, seed=5)  # accum 2
+
+    a = make()
+    for _ in range(consumed):
+        a.next_batch()
+    sd = a.state_dict()
+    assert isinstance(sd, dict)
+
+    def leaves(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                assert isinstance(k, str)
+                yield from leaves(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                yield from leaves(v)
+        else:
+            yield o
+
+    assert all(type(v) in (int, str, bool) or v is None for v in leaves(sd)), sd
+    sd = json.loads(json.dumps(sd))  # survives a JSON round trip (e.g. saved in a checkpoint)
+    b = make()
+    b.next_batch()  # b's own position must be overwritten by load_state_dict
+    b.load_state_dict(sd)
+    for i in range(12):
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb), f"batch {i} after restore differs"
+
+
+def test_loader_val_in_order_and_repeatable(train_dir):
+    """val: windows in file order, shards in name order, identical batches after reset()."""
+    from data import DataLoader
+
+    v0 = shard_values(10, 4 * T + 5).astype(np.int64)  # 4 windows
+    v1 = shard_values(20, 3 * T + 1).astype(np.int64)  # 3 windows
+    expected = [(v0, i) for i in range(4)] + [(v1, i) for i in range(3)]
+    ld = DataLoader(str(train_dir), "val", T, 1, T)
+    got = [ld.next_batch() for _ in range(7)]
+    for (x, y), (data, i) in zip(got, expected):
+        assert x.shape == (1, T) and x.dtype == torch.int64
+        assert x[0].tolist() == data[i * T:i * T + T].tolist()
+        assert y[0].tolist() == data[i * T + 1:i * T + T + 1].tolist()
+    ld.reset()
+    again = [ld.next_batch() for _ in range(7)]
+    for (x1, y1), (x2, y2) in zip(got, again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # a fresh loader with a different seed gives the same val batches
+    other = DataLoader(str(train_dir), "val", T, 1, T, seed=123)
+    for x1, _ in got:
+        assert torch.equal(other.next_batch()[0], x1)
+
+
+def test_loader_on_fineweb_output(tmp_path, enc):
+    """End to end: DataLoader reads fineweb.py's shards; the val batch is the val shard's first tokens."""
+    from data import DataLoader
+
+    src = write_txt_dir(tmp_path / "src", synth_docs(12, 150, seed=11))
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 512))
+    val = np.load(out / "edufineweb_val_000000.npy").astype(np.int64)
+    ld = DataLoader(str(out), "val", 64, 2, 128)
+    x, y = ld.next_batch()
+    assert x.flatten()[:64].tolist() == val[:64].tolist()
+    assert x[0, 0].item() == EOT
+    tr = DataLoader(str(out), "train", 64, 2, 256)
+    assert tr.num_tokens == sum(len(np.load(out / n)) for n in final_shards(out) if "_train_" in n)
+    x, y = tr.next_batch()
+    assert x.shape == (2, 64) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: bad shards and bad settings
+# ----------------------------------------------------------------------------------------------
+
+def _bad_shard(d, kind):
+    name = f"bad_train_000001_{kind}.npy"
+    p = d / name
+    if kind == "truncated":
+        np.save(p, np.arange(10 * T, dtype=np.uint16))
+        b = p.read_bytes()
+        p.write_bytes(b[:-37])
+    elif kind == "float32":
+        np.save(p, np.arange(10 * T, dtype=np.float32))
+    elif kind == "int32":
+        np.save(p, np.arange(10 * T, dtype=np.int32))
+    elif kind == "pickled":
+        arr = np.empty(10 * T, dtype=object)
+        arr[:] = list(range(10 * T))
+        np.save(p, arr, allow_pickle=True)
+    elif kind == "too_short":
+        np.save(p, np.arange(T, dtype=np.uint16))  # T tokens < T + 1
+    elif kind == "two_dim":
+        np.save(p, np.arange(10 * T, dtype=np.uint16).reshape(10, T))
+    elif kind == "garbage":
+        p.write_bytes(b"this is not a numpy file at all" * 10)
+    elif kind == "header_only":
+        np.save(p, np.arange(10 * T, dtype=np.uint16))
+        p.write_bytes(p.read_bytes()[:128])
+    return name
+
+
+@pytest.mark.parametrize("kind", ["truncated", "float32", "int32", "pickled", "too_short", "two_dim",
+                                  "garbage", "header_only"])
+def test_loader_bad_shard_raises_dataerror(tmp_path, kind):
+    """A broken shard (truncated, wrong dtype, pickled, too short, 2-D, not .npy) -> DataError naming the file."""
+    from data import DataError, DataLoader
+
+    assert issubclass(DataError, ValueError)
+    d = tmp_path / "shards"
+    d.mkdir()
+    np.save(d / "good_train_000000.npy", np.arange(10 * T, dtype=np.uint16))
+    name = _bad_shard(d, kind)
+    with pytest.raises(DataError) as ei:
+        DataLoader(str(d), "train", T, 2, 4 * T)
+    assert name in str(ei.value)
+
+
+def test_loader_missing_dir_and_no_shards(tmp_path):
+    """Missing directory -> DataError naming it; no shards for the split -> DataError naming dir and split."""
+    from data import DataError, DataLoader
+
+    missing = tmp_path / "no_such_dir_abc"
+    with pytest.raises(DataError) as ei:
+        DataLoader(str(missing), "train", T, 2, 4 * T)
+    assert "no_such_dir_abc" in str(ei.value)
+
+    d = tmp_path / "only_val_dir"
+    d.mkdir()
+    np.save(d / "toy_val_000000.npy", np.arange(10 * T, dtype=np.uint16))
+    with pytest.raises(DataError) as ei:
+        DataLoader(str(d), "train", T, 2, 4 * T)
+    assert "only_val_dir" in str(ei.value) and "train" in str(ei.value)
+
+
+@pytest.mark.parametrize("total,B,world", [(100 * T + 8, 4, 1), (12 * T, 4, 2), (8 * T, 4, 3), (2 * T, 4, 1)])
+def test_loader_bad_batch_sizes(train_dir, total, B, world):
+    """total_batch_size not divisible by seq_len * micro_batch * world_size -> DataError mentioning the numbers."""
+    from data import DataError, DataLoader
+
+    with pytest.raises(DataError) as ei:
+        DataLoader(str(train_dir), "train", T, B, total, rank=0, world_size=world)
+    msg = str(ei.value)
+    assert str(total) in msg, msg
