@@ -9,6 +9,8 @@ ratios (these machines are noisy; absolute numbers from one run mean little).
 Sections:
   model    training step (forward + backward + AdamW) and KV-cache sampling, ours against
            transformers' GPT2LMHeadModel at the same config, same inputs.
+  hellaswag  examples/s of hellaswag.score at 124M shape (random weights) against build-nanogpt's
+           way: one example (its 4 endings padded) per forward pass, full logits.
   fineweb  fineweb.py end to end (read, tokenize, write shards) over ../shared/corpus (or
            --corpus), against a build-nanogpt-style Pool.imap and against the machine's
            limit: cores x the single-process encode_ordinary rate.
@@ -25,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def paired(fns, repeat, warmup=1):
@@ -176,7 +179,57 @@ def bench_fineweb(args):
             (label, ours_rate, limit, "limit: cores x 1-core rate")]
 
 
-SECTIONS = {"model": bench_model, "fineweb": bench_fineweb}
+def _bn_choose(model, ctx, endings):
+    """build-nanogpt's HellaSwag scoring of one example: 4 rows of context + ending, padded,
+    full logits, mean loss over the ending tokens; returns the acc_norm choice."""
+    rows = [ctx + e for e in endings]
+    T = max(len(r) for r in rows)
+    tokens = torch.zeros(4, T, dtype=torch.long)
+    mask = torch.zeros(4, T)
+    for i, (r, e) in enumerate(zip(rows, endings)):
+        tokens[i, : len(r)] = torch.tensor(r)
+        mask[i, len(ctx) : len(r)] = 1
+    logits, _ = model(tokens)
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none")
+    losses = losses.view(4, -1) * mask[:, 1:]
+    return int((losses.sum(1) / mask[:, 1:].sum(1)).argmin())
+
+
+def bench_hellaswag(args):
+    """hellaswag.score (packed, batched, lm_head only where scored) vs one example per forward."""
+    import hellaswag
+    from model import GPT, GPTConfig, get_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2")).eval()
+    enc = get_tokenizer()
+    n = 4 if args.quick else args.hellaswag_examples
+    real = os.path.join("..", "shared", "hellaswag", "hellaswag_val.jsonl")
+    if os.path.isfile(real):
+        examples, source = hellaswag.load_examples(real)[:n], "val"
+        rendered = [hellaswag.render(ex, enc) for ex in examples]
+    else:  # HellaSwag-like lengths (context 30-90 tokens, endings 10-35) cut from the corpus
+        text = enc.encode_ordinary(" ".join(open(f).read() for f in sorted(glob.glob(os.path.join(args.corpus, "*", "*.txt")))[:20]))
+        g = np.random.default_rng(0)
+        cut = lambda k: (lambda s: text[s : s + k])(int(g.integers(0, len(text) - 100)))  # noqa: E731
+        rendered = [(cut(int(g.integers(30, 91))), [cut(int(g.integers(10, 36))) for _ in range(4)]) for _ in range(n)]
+        source = "synthetic"
+
+    def ours():
+        losses, counts = hellaswag.score(model, rendered, batch_size=args.hellaswag_batch)
+        return (losses / counts).argmin(1).tolist()
+
+    def theirs():
+        with torch.no_grad():
+            return [_bn_choose(model, c, e) for c, e in rendered]
+
+    assert ours() == theirs(), "the two scorings disagree: the comparison would be meaningless"
+    t = paired({"ours": ours, "theirs": theirs}, 1, warmup=0)  # one call is already n examples
+    label = f"hellaswag 124M fp32, {n} {source} examples (ex/s)"
+    return [(label, n / t["ours"], n / t["theirs"], "build-nanogpt: 1 example/forward")]
+
+
+SECTIONS = {"model": bench_model, "hellaswag": bench_hellaswag, "fineweb": bench_fineweb}
 
 
 def main():
@@ -192,6 +245,9 @@ def main():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--hellaswag_examples", type=int, default=64,
+                   help="examples per side (batches are sorted by length, as in a full evaluation)")
+    p.add_argument("--hellaswag_batch", type=int, default=16)
     p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"), help="text for the fineweb section")
     args = p.parse_args()
     if args.threads:

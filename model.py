@@ -87,9 +87,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_scale = True  # see GPT._init_weights
 
-    def forward(self, x, kv_cache=None, pos=0):
+    def forward(self, x, kv_cache=None, pos=0, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None:  # an explicit (B, 1, T, T) boolean mask, True = may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         if kv_cache is not None:
             # Write this chunk's keys/values at [pos, pos+T) and attend over everything so far.
             # Only a prefill from position 0 or one token at a time is used, so the causal
@@ -124,8 +127,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, pos)
+    def forward(self, x, kv_cache=None, pos=0, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, pos, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -163,15 +166,18 @@ class GPT(nn.Module):
 
     # -- forward -------------------------------------------------------------
 
-    def _hidden(self, idx, kv_caches=None, pos=0):
-        """Token ids (B, T) -> final hidden states (B, T, n_embd) after ln_f."""
+    def _hidden(self, idx, kv_caches=None, pos=0, positions=None, attn_mask=None):
+        """Token ids (B, T) -> final hidden states (B, T, n_embd) after ln_f.
+        Packed sequences (several continuations of one prefix in a row, as hellaswag.py scores
+        them) pass their own positions (B, T) and boolean attn_mask (B, 1, T, T)."""
         T = idx.size(1)
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
-        positions = torch.arange(pos, pos + T, device=idx.device)
+        if positions is None:
+            if pos + T > self.config.block_size:
+                raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
+            positions = torch.arange(pos, pos + T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_caches is None else kv_caches[i], pos)
+            x = block(x, None if kv_caches is None else kv_caches[i], pos, attn_mask)
         return self.transformer.ln_f(x)
 
     def _lm_head(self, x):
@@ -384,6 +390,23 @@ class GPT(nn.Module):
         _atomic_write(os.path.join(save_dir, "model.safetensors"), lambda p: save_file(weights, p, metadata={"format": "pt"}))
         text = json.dumps({**self.hf_config(), "gpt2_repro": asdict(self.config)}, indent=2)
         _atomic_write(os.path.join(save_dir, "config.json"), lambda p: open(p, "w").write(text))
+
+
+def load_model(spec, cache_dir=None):
+    """The one place every script resolves --model: a Hugging Face-format directory
+    (config.json + weights), a train.py run directory (its newest complete step_NNNNNN/
+    checkpoint), or an OpenAI GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)."""
+    path = os.fspath(spec)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        steps = sorted((d for d in os.listdir(path) if d.startswith("step_") and d[5:].isdigit()
+                       and os.path.isfile(os.path.join(path, d, "config.json"))
+                       and os.path.isfile(os.path.join(path, d, "model.safetensors"))), key=lambda d: int(d[5:]))
+        if not steps:
+            raise ModelLoadError(f"{path} holds neither config.json nor complete step_NNNNNN/ checkpoints")
+        path = os.path.join(path, steps[-1])
+    elif not os.path.isdir(path) and path not in PRESETS:
+        raise ModelLoadError(f"--model {path!r}: no such directory, and not one of {', '.join(PRESETS)}")
+    return GPT.from_pretrained(path, cache_dir=cache_dir)
 
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -1,0 +1,311 @@
+"""
+HellaSwag for GPT-2: exact completion-style scoring, batched, and distributed.
+
+    python hellaswag.py --model gpt2                  # OpenAI's 124M (online): acc_norm ~0.2955
+    python hellaswag.py --model log                   # the newest checkpoint of a train.py run
+    torchrun --nproc_per_node=8 hellaswag.py --model log/step_019073 --json results.json
+
+Each example is a context and 4 endings; the model "chooses" the ending it finds most likely.
+Rendering is GPT-2 completion style: the context's tokens, then the tokens of " " + ending,
+and only the ending's tokens are scored. Three choices are reported:
+  acc             the smallest summed loss (-log p) over the ending's tokens
+  acc_norm        the smallest mean per-token loss (build-nanogpt, llm.c, the reference table)
+  acc_norm_bytes  the largest log-likelihood per byte of the ending (lm-eval-harness style)
+
+Speed: the 4 endings of an example share one context, so an example is packed into a single
+row (context, then the 4 endings, each ending restarting its positions after the context and
+attending only to the context and to itself), and the 50257-way lm_head runs only at the
+positions that predict an ending token. Several examples form one padded batch. The scores
+equal those of running every context + ending alone (tested).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+import torch
+import torch.nn.functional as F
+
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+SIZES = {"train": 39905, "val": 10042, "test": 10003}
+
+
+class HellaSwagError(ValueError):
+    """Missing or corrupt data; the message names the file (and line)."""
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def default_data_dir():
+    return os.environ.get("HELLASWAG_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
+
+
+def data_path(split, data_dir=None, download=True):
+    """Path of hellaswag_{split}.jsonl in data_dir, downloaded there once if it is missing."""
+    if split not in SIZES:
+        raise HellaSwagError(f"unknown split {split!r}; choose one of {', '.join(SIZES)}")
+    data_dir = data_dir or default_data_dir()
+    path = os.path.join(data_dir, f"hellaswag_{split}.jsonl")
+    if os.path.isfile(path):
+        return path
+    url = URL.format(split=split)
+    if download:
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            # a private temporary name: ranks that download at once don't trip over each other
+            fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".hellaswag_{split}-")
+            os.close(fd)
+            try:
+                urllib.request.urlretrieve(url, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return path
+        except (urllib.error.URLError, OSError) as e:
+            reason = f"download failed ({e})"
+    else:
+        reason = "downloading is off"
+    raise HellaSwagError(f"{path} not found and {reason}. Fetch {url} on a machine with internet and "
+                         f"put it at {path} (or pass --data_dir / set HELLASWAG_DIR)")
+
+
+def load_examples(path):
+    """Read and validate every line of a HellaSwag jsonl file."""
+    examples = []
+    try:
+        with open(path, "rb") as f:  # bytes, so that a bad byte is reported with its line
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path}, line {lineno}"
+                try:
+                    ex = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise HellaSwagError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                except json.JSONDecodeError as e:
+                    raise HellaSwagError(f"{where}: not valid JSON ({e.msg})") from None
+                if not isinstance(ex, dict) or not isinstance(ex.get("ctx"), str) or not ex["ctx"].strip():
+                    raise HellaSwagError(f"{where}: no 'ctx' string (or an empty one)")
+                endings = ex.get("endings")
+                if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+                    raise HellaSwagError(f"{where}: 'endings' must be a list of 4 strings")
+                label = ex.get("label")
+                if isinstance(label, str) and label.isdigit():
+                    label = int(label)
+                if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4:
+                    raise HellaSwagError(f"{where}: 'label' must be 0..3, got {ex.get('label')!r}")
+                examples.append({"ctx": ex["ctx"], "endings": endings, "label": label})
+    except OSError as e:
+        raise HellaSwagError(f"cannot read {path}: {e}") from None
+    if not examples:
+        raise HellaSwagError(f"{path}: no examples")
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# Rendering and packing
+
+
+def render(example, enc):
+    """(context tokens, [tokens of " " + ending for each ending])."""
+    return enc.encode(example["ctx"]), [enc.encode(" " + e) for e in example["endings"]]
+
+
+def pack_example(ctx_tokens, endings_tokens):
+    """One row: the context, then each ending, positions restarting after the context.
+    Returns (tokens, positions, segments); segment 0 is the context, i + 1 ending i."""
+    n = len(ctx_tokens)
+    tokens, positions, segments = list(ctx_tokens), list(range(n)), [0] * n
+    for i, e in enumerate(endings_tokens):
+        tokens += e
+        positions += range(n, n + len(e))
+        segments += [i + 1] * len(e)
+    return tokens, positions, segments
+
+
+def attention_mask(segments):
+    """(L, L) bool: query q may attend to key k iff k <= q and k is context or in q's own ending."""
+    seg = torch.as_tensor(segments)
+    L = len(segments)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+
+
+def _crop(ctx, endings, block_size):
+    """Crop the context from the left so that context + the longest ending fit block_size."""
+    if not ctx or not all(endings):
+        raise HellaSwagError("an example needs a non-empty context and 4 non-empty endings")
+    longest = max(len(e) for e in endings)
+    if longest >= block_size:
+        raise HellaSwagError(f"an ending of {longest} tokens does not fit block_size {block_size}")
+    return ctx[max(0, len(ctx) + longest - block_size) :]
+
+
+def _unwrap(model):
+    """The GPT inside DDP and/or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+@torch.no_grad()
+def score(model, rendered, batch_size=16, progress=None):
+    """rendered: [(ctx_tokens, endings_tokens)] -> (losses float64 (N, 4): summed -log p of each
+    ending's tokens, counts long (N, 4): tokens per ending)."""
+    gpt = _unwrap(model)
+    was_training = gpt.training
+    gpt.eval()
+    device = gpt.transformer.wte.weight.device
+    N = len(rendered)
+    losses = torch.zeros(N * 4, dtype=torch.float64)
+    counts = torch.tensor([[len(e) for e in ends] for _, ends in rendered], dtype=torch.long).reshape(N, 4)
+    packed = []
+    for ctx, ends in rendered:
+        ctx = _crop(ctx, ends, gpt.config.block_size)
+        packed.append((len(ctx), ends, pack_example(ctx, ends)))
+    # batch examples of similar length together: less padding
+    order = sorted(range(N), key=lambda i: len(packed[i][2][0]))
+    for start in range(0, N, batch_size):
+        rows = order[start : start + batch_size]
+        L = max(len(packed[i][2][0]) for i in rows)
+        idx = torch.zeros(len(rows), L, dtype=torch.long)
+        pos = torch.zeros(len(rows), L, dtype=torch.long)
+        mask = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1, 1)  # padding sees itself only
+        r_index, p_index, targets, slots = [], [], [], []
+        for r, i in enumerate(rows):
+            n_ctx, ends, (tokens, positions, segments) = packed[i]
+            n = len(tokens)
+            idx[r, :n] = torch.tensor(tokens)
+            pos[r, :n] = torch.tensor(positions)
+            mask[r, 0, :n, :n] = attention_mask(segments)
+            offset = n_ctx
+            for j, e in enumerate(ends):
+                # token t of ending j is predicted by the hidden state before it: the last
+                # context token for t = 0, else the ending's own token t - 1
+                p_index += [n_ctx - 1] + list(range(offset, offset + len(e) - 1))
+                r_index += [r] * len(e)
+                targets += e
+                slots += [i * 4 + j] * len(e)
+                offset += len(e)
+        idx, pos, mask = idx.to(device), pos.to(device), mask.to(device)
+        h = gpt._hidden(idx, positions=pos, attn_mask=mask)
+        h = h[torch.tensor(r_index, device=device), torch.tensor(p_index, device=device)]
+        logp = F.log_softmax(gpt._lm_head(h).float(), dim=-1)
+        nll = -logp.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+        losses.index_add_(0, torch.tensor(slots), nll.double().cpu())
+        if progress is not None:
+            progress.update(len(rows))
+    gpt.train(was_training)
+    return losses.reshape(N, 4), counts
+
+
+def choose(losses, counts, byte_lengths):
+    """The chosen ending of each example under each metric."""
+    return {
+        "acc": losses.argmin(dim=1),
+        "acc_norm": (losses / counts).argmin(dim=1),
+        "acc_norm_bytes": (losses / byte_lengths).argmin(dim=1),
+    }
+
+
+def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=False):
+    """Score examples (this rank takes every world_size-th one) and return, on every rank, the
+    combined {"n", "acc", "acc_norm", "acc_norm_bytes", "predictions": {metric: [choice, ...]}}."""
+    from model import get_tokenizer
+
+    enc = get_tokenizer()
+    mine = list(range(rank, len(examples), world_size))
+    rendered = [render(examples[i], enc) for i in mine]
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"hellaswag (rank 0 of {world_size})", unit="ex")
+    losses, counts = score(model, rendered, batch_size, bar)
+    if bar is not None:
+        bar.close()
+    byte_lengths = torch.tensor([[len((" " + e).encode("utf-8")) for e in examples[i]["endings"]] for i in mine],
+                                dtype=torch.float64).reshape(-1, 4)
+    chosen = {k: v.tolist() for k, v in choose(losses, counts, byte_lengths).items()}
+    local = [(i, {k: chosen[k][j] for k in chosen}) for j, i in enumerate(mine)]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        local = sorted(x for part in gathered for x in part)
+    predictions = {k: [p[k] for _, p in local] for k in ("acc", "acc_norm", "acc_norm_bytes")}
+    labels = [examples[i]["label"] for i, _ in local]
+    n = len(labels)
+    result = {"n": n}
+    for k, preds in predictions.items():
+        result[k] = sum(int(p == y) for p, y in zip(preds, labels)) / n
+    result["predictions"] = predictions
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2", help="HF-format dir, train.py run dir (newest checkpoint), or gpt2[-medium|-large|-xl]")
+    p.add_argument("--split", default="val", choices=list(SIZES))
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--data_dir", default=None, help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
+    p.add_argument("--json", default=None, help="write the results and per-example choices here")
+    args = p.parse_args(argv)
+    from model import ModelLoadError, load_model
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
+            raise HellaSwagError("--batch_size and --limit must be positive")
+        examples = load_examples(data_path(args.split, args.data_dir))[: args.limit]  # fail fast on bad data
+        device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            if device == "cuda":
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                torch.cuda.set_device(device)
+        model = load_model(args.model).to(device)
+    except (HellaSwagError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    autocast = torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]) \
+        if dtype != "fp32" else torch.autocast(device.split(":")[0], enabled=False)
+    with autocast:
+        result = evaluate(model, examples, args.batch_size, rank, world_size, progress=True)
+    if rank == 0:
+        print(f"{args.model} on HellaSwag {args.split}, n={result['n']}: acc {result['acc']:.4f}  "
+              f"acc_norm {result['acc_norm']:.4f}  acc_norm_bytes {result['acc_norm_bytes']:.4f}")
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"model": args.model, "split": args.split, **result}, f)
+            os.replace(tmp, args.json)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
