@@ -96,10 +96,10 @@ def load_examples(path):
                 endings = ex.get("endings")
                 if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
                     raise HellaSwagError(f"{where}: 'endings' must be a list of 4 strings")
-                label = ex.get("label")
+                label = ex.get("label")  # absent in the test split, whose answers are hidden
                 if isinstance(label, str) and label.isdigit():
                     label = int(label)
-                if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4:
+                if "label" in ex and (not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4):
                     raise HellaSwagError(f"{where}: 'label' must be 0..3, got {ex.get('label')!r}")
                 examples.append({"ctx": ex["ctx"], "endings": endings, "label": label})
     except OSError as e:
@@ -248,8 +248,8 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
     labels = [examples[i]["label"] for i, _ in local]
     n = len(labels)
     result = {"n": n}
-    for k, preds in predictions.items():
-        result[k] = sum(int(p == y) for p, y in zip(preds, labels)) / n
+    for k, preds in predictions.items():  # None without labels (the test split): choices only
+        result[k] = None if None in labels else sum(int(p == y) for p, y in zip(preds, labels)) / n
     result["predictions"] = predictions
     return result
 
@@ -295,8 +295,12 @@ def main(argv=None):
     with autocast:
         result = evaluate(model, examples, args.batch_size, rank, world_size, progress=True)
     if rank == 0:
-        print(f"{args.model} on HellaSwag {args.split}, n={result['n']}: acc {result['acc']:.4f}  "
-              f"acc_norm {result['acc_norm']:.4f}  acc_norm_bytes {result['acc_norm_bytes']:.4f}")
+        if result["acc"] is None:
+            print(f"{args.model} on HellaSwag {args.split}, n={result['n']}: no labels in this split; "
+                  "the choices are in --json")
+        else:
+            print(f"{args.model} on HellaSwag {args.split}, n={result['n']}: acc {result['acc']:.4f}  "
+                  f"acc_norm {result['acc_norm']:.4f}  acc_norm_bytes {result['acc_norm_bytes']:.4f}")
         if args.json:
             tmp = args.json + ".tmp"
             with open(tmp, "w") as f:

@@ -365,7 +365,6 @@ GOOD = {"ctx": "A man opens the door.", "endings": ["He walks in.", "He sings.",
     'not json at all',
     '{"ctx": "x", "label": 1}',                                             # missing endings
     '{"endings": ["a", "b", "c", "d"], "label": 1}',                        # missing ctx
-    '{"ctx": "x", "endings": ["a", "b", "c", "d"]}',                        # missing label
     '{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 7}',            # label out of range
     '{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": -1}',
     '{"ctx": "x", "endings": ["a", "b", "c"], "label": 1}',                 # 3 endings
@@ -662,3 +661,16 @@ def test_real_hellaswag_val_loads_and_evaluates(tiny):
         assert 0.0 <= res[k] <= 1.0
         assert len(res["predictions"][k]) == 20
         assert all(0 <= p <= 3 for p in res["predictions"][k])
+
+
+def test_unlabelled_test_split_gives_choices_without_accuracy(tmp_path):
+    """Examples without a 'label' (HellaSwag's test split) load, and evaluate returns choices with accuracies None."""
+    p = tmp_path / "hellaswag_test.jsonl"
+    p.write_text(json.dumps({"ctx": "A man is", "endings": [" a", " b c", " d", " e"]}) + "\n")
+    examples = H.load_examples(str(p))
+    assert examples[0]["label"] is None
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
+    result = H.evaluate(model, examples)
+    assert result["n"] == 1 and result["acc"] is None and result["acc_norm"] is None
+    assert result["predictions"]["acc"][0] in range(4)
