@@ -27,6 +27,11 @@ if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken_cache ]; then
     export TIKTOKEN_CACHE_DIR="$PWD/../shared/tiktoken_cache"
 fi
 
+# HellaSwag's data likewise, when it lies beside the project (else hellaswag.py downloads it)
+if [ -z "${HELLASWAG_DIR:-}" ] && [ -d ../shared/hellaswag ]; then
+    export HELLASWAG_DIR="$PWD/../shared/hellaswag"
+fi
+
 # --- the modes ------------------------------------------------------------------------------
 case "$mode" in
 main)
@@ -37,9 +42,16 @@ main)
     else
         $PY fineweb.py --path data/small --max_tokens 2_000_000 --shard_size 1_000_000
     fi
-    # 2. the model: presets, tokenizer and KV-cache sampling (train.py, hellaswag.py and
-    #    generate.py take over from here as they land)
-    $PY model.py
+    # 2. train a tiny GPT-2 (4 layers, 128 wide) for a few minutes on the CPU; --resume makes a
+    #    second run continue (or do nothing if finished). Validation loss, HellaSwag (when its data
+    #    can be had) and a sample are printed every 40 steps; everything lands in log/small/.
+    $PY train.py --path data/small --log_dir log/small --resume \
+        --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 \
+        --batch_size_per_device 16 --total_batch_size 1024 --max_steps 80 --warmup_steps 10 \
+        --max_lr 3e-3 --min_lr 3e-4 --eval_step_interval 40 --eval_max_steps 10 --save_step 40 \
+        --hellaswag_examples 100 --sample_tokens 32 --seed 1337
+    # 3. HellaSwag on the final checkpoint (skipped with a message when the data is unavailable offline)
+    $PY hellaswag.py --model log/small --limit 200 || echo "(HellaSwag skipped)"
     ;;
 test)
     shift || true

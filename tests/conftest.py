@@ -17,3 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _shared_cache = REPO_ROOT.parent / "shared" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and _shared_cache.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_shared_cache)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long tests, run only with RUN_SLOW=1")

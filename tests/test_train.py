@@ -1,0 +1,349 @@
+"""Tests for train.py: training, checkpoints, resume, DDP/accumulation equivalence and input errors.
+
+Every run is a subprocess on CPU with a tiny model (2 layers, 2 heads, 32 wide, 32-token context)
+over small synthetic uint16 shards, so the whole file runs in a few minutes on two cores.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO_ROOT / "train.py")
+VOCAB = 50257
+T = 32  # --block_size in every run
+
+TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", str(T),
+        "--no-compile", "--hellaswag_examples", "0"]
+
+SEED_FLAGS = ["--max_steps", "19073", "--warmup_steps", "715", "--max_lr", "6e-4", "--min_lr", "6e-5",
+              "--batch_size_per_device", "64", "--total_batch_size", "524288", "--eval_step_interval", "250",
+              "--eval_max_steps", "20", "--save_step", "5000", "--seed", "1337", "--fp16"]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def synth_tokens(n, rng, pattern):
+    """A repeating pattern of a few hundred token ids with 10% uniform noise: easy to learn."""
+    reps = n // len(pattern) + 1
+    toks = np.tile(pattern, reps)[:n].copy()
+    noise = rng.random(n) < 0.10
+    toks[noise] = rng.integers(0, VOCAB, size=int(noise.sum()))
+    return toks.astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One val shard and two ~20k-token train shards in edufineweb_{split}_NNNNNN.npy layout."""
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    vocab_subset = rng.choice(VOCAB, size=300, replace=False)
+    pattern = rng.choice(vocab_subset, size=97)
+    np.save(d / "edufineweb_val_000000.npy", synth_tokens(8_000, rng, pattern))
+    np.save(d / "edufineweb_train_000001.npy", synth_tokens(20_000, rng, pattern))
+    np.save(d / "edufineweb_train_000002.npy", synth_tokens(20_011, rng, pattern))
+    return d
+
+
+def env():
+    e = os.environ.copy()
+    e["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add contention (and runs must be repeatable)
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def train_cmd(*args, nproc=1):
+    args = [str(a) for a in args]
+    if nproc == 1:
+        return [sys.executable, TRAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+
+
+def run_train(*args, nproc=1, timeout=180, cwd=REPO_ROOT):
+    return subprocess.run(train_cmd(*args, nproc=nproc), cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, (f"train.py failed rc={proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
+                                  f"\nstderr:\n{proc.stderr[-4000:]}")
+
+
+def base_args(data_dir, log_dir, steps, **kw):
+    """Common flags for a tiny fp32 run; keyword arguments override/add --flags."""
+    opts = dict(path=data_dir, log_dir=log_dir, max_steps=steps, warmup_steps=2, max_lr=3e-3, min_lr=3e-4,
+                batch_size_per_device=4, total_batch_size=4 * T, eval_step_interval=1000, eval_max_steps=2,
+                save_step=1000, seed=1337, dtype="fp32")
+    opts.update(kw)
+    out = list(TINY)
+    for k, v in opts.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def read_log(log_dir):
+    path = Path(log_dir) / "log.jsonl"
+    assert path.is_file(), f"no log.jsonl in {log_dir}: {os.listdir(log_dir)}"
+    lines = path.read_text().splitlines()
+    recs = []
+    for ln in lines:
+        assert ln.strip(), "blank line in log.jsonl"
+        rec = json.loads(ln)
+        assert isinstance(rec, dict) and "step" in rec, ln
+        recs.append(rec)
+    return recs
+
+
+def train_losses(log_dir):
+    """{step: train_loss}, the last logged value of each step."""
+    return {r["step"]: r["train_loss"] for r in read_log(log_dir) if "train_loss" in r}
+
+
+def checkpoints(log_dir):
+    return sorted(p for p in Path(log_dir).glob("step_*") if p.is_dir())
+
+
+def error_line(proc):
+    """Assert a clean input error (exit 2, one 'error:' line on stderr, no traceback); return the line."""
+    out = f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 2, out
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, out
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("error:"), out
+    return lines[0]
+
+
+def tree_snapshot(d):
+    """{relative path: bytes} of every file under d (to prove nothing was touched)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+def test_tiny_model_trains_logs_and_checkpoints(data_dir, tmp_path):
+    """30 steps of a tiny model lower the loss; log lines are well-formed; the checkpoint loads."""
+    from model import GPT
+
+    log = tmp_path / "log"
+    check_ok(run_train(*base_args(data_dir, log, 30, eval_step_interval=10, save_step=10)))
+    recs = read_log(log)
+    train = [r for r in recs if "train_loss" in r]
+    val = [r for r in recs if "val_loss" in r]
+    assert len(train) == 30 and len({r["step"] for r in train}) == 30, train
+    for r in train:
+        for k in ("train_loss", "lr", "grad_norm", "tokens_per_sec"):
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (k, r)
+        assert "mfu" in r and r["mfu"] is None, r  # no peak-FLOPs figure for a CPU
+        assert 0 < r["lr"] <= 3e-3 * (1 + 1e-9), r
+        assert r["tokens_per_sec"] > 0 and r["grad_norm"] >= 0, r
+    assert [r["step"] for r in train] == sorted(r["step"] for r in train)
+    assert val, "no val_loss lines with --eval_step_interval 10"
+    assert all(math.isfinite(r["val_loss"]) for r in val)
+    # full float precision, not a rounded string
+    assert any(len(repr(r["train_loss"])) > 8 for r in train)
+
+    losses = [r["train_loss"] for r in train]
+    assert losses[0] > 9.0, losses  # ~ln(50257) = 10.8 at init
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    assert val[-1]["val_loss"] < val[0]["val_loss"] or len(val) == 1
+
+    ckpts = checkpoints(log)
+    assert ckpts, os.listdir(log)
+    last = ckpts[-1]
+    assert last.name == "step_000030", [c.name for c in ckpts]
+    for name in ("config.json", "model.safetensors", "trainer_state.pt"):
+        assert (last / name).is_file(), (name, os.listdir(last))
+    model = GPT.from_pretrained(last)
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size) == (2, 2, 32, T)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = torch.load(last / "trainer_state.pt", weights_only=True)
+    assert state is not None
+    # the checkpointed weights reproduce a loss near the end of training, far below init
+    x = torch.from_numpy(np.load(data_dir / "edufineweb_val_000000.npy")[: 4 * (T + 1)].astype(np.int64)).view(4, T + 1)
+    model.eval()
+    with torch.no_grad():
+        out = model(x[:, :-1], x[:, 1:])
+    loss = out[1] if isinstance(out, tuple) else out
+    assert float(loss) < losses[0] - 0.3, (float(loss), losses[0])
+
+
+def test_accumulation_and_ddp_give_same_losses(data_dir, tmp_path):
+    """Per-step losses match for 2x2 accumulation, one micro-batch of 4, and 2 gloo ranks x 2."""
+    common = dict(total_batch_size=4 * T, seed=1337, dtype="fp32", eval_step_interval=10_000)
+    runs = {
+        "accum": (1, base_args(data_dir, tmp_path / "accum", 10, batch_size_per_device=2, **common)),
+        "single": (1, base_args(data_dir, tmp_path / "single", 10, batch_size_per_device=4, **common)),
+        "ddp": (2, base_args(data_dir, tmp_path / "ddp", 10, batch_size_per_device=2, **common)),
+    }
+    losses = {}
+    for name, (nproc, args) in runs.items():
+        check_ok(run_train(*args, nproc=nproc, timeout=240))
+        losses[name] = train_losses(tmp_path / name)
+        assert len(losses[name]) == 10, (name, losses[name])
+    ref = losses["single"]
+    for name in ("accum", "ddp"):
+        assert losses[name].keys() == ref.keys(), (name, losses[name], ref)
+        for step in ref:
+            a, b = losses[name][step], ref[step]
+            assert abs(a - b) <= 1e-4 * abs(b), (name, step, a, b, losses[name], ref)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    """SIGKILL after step 8's checkpoint, then --resume: every step's loss equals an uninterrupted run's."""
+    # 8 micro-steps per step so a step takes long enough to kill the run between checkpoints
+    kw = dict(batch_size_per_device=4, total_batch_size=8 * 4 * T, save_step=4, eval_step_interval=6)
+    check_ok(run_train(*base_args(data_dir, tmp_path / "A", 12, **kw)))
+    ref = train_losses(tmp_path / "A")
+    assert len(ref) == 12, ref
+
+    logB = tmp_path / "B"
+    args = base_args(data_dir, logB, 12, **kw)
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 150
+        while not (logB / "step_000008").exists():
+            assert proc.poll() is None or (logB / "step_000008").exists(), proc.stdout.read()
+            assert time.time() < deadline, "step_000008 never appeared"
+            time.sleep(0.005)
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert still_running, "run B finished before it could be killed; the test needs slower steps"
+    assert not (logB / "step_000012").exists()
+    before = (logB / "log.jsonl").read_text()
+    complete_before = before.splitlines(keepends=True)
+    if complete_before and not complete_before[-1].endswith("\n"):
+        complete_before = complete_before[:-1]  # a line cut by the kill
+    assert len(complete_before) > 0
+
+    check_ok(run_train(*args, "--resume"))
+    after = (logB / "log.jsonl").read_text().splitlines(keepends=True)
+    assert after[: len(complete_before)] == complete_before, "the log was not appended to"
+    assert len(after) > len(complete_before)
+    got = train_losses(logB)
+    assert sorted(got) == sorted(ref), (got, ref)
+    for step in ref:
+        assert got[step] == ref[step], (step, got[step], ref[step])
+    assert (logB / "step_000012").is_dir()
+    assert sorted(c.name for c in checkpoints(logB)) == sorted(c.name for c in checkpoints(tmp_path / "A"))
+
+
+@pytest.mark.parametrize("flags", [["--fp16"], ["--dtype", "bf16"]], ids=["fp16", "bf16"])
+def test_mixed_precision_runs_on_cpu(data_dir, tmp_path, flags):
+    """--fp16 (with its GradScaler) and --dtype bf16 run 3 steps on CPU with finite losses."""
+    args = base_args(data_dir, tmp_path / "log", 3)
+    i = args.index("--dtype")
+    del args[i : i + 2]  # let the flag under test pick the precision
+    check_ok(run_train(*args, *flags))
+    losses = train_losses(tmp_path / "log")
+    assert len(losses) == 3, losses
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    assert checkpoints(tmp_path / "log")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="torch.compile on CPU is slow; set RUN_SLOW=1")
+def test_compile_runs_on_cpu(data_dir, tmp_path):
+    """--compile trains 2 steps on CPU."""
+    args = [a for a in base_args(data_dir, tmp_path / "log", 2) if a != "--no-compile"]
+    check_ok(run_train(*args, "--compile", timeout=600))
+    losses = train_losses(tmp_path / "log")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values()), losses
+
+
+def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    """A diverging run (huge --max_lr) exits 1 naming NaN/non-finite; saved checkpoints stay finite."""
+    from model import GPT
+
+    log = tmp_path / "log"
+    proc = run_train(*base_args(data_dir, log, 12, max_lr=1e6, min_lr=1e5, warmup_steps=1, save_step=1,
+                                grad_clip=1e9))
+    losses = train_losses(log) if (log / "log.jsonl").exists() else {}
+    if proc.returncode == 0:
+        pytest.skip(f"could not provoke a NaN loss; losses {losses}")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, f"rc={proc.returncode}\n{text[-3000:]}"
+    assert "nan" in text.lower() or "non-finite" in text.lower(), text[-3000:]
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses  # the NaN itself is not logged
+    # the checkpoints left are the good ones (save_step 1: one per finite step), none after the NaN
+    ckpts = checkpoints(log)
+    assert ckpts, os.listdir(log)
+    for c in ckpts:
+        assert int(c.name.split("_")[1]) <= max(losses) + 1, (c.name, losses)
+        model = GPT.from_pretrained(c)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), c.name
+        torch.load(c / "trainer_state.pt", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# input errors: exit 2, one "error:" line, no traceback
+# ----------------------------------------------------------------------------------------------
+
+def test_error_missing_data_dir(tmp_path):
+    """A data directory that does not exist is a clean error naming it."""
+    missing = tmp_path / "no_such_dir"
+    line = error_line(run_train(*base_args(missing, tmp_path / "log", 2)))
+    assert "no_such_dir" in line, line
+
+
+def test_error_dir_without_shards(tmp_path):
+    """A data directory with no shards is a clean error."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a shard")
+    line = error_line(run_train(*base_args(empty, tmp_path / "log", 2)))
+    assert "shard" in line.lower() or "empty" in line, line
+
+
+def test_error_total_batch_not_divisible(data_dir, tmp_path):
+    """--total_batch_size that micro-batch x block_size does not divide is a clean error."""
+    line = error_line(run_train(*base_args(data_dir, tmp_path / "log", 2, total_batch_size=4 * T + 7)))
+    assert "total_batch_size" in line or "divisible" in line, line
+
+
+@pytest.mark.parametrize("flag,value", [("max_lr", 0), ("max_lr", -1e-3), ("max_steps", 0), ("max_steps", -5)])
+def test_error_non_positive_lr_or_steps(data_dir, tmp_path, flag, value):
+    """A non-positive --max_lr or --max_steps is a clean error naming the flag."""
+    line = error_line(run_train(*base_args(data_dir, tmp_path / "log", 2, **{flag: value})))
+    assert flag in line, line
+
+
+def test_error_resume_with_different_model_shape(data_dir, tmp_path):
+    """--resume with a different --n_embd than the checkpoint names n_embd and touches nothing."""
+    log = tmp_path / "log"
+    args = base_args(data_dir, log, 2, save_step=1)
+    check_ok(run_train(*args))
+    assert checkpoints(log)
+    before = tree_snapshot(log)
+    i = args.index("--n_embd")
+    args[i + 1] = "64"
+    line = error_line(run_train(*args, "--resume"))
+    assert "n_embd" in line, line
+    assert tree_snapshot(log) == before, "the log directory changed"
+
+
+def test_seed_command_line_parses(tmp_path):
+    """The original seed's flags are all accepted: the run gets as far as the missing data dir."""
+    missing = tmp_path / "edu_fineweb10B"
+    # exactly the seed's flags; run from tmp_path so the default --log_dir lands there
+    proc = run_train("--path", missing, *SEED_FLAGS, cwd=tmp_path)
+    line = error_line(proc)
+    assert "edu_fineweb10B" in line or "data" in line.lower(), line
