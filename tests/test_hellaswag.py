@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb_
 import torch.nn.functional as F
 
 import hellaswag as H  # noqa: E402
@@ -28,24 +29,6 @@ LOSS_ATOL, LOSS_RTOL = 1e-4, 1e-6
 
 
 # ----------------------------------------------------------------------------- helpers
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and threads make them crawl on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def perturb_(module, seed, scale=0.1):
-    """Add scale*randn to every parameter (so LayerNorm gains/biases etc. are nontrivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return module
-
 
 def make_model(seed=0, **overrides):
     """A perturbed tiny GPT (real GPT-2 vocab) in eval mode."""

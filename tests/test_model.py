@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb_
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -24,24 +25,6 @@ SMALL = dict(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and threads make them crawl on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def perturb_(module, seed, scale=0.1):
-    """Add scale*randn to every parameter (so LayerNorm gains/biases etc. are nontrivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return module
-
 
 def make_hf(seed=0, vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=2):
     """A random, perturbed, dropout-free HF GPT2LMHeadModel in eval mode."""
