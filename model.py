@@ -392,18 +392,25 @@ class GPT(nn.Module):
         _atomic_write(os.path.join(save_dir, "config.json"), lambda p: open(p, "w").write(text))
 
 
+def checkpoint_dirs(run_dir, required=("config.json", "model.safetensors")):
+    """The step_NNNNNN/ directories of a train.py run that hold every required file, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = [d for d in os.listdir(run_dir) if d.startswith("step_") and d[5:].isdigit()
+             and all(os.path.isfile(os.path.join(run_dir, d, f)) for f in required)]
+    return [os.path.join(run_dir, d) for d in sorted(found, key=lambda d: int(d[5:]))]
+
+
 def load_model(spec, cache_dir=None):
     """The one place every script resolves --model: a Hugging Face-format directory
     (config.json + weights), a train.py run directory (its newest complete step_NNNNNN/
     checkpoint), or an OpenAI GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)."""
     path = os.fspath(spec)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        steps = sorted((d for d in os.listdir(path) if d.startswith("step_") and d[5:].isdigit()
-                       and os.path.isfile(os.path.join(path, d, "config.json"))
-                       and os.path.isfile(os.path.join(path, d, "model.safetensors"))), key=lambda d: int(d[5:]))
+        steps = checkpoint_dirs(path)
         if not steps:
             raise ModelLoadError(f"{path} holds neither config.json nor complete step_NNNNNN/ checkpoints")
-        path = os.path.join(path, steps[-1])
+        path = steps[-1]
     elif not os.path.isdir(path) and path not in PRESETS:
         raise ModelLoadError(f"--model {path!r}: no such directory, and not one of {', '.join(PRESETS)}")
     return GPT.from_pretrained(path, cache_dir=cache_dir)

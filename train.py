@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, DataLoader
-from model import GPT, PRESETS, GPTConfig, ModelLoadError, get_tokenizer, peak_flops
+from model import GPT, PRESETS, GPTConfig, ModelLoadError, checkpoint_dirs, get_tokenizer, peak_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -122,12 +122,8 @@ def set_rng_state(state):
 
 
 def checkpoints(log_dir):
-    """Complete checkpoint directories, oldest first."""
-    if not os.path.isdir(log_dir):
-        return []
-    found = [d for d in os.listdir(log_dir) if d.startswith("step_") and d[5:].isdigit()
-             and all(os.path.isfile(os.path.join(log_dir, d, f)) for f in ("config.json", "model.safetensors", "trainer_state.pt"))]
-    return [os.path.join(log_dir, d) for d in sorted(found, key=lambda d: int(d[5:]))]
+    """Complete checkpoint directories (weights and trainer state), oldest first."""
+    return checkpoint_dirs(log_dir, ("config.json", "model.safetensors", "trainer_state.pt"))
 
 
 def save_checkpoint(ctx, step):
