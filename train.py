@@ -103,9 +103,9 @@ def get_lr(step, args):
 
 
 def rng_state():
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-             "python_gauss": random.getstate()[2],
+    np_state, py_state = np.random.get_state(), random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": list(py_state[1]), "python_version": py_state[0],
+             "python_gauss": py_state[2],
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
