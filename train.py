@@ -170,7 +170,8 @@ def setup(args):
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise TrainError("--device cuda asked, but CUDA is not available")
-        device = f"cuda:{local_rank}" if ddp else device
+        if device == "cuda":  # set_device needs an index: this process's GPU under torchrun, else the first
+            device = f"cuda:{local_rank if ddp else 0}"
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever runs in fp32
         torch.backends.cudnn.allow_tf32 = True

@@ -347,3 +347,29 @@ def test_seed_command_line_parses(tmp_path):
     proc = run_train("--path", missing, *SEED_FLAGS, cwd=tmp_path)
     line = error_line(proc)
     assert "edu_fineweb10B" in line or "data" in line.lower(), line
+
+
+@pytest.mark.parametrize("env, expected", [({}, "cuda:0"), ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:1")])
+def test_cuda_device_gets_an_index(monkeypatch, env, expected):
+    """torch.cuda.set_device('cuda') raises on recent PyTorch (found on an H100): setup must pass
+    an indexed device, the process's LOCAL_RANK under torchrun, else cuda:0."""
+    import train
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    chosen = []
+
+    def set_device(device):  # what torch.cuda's own _get_device_index insists on
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index, got {device}")
+        chosen.append(str(device))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: None)
+    ctx = train.setup(train.parse_args(["--device", "cuda"]))
+    assert chosen == [expected] and ctx.device == expected and ctx.device_type == "cuda"
+    assert ctx.args.dtype == "bf16" and ctx.args.compile is True
