@@ -26,8 +26,9 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+# torch is imported by the sections that use it: the fineweb section runs first, in a process
+# without torch, as fineweb.py itself runs (forking a process that holds torch costs more).
 
 
 def paired(fns, repeat, warmup=1):
@@ -50,6 +51,7 @@ def paired(fns, repeat, warmup=1):
 
 def bench_model(args):
     """Ours vs transformers' GPT-2: training step and sampling, fp32 on this device."""
+    import torch
     import transformers
 
     from model import GPT, GPTConfig
@@ -142,12 +144,12 @@ def bench_fineweb(args):
     """fineweb.py end to end vs a build-nanogpt-style pipeline and vs cores x one core's rate."""
     global _bn_encoder
     import fineweb
-    from model import get_tokenizer
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     corpus = args.corpus
     files = fineweb.local_files(corpus)
-    enc = _bn_encoder = get_tokenizer()
+    fineweb._init_worker()
+    enc = _bn_encoder = fineweb._encoder
     texts = [d for f in files for d in fineweb.read_file(f, "text")]
     n_tokens = sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
     work = tempfile.mkdtemp(prefix="bench-fineweb-")
@@ -182,6 +184,9 @@ def bench_fineweb(args):
 def _bn_choose(model, ctx, endings):
     """build-nanogpt's HellaSwag scoring of one example: 4 rows of context + ending, padded,
     full logits, mean loss over the ending tokens; returns the acc_norm choice."""
+    import torch
+    import torch.nn.functional as F
+
     rows = [ctx + e for e in endings]
     T = max(len(r) for r in rows)
     tokens = torch.zeros(4, T, dtype=torch.long)
@@ -197,6 +202,8 @@ def _bn_choose(model, ctx, endings):
 
 def bench_hellaswag(args):
     """hellaswag.score (packed, batched, lm_head only where scored) vs one example per forward."""
+    import torch
+
     import hellaswag
     from model import GPT, GPTConfig, get_tokenizer
 
@@ -229,7 +236,7 @@ def bench_hellaswag(args):
     return [(label, n / t["ours"], n / t["theirs"], "build-nanogpt: 1 example/forward")]
 
 
-SECTIONS = {"model": bench_model, "hellaswag": bench_hellaswag, "fineweb": bench_fineweb}
+SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag}  # fineweb first: see imports
 
 
 def main():
@@ -250,11 +257,16 @@ def main():
     p.add_argument("--hellaswag_batch", type=int, default=16)
     p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"), help="text for the fineweb section")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    sections = args.section or list(SECTIONS)
+    if set(sections) - {"fineweb"}:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores")
     print(f"{'benchmark':<58} {'ours':>12} {'reference':>12} {'ratio':>7}  reference")
-    for name in args.section or list(SECTIONS):
+    for name in sections:
         for label, ours, ref, ref_name in SECTIONS[name](args):
             print(f"{label:<58} {ours:>12,.1f} {ref:>12,.1f} {ours / ref:>6.2f}x  {ref_name}")
 

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -145,14 +146,18 @@ _encoder = None
 
 
 def _init_worker():
+    """Load the BPE once per process (forked workers inherit the parent's). tiktoken directly,
+    not model.get_tokenizer: model.py imports torch, which would add a second to every start
+    and to every spawned worker, for nothing this script uses."""
     global _encoder
-    if _encoder is None:  # forked workers inherit the parent's (see run)
-        from model import ModelLoadError, get_tokenizer  # (imports torch: only when there is work)
+    if _encoder is None:
+        import tiktoken
 
         try:
-            _encoder = get_tokenizer()
-        except ModelLoadError as e:
-            raise InputError(str(e)) from None
+            _encoder = tiktoken.get_encoding(TOKENIZER)
+        except Exception as e:
+            raise InputError(f"cannot load the GPT-2 tokenizer (tiktoken {TOKENIZER}): {e}. Offline, point "
+                             "TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cached file") from None
 
 
 def _encode(text):
@@ -280,47 +285,66 @@ def tokenize_into_shards(args, files, manifest, bar):
     doc, skip = (shards[-1]["end_doc"], shards[-1]["end_skip"]) if shards else (0, 0)
     written = sum(s["tokens"] for s in shards)
     limit = args.max_tokens or float("inf")
-    buf, fill = np.empty(args.shard_size, dtype=np.uint16), 0
+    # A full shard is written (hashed, synced, renamed, then added to the manifest) by a
+    # background thread while the workers go on filling the other of two buffers: at 100M-token
+    # shards a write takes about a second, which would otherwise starve the workers each time.
+    buffers = [np.empty(args.shard_size, dtype=np.uint16), None]
+    buf, fill, index, pending = buffers[0], 0, len(shards), None
+    writer = ThreadPoolExecutor(1)
 
-    def flush(end_doc, end_skip):
-        name = shard_name(args.prefix, len(shards))
-        sha = write_shard(os.path.join(args.path, name), buf[:fill])
-        shards.append({"name": name, "split": "val" if not shards else "train", "tokens": fill, "sha256": sha,
+    def write(tokens, name, end_doc, end_skip):
+        sha = write_shard(os.path.join(args.path, name), tokens)
+        shards.append({"name": name, "split": "val" if not shards else "train", "tokens": len(tokens), "sha256": sha,
                        "end_doc": end_doc, "end_skip": end_skip})
         manifest.update(tokens=sum(s["tokens"] for s in shards), documents=end_doc)
         write_json(os.path.join(args.path, "manifest.json"), manifest)
 
+    def flush(end_doc, end_skip):
+        nonlocal buf, index, pending
+        if pending is not None:
+            pending.result()  # the other buffer's write is done (and its errors raised here)
+        pending = writer.submit(write, buf[:fill], shard_name(args.prefix, index), end_doc, end_skip)
+        index += 1
+        if buffers[1] is None:
+            buffers[1] = np.empty(args.shard_size, dtype=np.uint16)
+        buf = buffers[1] if buf is buffers[0] else buffers[0]
+
     docs_iter = documents(args, files)
     for _ in range(doc):  # documents already in finished shards
         next(docs_iter)
-    with mp.get_context(args.start_method).Pool(args.workers, initializer=_init_worker) as pool:
-        inflight = deque()  # bounded, so memory stays at about one shard plus a few batches
-        tasks = batches(docs_iter)
-        while written < limit:
-            while len(inflight) < 2 * args.workers:
-                batch = next(tasks, None)
-                if batch is None:
+    try:
+        with mp.get_context(args.start_method).Pool(args.workers, initializer=_init_worker) as pool:
+            inflight = deque()  # bounded, so memory stays at two shard buffers plus a few batches
+            tasks = batches(docs_iter)
+            while written < limit:
+                while len(inflight) < 2 * args.workers:
+                    batch = next(tasks, None)
+                    if batch is None:
+                        break
+                    inflight.append(pool.apply_async(tokenize, (batch,)))
+                if not inflight:
                     break
-                inflight.append(pool.apply_async(tokenize, (batch,)))
-            if not inflight:
-                break
-            tokens, lengths = inflight.popleft().get()
-            ends = np.cumsum(lengths)  # end of each document within `tokens`
-            pos, skip = skip, 0  # a resumed run starts inside its first document
-            while pos < len(tokens) and written < limit:
-                take = int(min(len(tokens) - pos, args.shard_size - fill, limit - written))
-                buf[fill : fill + take] = tokens[pos : pos + take]
-                fill, pos, written = fill + take, pos + take, written + take
-                bar.update(take)
-                if fill == args.shard_size and written < limit:
-                    d = int(np.searchsorted(ends, pos, side="right"))  # documents finished
-                    flush(doc + d, pos - (int(ends[d - 1]) if d else 0))
-                    fill = 0
-            doc += int(np.searchsorted(ends, pos, side="right"))
-            bar.set_postfix(docs=f"{doc:,}", refresh=False)
-        pool.terminate()
-    if fill:
-        flush(doc, 0)
+                tokens, lengths = inflight.popleft().get()
+                ends = np.cumsum(lengths)  # end of each document within `tokens`
+                pos, skip = skip, 0  # a resumed run starts inside its first document
+                while pos < len(tokens) and written < limit:
+                    take = int(min(len(tokens) - pos, args.shard_size - fill, limit - written))
+                    buf[fill : fill + take] = tokens[pos : pos + take]
+                    fill, pos, written = fill + take, pos + take, written + take
+                    bar.update(take)
+                    if fill == args.shard_size and written < limit:
+                        d = int(np.searchsorted(ends, pos, side="right"))  # documents finished
+                        flush(doc + d, pos - (int(ends[d - 1]) if d else 0))
+                        fill = 0
+                doc += int(np.searchsorted(ends, pos, side="right"))
+                bar.set_postfix(docs=f"{doc:,}", refresh=False)
+            if fill:
+                flush(doc, 0)  # the last shard is written while the workers shut down
+            pool.terminate()
+    finally:
+        writer.shutdown(wait=True)  # even on Ctrl-C: a shard being written is finished and recorded
+    if pending is not None:
+        pending.result()
     return written
 
 

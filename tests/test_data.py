@@ -408,6 +408,17 @@ def test_fineweb_error_missing_source(tmp_path):
     assert_clean_error(proc, "does_not_exist_xyz")
 
 
+def test_fineweb_error_tokenizer_unavailable(tmp_path, monkeypatch):
+    """No BPE file in the cache and no network: one 'error:' line about the tokenizer, no shards."""
+    src = write_txt_dir(tmp_path / "src", ["some text"])
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no download, even on a machine with internet
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    proc = run_fineweb("--source", src, "--path", tmp_path / "out", "--shard_size", 100)
+    assert_clean_error(proc, "tokenizer", "TIKTOKEN_CACHE_DIR")
+    assert not list((tmp_path / "out").glob("*.npy"))
+
+
 def test_fineweb_error_jsonl_missing_field(tmp_path):
     """A .jsonl record without the text field exits 2 naming the file and the line number."""
     src = tmp_path / "src"
