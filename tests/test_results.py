@@ -179,6 +179,19 @@ def test_benchmark_notebook_on_a_resumed_350m_run(tmp_path, monkeypatch):
     check_summary(text, want, tokens_per_step)
 
 
+def test_benchmark_notebook_without_checkpoints_plots_against_steps_only(run_dir, tmp_path, monkeypatch):
+    """A log with no checkpoint beside it: model and tokens unknown, one panel per figure, no tokens seen."""
+    (tmp_path / "log.jsonl").write_bytes((run_dir / "log.jsonl").read_bytes())
+    nb = execute("benchmark.ipynb", tmp_path, monkeypatch)
+    text = stream_text(nb)
+    assert "model: unknown (no checkpoint) | tokens per step: unknown" in text, text
+    rows = summary(text)
+    assert rows["steps trained"][0] == "12" and rows["tokens seen"][0] == "n/a", rows
+    for name in ("loss.png", "hellaswag.png"):
+        img = matplotlib.image.imread(tmp_path / name)
+        assert img.shape[1] < 2 * img.shape[0], (name, img.shape)  # one panel (two are 3:1)
+
+
 # ----------------------------------------------------------------------------------------------
 # generate.py and generate.ipynb
 # ----------------------------------------------------------------------------------------------
