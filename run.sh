@@ -52,6 +52,17 @@ main)
         --hellaswag_examples 100 --sample_tokens 32 --seed 1337
     # 3. HellaSwag on the final checkpoint (skipped with a message when the data is unavailable offline)
     $PY hellaswag.py --model log/small --limit 200 || echo "(HellaSwag skipped)"
+    # 4. the results: benchmark.ipynb executed headless on the run; its figures (loss.png,
+    #    hellaswag.png) and the executed notebook land beside the log. A failure here is
+    #    reported; the run itself is kept.
+    if LOG_DIR=log/small $PY -m jupyter nbconvert --to notebook --execute benchmark.ipynb \
+            --output-dir log/small --log-level WARN 2> >(grep -v "without encryption" >&2); then
+        $PY -c "import nbformat; print(''.join(o.get('text', '') for o in nbformat.read('log/small/benchmark.ipynb', 4).cells[-1].outputs))"
+        echo "results: log/small/benchmark.ipynb (figures and this summary), $(echo log/small/*.png)"
+    else
+        echo "(rendering benchmark.ipynb failed: see above; the run is in log/small/)"
+    fi
+    echo "sample from it: $PY generate.py --model log/small --prompt \"Hello, I'm a language model,\" --num_samples 3"
     ;;
 test)
     shift || true

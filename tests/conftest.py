@@ -1,8 +1,11 @@
-"""Shared pytest setup: import path, offline settings and the tiktoken cache."""
+"""Shared pytest setup: import path, offline settings and the tiktoken cache; tiny train.py runs."""
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,3 +45,97 @@ def perturb_(module, seed, scale=0.1):
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
     return module
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny train.py runs: a 2-layer, 32-wide model on CPU over synthetic shards (test_train.py, test_results.py)
+# ----------------------------------------------------------------------------------------------
+
+TRAIN = str(REPO_ROOT / "train.py")
+VOCAB = 50257
+T = 32  # --block_size in every run
+
+TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", str(T),
+        "--no-compile", "--hellaswag_examples", "0"]
+
+
+def synth_tokens(n, rng, pattern):
+    """A repeating pattern of a few hundred token ids with 10% uniform noise: easy to learn."""
+    reps = n // len(pattern) + 1
+    toks = np.tile(pattern, reps)[:n].copy()
+    noise = rng.random(n) < 0.10
+    toks[noise] = rng.integers(0, VOCAB, size=int(noise.sum()))
+    return toks.astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One val shard and two ~20k-token train shards in edufineweb_{split}_NNNNNN.npy layout."""
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    vocab_subset = rng.choice(VOCAB, size=300, replace=False)
+    pattern = rng.choice(vocab_subset, size=97)
+    np.save(d / "edufineweb_val_000000.npy", synth_tokens(8_000, rng, pattern))
+    np.save(d / "edufineweb_train_000001.npy", synth_tokens(20_000, rng, pattern))
+    np.save(d / "edufineweb_train_000002.npy", synth_tokens(20_011, rng, pattern))
+    return d
+
+
+def env():
+    e = os.environ.copy()
+    e["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add contention (and runs must be repeatable)
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def train_cmd(*args, nproc=1):
+    args = [str(a) for a in args]
+    if nproc == 1:
+        return [sys.executable, TRAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+
+
+def run_train(*args, nproc=1, timeout=180, cwd=REPO_ROOT, extra_env=None):
+    return subprocess.run(train_cmd(*args, nproc=nproc), cwd=cwd, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, (f"train.py failed rc={proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
+                                  f"\nstderr:\n{proc.stderr[-4000:]}")
+
+
+def base_args(data_dir, log_dir, steps, **kw):
+    """Common flags for a tiny fp32 run; keyword arguments override/add --flags."""
+    opts = dict(path=data_dir, log_dir=log_dir, max_steps=steps, warmup_steps=2, max_lr=3e-3, min_lr=3e-4,
+                batch_size_per_device=4, total_batch_size=4 * T, eval_step_interval=1000, eval_max_steps=2,
+                save_step=1000, seed=1337, dtype="fp32")
+    opts.update(kw)
+    out = list(TINY)
+    for k, v in opts.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def read_log(log_dir):
+    path = Path(log_dir) / "log.jsonl"
+    assert path.is_file(), f"no log.jsonl in {log_dir}: {os.listdir(log_dir)}"
+    lines = path.read_text().splitlines()
+    recs = []
+    for ln in lines:
+        assert ln.strip(), "blank line in log.jsonl"
+        rec = json.loads(ln)
+        assert isinstance(rec, dict) and "step" in rec, ln
+        recs.append(rec)
+    return recs
+
+
+def error_line(proc):
+    """Assert a clean input error (exit 2, one 'error:' line on stderr, no traceback); return the line."""
+    out = f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 2, out
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, out
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("error:"), out
+    return lines[0]

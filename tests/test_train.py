@@ -3,12 +3,10 @@
 Every run is a subprocess on CPU with a tiny model (2 layers, 2 heads, 32 wide, 32-token context)
 over small synthetic uint16 shards, so the whole file runs in a few minutes on two cores.
 """
-import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAIN = str(REPO_ROOT / "train.py")
-VOCAB = 50257
-T = 32  # --block_size in every run
-
-TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", str(T),
-        "--no-compile", "--hellaswag_examples", "0"]
+from conftest import REPO_ROOT, T, base_args, check_ok, env, error_line, read_log, run_train, train_cmd
 
 SEED_FLAGS = ["--max_steps", "19073", "--warmup_steps", "715", "--max_lr", "6e-4", "--min_lr", "6e-5",
               "--batch_size_per_device", "64", "--total_batch_size", "524288", "--eval_step_interval", "250",
@@ -33,77 +25,6 @@ SEED_FLAGS = ["--max_steps", "19073", "--warmup_steps", "715", "--max_lr", "6e-4
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-def synth_tokens(n, rng, pattern):
-    """A repeating pattern of a few hundred token ids with 10% uniform noise: easy to learn."""
-    reps = n // len(pattern) + 1
-    toks = np.tile(pattern, reps)[:n].copy()
-    noise = rng.random(n) < 0.10
-    toks[noise] = rng.integers(0, VOCAB, size=int(noise.sum()))
-    return toks.astype(np.uint16)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """One val shard and two ~20k-token train shards in edufineweb_{split}_NNNNNN.npy layout."""
-    d = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    vocab_subset = rng.choice(VOCAB, size=300, replace=False)
-    pattern = rng.choice(vocab_subset, size=97)
-    np.save(d / "edufineweb_val_000000.npy", synth_tokens(8_000, rng, pattern))
-    np.save(d / "edufineweb_train_000001.npy", synth_tokens(20_000, rng, pattern))
-    np.save(d / "edufineweb_train_000002.npy", synth_tokens(20_011, rng, pattern))
-    return d
-
-
-def env():
-    e = os.environ.copy()
-    e["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add contention (and runs must be repeatable)
-    e["PYTHONUNBUFFERED"] = "1"
-    return e
-
-
-def train_cmd(*args, nproc=1):
-    args = [str(a) for a in args]
-    if nproc == 1:
-        return [sys.executable, TRAIN, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
-
-
-def run_train(*args, nproc=1, timeout=180, cwd=REPO_ROOT):
-    return subprocess.run(train_cmd(*args, nproc=nproc), cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def check_ok(proc):
-    assert proc.returncode == 0, (f"train.py failed rc={proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
-                                  f"\nstderr:\n{proc.stderr[-4000:]}")
-
-
-def base_args(data_dir, log_dir, steps, **kw):
-    """Common flags for a tiny fp32 run; keyword arguments override/add --flags."""
-    opts = dict(path=data_dir, log_dir=log_dir, max_steps=steps, warmup_steps=2, max_lr=3e-3, min_lr=3e-4,
-                batch_size_per_device=4, total_batch_size=4 * T, eval_step_interval=1000, eval_max_steps=2,
-                save_step=1000, seed=1337, dtype="fp32")
-    opts.update(kw)
-    out = list(TINY)
-    for k, v in opts.items():
-        out += [f"--{k}", str(v)]
-    return out
-
-
-def read_log(log_dir):
-    path = Path(log_dir) / "log.jsonl"
-    assert path.is_file(), f"no log.jsonl in {log_dir}: {os.listdir(log_dir)}"
-    lines = path.read_text().splitlines()
-    recs = []
-    for ln in lines:
-        assert ln.strip(), "blank line in log.jsonl"
-        rec = json.loads(ln)
-        assert isinstance(rec, dict) and "step" in rec, ln
-        recs.append(rec)
-    return recs
-
-
 def train_losses(log_dir):
     """{step: train_loss}, the last logged value of each step."""
     return {r["step"]: r["train_loss"] for r in read_log(log_dir) if "train_loss" in r}
@@ -111,17 +32,6 @@ def train_losses(log_dir):
 
 def checkpoints(log_dir):
     return sorted(p for p in Path(log_dir).glob("step_*") if p.is_dir())
-
-
-def error_line(proc):
-    """Assert a clean input error (exit 2, one 'error:' line on stderr, no traceback); return the line."""
-    out = f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 2, out
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, out
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, out
-    assert lines[0].startswith("error:"), out
-    return lines[0]
 
 
 def tree_snapshot(d):
