@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from fineweb import usable_cores
+
 # torch is imported by the sections that use it: the fineweb section runs first, in a process
 # without torch, as fineweb.py itself runs (forking a process that holds torch costs more).
 
@@ -127,7 +129,7 @@ def _bn_tokenize(doc):
 
 def _bn_run(texts, out_dir, shard_size):
     buf, fill, index = np.empty(shard_size, dtype=np.uint16), 0, 0
-    with mp.get_context("fork").Pool(max(1, os.cpu_count() // 2)) as pool:
+    with mp.get_context("fork").Pool(max(1, usable_cores() // 2)) as pool:
         for tokens in pool.imap(_bn_tokenize, texts, chunksize=16):
             while len(tokens):
                 take = min(len(tokens), shard_size - fill)
@@ -174,9 +176,9 @@ def bench_fineweb(args):
         t = paired({"ours": ours, "baseline": baseline, "one_core": one_core}, 1 if args.quick else args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    limit = os.cpu_count() * n_tokens / t["one_core"]
+    limit = usable_cores() * n_tokens / t["one_core"]
     ours_rate = n_tokens / t["ours"]
-    label = f"fineweb.py {n_tokens / 1e6:.1f}M tokens, {os.cpu_count()} workers (tok/s)"
+    label = f"fineweb.py {n_tokens / 1e6:.1f}M tokens, {usable_cores()} workers (tok/s)"
     return [(label, ours_rate, n_tokens / t["baseline"], "build-nanogpt Pool.imap"),
             (label, ours_rate, limit, "limit: cores x 1-core rate")]
 
@@ -264,7 +266,7 @@ def main():
         if args.threads:
             torch.set_num_threads(args.threads)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores")
+    print(f"{time.strftime('%Y-%m-%d')}, {usable_cores()} usable cores")
     print(f"{'benchmark':<58} {'ours':>12} {'reference':>12} {'ratio':>7}  reference")
     for name in sections:
         for label, ours, ref, ref_name in SECTIONS[name](args):

@@ -348,6 +348,11 @@ def tokenize_into_shards(args, files, manifest, bar):
     return written
 
 
+def usable_cores():
+    """The cores this process may run on (taskset, containers, SLURM), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def positive_int(text):
     try:
         v = int(float(text.replace("_", "")))  # accepts 1e8 and 100_000_000
@@ -369,7 +374,8 @@ def main(argv=None):
     p.add_argument("--prefix", default="edufineweb", help="shard name prefix")
     p.add_argument("--shard_size", type=positive_int, default=100_000_000, help="tokens per shard")
     p.add_argument("--max_tokens", type=positive_int, default=None, help="stop after this many tokens")
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="tokenizer processes")
+    p.add_argument("--workers", type=positive_int, default=usable_cores(),
+                   help="tokenizer processes (default: one per usable core)")
     p.add_argument("--start_method", choices=mp.get_all_start_methods(), default=None,
                    help="multiprocessing start method (default: the platform's)")
     args = p.parse_args(argv)
