@@ -35,6 +35,9 @@ TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model.get_token
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 FORMATS = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
 BATCH_CHARS = 1 << 18  # text per task sent to a worker (~60k tokens)
+# Tasks in flight per worker. Results are taken in order, so while the oldest task runs the
+# others must have work queued (with 2 per worker they waited, ~3% slower end to end).
+TASKS_PER_WORKER = 8
 
 
 class InputError(Exception):
@@ -277,6 +280,19 @@ def run(args):
     print(f"{args.path}: {written:,} tokens in {len(shards)} shards ({shards[0]['name']} ... {shards[-1]['name']})")
 
 
+def _widen_pipes(pool):
+    """A worker that sends a result (~120 KB) into a full pipe (64 KB on Linux) waits until the
+    parent's result thread drains it; 1 MB pipes let it go straight on to its next task (~3%
+    faster end to end on 2 cores). Linux only, best effort: Pool's queues are private API."""
+    try:
+        import fcntl
+
+        for queue in (pool._outqueue, pool._inqueue):
+            fcntl.fcntl(queue._writer.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
 def tokenize_into_shards(args, files, manifest, bar):
     """Tokenize the documents after the manifest's finished shards into new shards, recording
     each in the manifest; returns the total tokens written."""
@@ -312,12 +328,17 @@ def tokenize_into_shards(args, files, manifest, bar):
     docs_iter = documents(args, files)
     for _ in range(doc):  # documents already in finished shards
         next(docs_iter)
+    # The pool's result thread must take the GIL to drain a worker's result from its pipe, and a
+    # worker blocks until it does; a 0.2 ms switch interval (default 5 ms) keeps the workers busy.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
     try:
         with mp.get_context(args.start_method).Pool(args.workers, initializer=_init_worker) as pool:
-            inflight = deque()  # bounded, so memory stays at two shard buffers plus a few batches
+            _widen_pipes(pool)
+            inflight = deque()  # bounded: memory stays at two shard buffers plus the batches in flight
             tasks = batches(docs_iter)
             while written < limit:
-                while len(inflight) < 2 * args.workers:
+                while len(inflight) < TASKS_PER_WORKER * args.workers:
                     batch = next(tasks, None)
                     if batch is None:
                         break
@@ -342,6 +363,7 @@ def tokenize_into_shards(args, files, manifest, bar):
                 flush(doc, 0)  # the last shard is written while the workers shut down
             pool.terminate()
     finally:
+        sys.setswitchinterval(switch_interval)
         writer.shutdown(wait=True)  # even on Ctrl-C: a shard being written is finished and recorded
     if pending is not None:
         pending.result()
