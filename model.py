@@ -90,20 +90,28 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None, pos=0, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        if attn_mask is not None:  # an explicit (B, 1, T, T) boolean mask, True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         if kv_cache is not None:
-            # Write this chunk's keys/values at [pos, pos+T) and attend over everything so far.
-            # Only a prefill from position 0 or one token at a time is used, so the causal
-            # mask below is always right (SDPA aligns is_causal to the top-left corner).
-            assert pos == 0 or T == 1
             k_cache, v_cache = kv_cache
-            k_cache[:, :, pos : pos + T] = k
-            v_cache[:, :, pos : pos + T] = v
-            k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
-        # flash attention on GPU; a fused kernel on CPU
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            if torch.is_tensor(pos):
+                # Rows at different positions (a server batching the decode steps of several
+                # requests): row b's one new token goes to pos[b], and attn_mask (B, 1, 1, S)
+                # says which of the first S cache entries each row may see.
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, pos] = k[:, :, 0]
+                v_cache[rows, :, pos] = v[:, :, 0]
+                S = attn_mask.size(-1)
+                k, v = k_cache[:, :, :S], v_cache[:, :, :S]
+            else:
+                # Write this chunk's keys/values at [pos, pos+T) and attend over everything so far.
+                # Only a prefill from position 0 or one token at a time is used, so the causal
+                # mask below is always right (SDPA aligns is_causal to the top-left corner).
+                assert pos == 0 or T == 1
+                k_cache[:, :, pos : pos + T] = k
+                v_cache[:, :, pos : pos + T] = v
+                k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
+        # attn_mask: an explicit boolean mask, True = may attend; else causal.
+        # Flash attention on GPU; a fused kernel on CPU.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -169,8 +177,16 @@ class GPT(nn.Module):
     def _hidden(self, idx, kv_caches=None, pos=0, positions=None, attn_mask=None):
         """Token ids (B, T) -> final hidden states (B, T, n_embd) after ln_f.
         Packed sequences (several continuations of one prefix in a row, as hellaswag.py scores
-        them) pass their own positions (B, T) and boolean attn_mask (B, 1, T, T)."""
+        them) pass their own positions (B, T) and boolean attn_mask (B, 1, T, T).
+        With kv_caches, pos is where idx starts in the cache: an int shared by all rows, or a
+        (B,) tensor of per-row positions when each row is one new token (T == 1) of a
+        sequence of its own length (serve.py's continuous batching); row b of the caches is
+        row b of idx, and it attends to its cache entries [0, pos[b]]."""
         T = idx.size(1)
+        if torch.is_tensor(pos):
+            assert T == 1 and kv_caches is not None
+            positions = pos[:, None]
+            attn_mask = (torch.arange(int(pos.max()) + 1, device=idx.device) <= positions)[:, None, None, :]
         if positions is None:
             if pos + T > self.config.block_size:
                 raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")

@@ -316,6 +316,38 @@ def test_kv_cache_matches_no_cache(prompt_len, new):
     assert torch.equal(_sample(m, cropped, new, seed=42, use_cache=True, **SAMPLING)[:, kept:], a[:, prompt_len:])
 
 
+def test_per_row_positions_decode_matches_single_row_decode():
+    """One batched decode step over rows at different positions (pos a (B,) tensor, as serve.py's
+    continuous batching runs it) gives each row the logits of its own one-row KV-cache decode."""
+    m = make_ours(seed=11, n_head=4)
+    perturb_(m, 78, scale=0.5)
+    lengths = [3, 17, 9, 40]  # each row's prompt length; its next token goes at that position
+    prompts = [rand_idx(1, n, 101, seed=n) for n in lengths]
+    nxt = rand_idx(len(lengths), 1, 101, seed=5)
+    bs = m.config.block_size
+    with torch.no_grad():
+        head_t = m.transformer.wte.weight[: m.config.vocab_size].t().contiguous()
+        batch = m._new_kv_caches(len(lengths), bs, "cpu")
+        expected = []
+        for b, p in enumerate(prompts):
+            # reference: prefill this row alone, then one single-row decode step (generate's path)
+            own = m._new_kv_caches(1, bs, "cpu")
+            m._next_logits(p, own, 0, head_t)
+            expected.append(m._next_logits(nxt[b : b + 1], own, p.size(1), head_t))
+            # the batch's cache row b gets the same prefill; stale garbage beyond it must be masked
+            for (k, v), (ko, vo) in zip(batch, own):
+                k[b].normal_(), v[b].normal_()
+                k[b, :, : p.size(1)], v[b, :, : p.size(1)] = ko[0, :, : p.size(1)], vo[0, :, : p.size(1)]
+        got = m._next_logits(nxt, batch, torch.tensor(lengths), head_t)
+    torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    # and each row's new key was written at its own position
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            own = m._new_kv_caches(1, bs, "cpu")
+            m._next_logits(torch.cat([prompts[b], nxt[b : b + 1]], dim=1), own, 0, head_t)
+            torch.testing.assert_close(batch[0][0][b, :, : n + 1], own[0][0][0, :, : n + 1], atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_determinism_by_seed():
     """The same generator seed gives the same tokens; a different seed gives different ones."""
     m = make_ours(seed=8)
