@@ -359,6 +359,24 @@ def test_sampling_determinism_by_seed():
     assert not torch.equal(a, c)
 
 
+def test_sample_next_with_a_generator_per_row_draws_as_each_row_alone():
+    """A list of generators (serve.py's batch of requests): row i gets what sample_next gives
+    row i alone with its own generator, for every sampling setting, step after step."""
+    logits = torch.randn(5, 101, generator=torch.Generator().manual_seed(0)) * 3
+    for kw in (dict(), dict(temperature=0.7, top_p=0.9), dict(top_k=5), dict(temperature=0)):
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(5)]
+        alone = [torch.Generator().manual_seed(10 + i) for i in range(5)]
+        for _ in range(20):
+            batched = M.sample_next(logits, generator=gens, **kw)
+            expected = torch.cat([M.sample_next(logits[i : i + 1], generator=alone[i], **kw) for i in range(5)])
+            assert torch.equal(batched, expected), kw
+    # and a sample with one generator follows the softmax distribution (inverse-CDF sampling)
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.0, 0.125]])
+    draws = M.sample_next(probs.log().expand(20000, -1), generator=torch.Generator().manual_seed(1))
+    freqs = torch.bincount(draws, minlength=5) / 20000
+    assert freqs[3] == 0 and torch.allclose(freqs, probs[0], atol=0.015)
+
+
 def test_generate_stream_matches_generate():
     """generate_stream yields (B,) tensors that concatenate to generate()'s new tokens."""
     m = make_ours(seed=9)
