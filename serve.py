@@ -26,6 +26,7 @@ A request without a seed gets a random one.
 import argparse
 import asyncio
 import codecs
+import contextlib
 import json
 import os
 import secrets
@@ -208,7 +209,7 @@ class TextStream:
 
 
 class Job:
-    """One HTTP request as the engine sees it: the engine posts (index, text, finish_reason,
+    """One HTTP request as the engine sees it: the engine delivers (index, text, finish_reason,
     tokens so far) events to its asyncio queue; the handler cancels it when the client leaves."""
 
     def __init__(self, loop):
@@ -216,11 +217,10 @@ class Job:
         self.cancelled = False
         self.live = 0  # its sequences still in the engine (set by submit, then engine thread only)
 
-    def post(self, event):  # from the engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed: the server is shutting down
-            pass
+    @staticmethod
+    def deliver(outbox):  # on the event loop: a step's events, [(job, event), ...]
+        for job, event in outbox:
+            job.events.put_nowait(event)
 
     def cancel(self):  # from the event loop
         if not self.cancelled:
@@ -264,7 +264,17 @@ class Engine:
         self.lock = threading.Condition()
         self.requests_in_flight = 0  # jobs with a sequence waiting or decoding
         self.stats = {"decode_steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0}
-        threading.Thread(target=self._loop, name="engine", daemon=True).start()
+        self.closed = False
+        self.outbox = []  # this step's (job, event)s, handed to the event loop in one call
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    def close(self):
+        """Stop after the current step (at server shutdown, so no torch op is cut off mid-way)."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        self.thread.join()
 
     def submit(self, job, seqs):
         """Queue a request's sequences; False when max_requests are already in flight."""
@@ -284,8 +294,10 @@ class Engine:
     def _loop(self):
         while True:
             with self.lock:
-                while not self.waiting and not self.active:
+                while not self.waiting and not self.active and not self.closed:
                     self.lock.wait()
+                if self.closed:
+                    return
                 admit = []
                 while self.waiting and len(self.active) + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
@@ -295,9 +307,15 @@ class Engine:
             except Exception:  # a bug or out of memory: fail what was running, keep serving
                 traceback.print_exc()
                 for s in set(self.active + admit):
-                    s.job.post((s.index, "", "error", len(s.tokens)))
+                    self.outbox.append((s.job, (s.index, "", "error", len(s.tokens))))
                     self._retire(s)
                 self.active = []
+            if self.outbox:  # one wake-up of the event loop per step, not one per token
+                try:
+                    self.outbox[0][0].loop.call_soon_threadsafe(Job.deliver, self.outbox)
+                except RuntimeError:  # the event loop has closed: the server is shutting down
+                    pass
+                self.outbox = []
 
     def _step(self, admit):
         self._remove([i for i, s in enumerate(self.active) if s.job.cancelled])
@@ -316,9 +334,9 @@ class Engine:
             idx = torch.tensor([s.prompt for s in group], device=self.device)
             logits = self.model._next_logits(idx, rows, 0, self.head_t)
             self.stats["prefilled_tokens"] += idx.numel()
-            for i, s in enumerate(group):
+            for s in group:
                 s.length = length
-                self._sample(s, logits[i : i + 1])
+            self._sample(group, logits)
         self._remove([i for i, s in enumerate(self.active) if s.finish_reason])
         if not self.active:
             return
@@ -329,19 +347,30 @@ class Engine:
         logits = self.model._next_logits(tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += B
-        for i, s in enumerate(self.active):
+        for s in self.active:
             s.length += 1
-            self._sample(s, logits[i : i + 1])
+        self._sample(self.active, logits)
         self._remove([i for i, s in enumerate(self.active) if s.finish_reason])
 
-    def _sample(self, s, logits):
-        """Sample s's next token from its (1, vocab) logits, as generate() does for one row."""
-        token = int(sample_next(logits, s.temperature, s.top_k, s.top_p, s.generator))
+    def _sample(self, seqs, logits):
+        """Each sequence's next token from its row of logits (B, vocab): the rows with the same
+        settings in one sample_next call, each drawing from its own generator exactly what
+        generate() would draw for it alone."""
+        groups = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            tokens = sample_next(logits if len(groups) == 1 else logits[rows], temperature, top_k, top_p,
+                                 [seqs[i].generator for i in rows])
+            for i, token in zip(rows, tokens.tolist()):
+                self._add_token(seqs[i], token)
+
+    def _add_token(self, s, token):
         s.tokens.append(token)
         last = token == EOT_TOKEN or len(s.tokens) == s.max_tokens
         text, stopped = s.text.push(b"" if token == EOT_TOKEN else self.token_bytes[token], final=last)
         s.finish_reason = "stop" if stopped or token == EOT_TOKEN else "length" if last else None
-        s.job.post((s.index, text, s.finish_reason, len(s.tokens)))
+        self.outbox.append((s.job, (s.index, text, s.finish_reason, len(s.tokens))))
 
     def _remove(self, rows):
         """Take these rows out of the batch, moving the last rows' caches into the gaps so the
@@ -380,7 +409,12 @@ def create_app(model, model_id, limits):
     started = int(time.time())
     with open(PAGE, encoding="utf-8") as f:  # the only file the server reads, once, at start
         page = f.read()
-    app = FastAPI(title="gpt2-repro serve.py", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="gpt2-repro serve.py", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
 
     def error(e):
@@ -436,10 +470,13 @@ def create_app(model, model_id, limits):
             async def chunks():
                 counts = [0] * len(seqs)
                 try:
-                    async for index, text, finish, n in job_events(job, len(seqs)):
-                        counts[index] = n
-                        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
-                        yield sse({**head, "choices": [choice]})
+                    async for events in job_events(job, len(seqs)):
+                        out = []
+                        for index, text, finish, n in events:
+                            counts[index] = n
+                            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+                            out.append(sse({**head, "choices": [choice]}))
+                        yield b"".join(out)  # one chunk per token, the tokens at hand in one write
                 except APIError as e:
                     yield sse(e.body)
                 if req.include_usage:
@@ -450,9 +487,10 @@ def create_app(model, model_id, limits):
 
         texts, finishes, counts = [""] * len(seqs), [None] * len(seqs), [0] * len(seqs)
         try:
-            async for index, text, finish, n in job_events(job, len(seqs)):
-                texts[index] += text
-                finishes[index], counts[index] = finish, n
+            async for events in job_events(job, len(seqs)):
+                for index, text, finish, n in events:
+                    texts[index] += text
+                    finishes[index], counts[index] = finish, n
         except APIError as e:
             return error(e)
         finally:
@@ -507,20 +545,49 @@ async def cancel_on_disconnect(request, job):
 
 
 async def job_events(job, n):
-    """A job's events until all of its n choices have finished (or it was cancelled)."""
+    """A job's events, as lists of those at hand, until all of its n choices have finished
+    (or it was cancelled)."""
     left = n
     while left:
-        event = await job.events.get()
-        if event is None:  # cancelled
+        events = [await job.events.get()]
+        while not job.events.empty():
+            events.append(job.events.get_nowait())
+        if None in events:  # cancelled
             return
-        if event[2] == "error":
+        if any(e[2] == "error" for e in events):
             raise APIError(500, "the model failed on this request (see the server log)", type="server_error")
-        left -= event[2] is not None
-        yield event
+        left -= sum(e[2] is not None for e in events)
+        yield events
 
 
 def sse(obj):
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def launch(model, *flags, stderr=None, env=None, timeout=120):
+    """Start serve.py in a subprocess on a free local port (--port 0) and wait until it answers
+    /health; returns (process, base URL). For the tests and bench.py."""
+    import subprocess
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--model", str(model), "--port", "0",
+                             "--log_level", "warning", *flags], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    first = []  # the line with the URL (read in a thread, to time out on a server that hangs)
+    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    deadline = time.monotonic() + timeout
+    while first and " at http://" in first[0] and time.monotonic() < deadline:
+        url = first[0].split(" at ")[-1].strip().rstrip("/")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"serve.py --model {model} did not start: {first[0] if first else 'no output'}")
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import httpx  # noqa: E402  (the openai client's own HTTP library)
 from conftest import REPO_ROOT, perturb_  # noqa: E402
 
 from model import EOT_TOKEN, GPT, GPTConfig, get_tokenizer  # noqa: E402
-from serve import TextStream  # noqa: E402
+from serve import TextStream, launch  # noqa: E402
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", str(REPO_ROOT / "test-artifacts"))
 PROMPTS = ["Hello, I'm a language model,", "The quick brown fox", "Once upon a time", "In 1905, Einstein",
@@ -57,34 +57,13 @@ LONG = {"prompt": "Hello", "max_tokens": 1000}  # about a second of decoding on 
 
 
 class Server:
-    """serve.py in a subprocess on a free port (--port 0; it prints the URL it got)."""
+    """serve.py in a subprocess on a free local port, its stderr kept in log_path."""
 
     def __init__(self, model_dir, log_path, *flags):
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared 2-core machine; the model is tiny
-        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), "--model", str(model_dir),
-                                      "--port", "0", "--log_level", "warning", *flags],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        first = []
-        reader = threading.Thread(target=lambda: first.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(120)
-        if not first or "http://" not in first[0]:
-            self.stop()
-            raise RuntimeError(f"serve.py did not start: {first} {open(log_path).read()}")
-        self.url = first[0].split(" at ")[-1].strip().rstrip("/")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("serve.py never answered /health")
-            time.sleep(0.1)
+        self.proc, self.url = launch(model_dir, *flags, stderr=self.log, env=env)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
     def health(self):
@@ -200,7 +179,7 @@ def test_completions_equal_generate(server, tiny):
     model, _ = tiny
     enc = get_tokenizer()
     cases = [(PROMPTS[0], 30, 11, {}), (PROMPTS[1], 25, 12, dict(temperature=0.7, top_p=0.9)),
-             (PROMPTS[5], 20, 13, dict(temperature=0.0)), (PROMPTS[2], 60, 2, {}), (PROMPTS[3], 60, 3, {})]
+             (PROMPTS[5], 20, 13, dict(temperature=0.0)), (PROMPTS[2], 60, 3, {}), (PROMPTS[3], 60, 2, {})]
     finishes = set()
     for prompt, max_tokens, seed, sampling in cases:
         r = server.client.completions.create(model="anything", prompt=prompt, max_tokens=max_tokens, seed=seed, **sampling)
@@ -286,7 +265,7 @@ def test_eight_concurrent_streams_are_batched_and_correct(server, tiny):
     assert not errors and len(results) == 8, errors
     for i in range(8):
         text, finish, _ = reference(model, PROMPTS[i], 120, 50 + i, temperature=0.8)
-        assert (results[i][0][0], results[i][1][0]) == (text, finish), i
+        assert (results[i][0][0], results[i][1][0]) == (text, finish), (i, results[i], text)
     after = server.wait_idle()
     steps = after["decode_steps"] - before["decode_steps"]
     rows = after["decoded_tokens"] - before["decoded_tokens"]
