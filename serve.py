@@ -17,9 +17,11 @@ position (continuous batching: a new request joins the running batch at the next
 of waiting for the others to finish), and posts each new token's text to its request. A
 request whose client disconnects is dropped from the batch at the next step.
 
-Sampling: choice c of a request with seed s gets exactly the tokens of
+Sampling: choice c of a request with seed s gets the tokens of
 model.generate(prompt, max_tokens, temperature=, top_p=, top_k=, seed=s + c), whatever else is
-in the batch, because every choice has its own torch.Generator and is sampled on its own row.
+in the batch: every choice has its own torch.Generator, from which sample_next draws its
+noise as for that row alone (up to float rounding: a batched forward pass gives logits within
+~1e-6 of a one-row one, which could in principle flip a sample; in the tests none does).
 A request without a seed gets a random one.
 """
 
@@ -409,13 +411,13 @@ def create_app(model, model_id, limits):
     started = int(time.time())
     with open(PAGE, encoding="utf-8") as f:  # the only file the server reads, once, at start
         page = f.read()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         engine.close()
 
     app = FastAPI(title="gpt2-repro serve.py", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.engine = engine
 
     def error(e):
         return JSONResponse(e.body, status_code=e.status)
@@ -622,16 +624,17 @@ def main(argv=None):
         print("error: serve.py needs fastapi and uvicorn: pip install -r requirements-serve.txt", file=sys.stderr)
         return 2
     try:
+        # Bind here rather than in uvicorn: a taken port fails before the model loads, and
+        # --port 0 can print the port it got.
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
         model = load_model(args.model)
         model.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
         if args.compile:
             for block in model.transformer.h:
                 block.compile(dynamic=True)
         app = create_app(model, os.path.normpath(args.model), limits)
-        # Bind here rather than in uvicorn, so that --port 0 can print the port it got.
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
     except (ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
