@@ -245,6 +245,7 @@ class Sequence:
     tokens: list = field(default_factory=list)  # sampled so far
     length: int = 0  # tokens in its KV-cache row
     finish_reason: str = None
+    retired: bool = False  # out of the engine (finished, cancelled or failed)
 
 
 class Engine:
@@ -308,7 +309,7 @@ class Engine:
                     self._step(admit)
             except Exception:  # a bug or out of memory: fail what was running, keep serving
                 traceback.print_exc()
-                for s in set(self.active + admit):
+                for s in [s for s in set(self.active + admit) if not s.retired]:
                     self.outbox.append((s.job, (s.index, "", "error", len(s.tokens))))
                     self._retire(s)
                 self.active = []
@@ -389,6 +390,9 @@ class Engine:
             self._retire(s)
 
     def _retire(self, s):
+        if s.retired:
+            return
+        s.retired = True
         s.job.live -= 1
         if s.job.live == 0:
             with self.lock:

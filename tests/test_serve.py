@@ -1,6 +1,7 @@
 """Tests for serve.py: a real server in a subprocess on a free local port, serving a tiny
 checkpoint, driven by the official openai client, raw HTTP and headless Chromium. Every
 answer is checked against model.generate() run here with the same seed."""
+import asyncio
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import httpx  # noqa: E402  (the openai client's own HTTP library)
 from conftest import REPO_ROOT, perturb_  # noqa: E402
 
 from model import EOT_TOKEN, GPT, GPTConfig, get_tokenizer  # noqa: E402
-from serve import TextStream, launch  # noqa: E402
+from serve import APIError, Engine, Job, Sequence, TextStream, job_events, launch  # noqa: E402
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", str(REPO_ROOT / "test-artifacts"))
 PROMPTS = ["Hello, I'm a language model,", "The quick brown fox", "Once upon a time", "In 1905, Einstein",
@@ -171,6 +172,40 @@ def test_text_stream_holds_back_split_characters_and_stop_prefixes():
     ts = TextStream([])
     assert ts.push("é".encode()[:1]) == ("", False)
     assert ts.push(b"", final=True) == (b"\xc3".decode("utf-8", "replace"), False)
+
+
+def test_engine_survives_a_failing_step(tiny, monkeypatch):
+    """A step that raises (a bug, out of memory) fails the requests it was running with an error
+    event and frees their places; the next request is served as before."""
+    model, _ = tiny
+    engine = Engine(model, max_batch=4, max_requests=2)
+    prompt = get_tokenizer().encode(PROMPTS[0])
+
+    async def run(n):
+        job = Job(asyncio.get_running_loop())
+        seqs = [Sequence(job, c, prompt, 10, 1.0, 1.0, None, torch.Generator().manual_seed(3 + c), TextStream([]))
+                for c in range(n)]
+        assert engine.submit(job, seqs)
+        texts = [""] * n
+        async for events in job_events(job, n):
+            for index, text, _, _ in events:
+                texts[index] += text
+        return texts
+
+    def fail(*args):
+        raise RuntimeError("injected failure")
+
+    try:
+        real = model._next_logits
+        monkeypatch.setattr(model, "_next_logits", fail)
+        with pytest.raises(APIError) as e:
+            asyncio.run(run(2))
+        assert e.value.status == 500
+        assert engine.load()["requests_in_flight"] == 0 and engine.load()["running"] == 0
+        monkeypatch.setattr(model, "_next_logits", real)
+        assert asyncio.run(run(2)) == [reference(model, PROMPTS[0], 10, 3 + c)[0] for c in range(2)]
+    finally:
+        engine.close()
 
 
 # ----------------------------------------------------------------------------- the API
