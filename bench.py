@@ -14,6 +14,9 @@ Sections:
   fineweb  fineweb.py end to end (read, tokenize, write shards) over ../shared/corpus (or
            --corpus), against a build-nanogpt-style Pool.imap and against the machine's
            limit: cores x the single-process encode_ordinary rate.
+  serve    serve.py (a subprocess; random weights at --n_layer/--n_embd): 1, 4 and 16 streaming
+           clients at once against the same requests one at a time; total tokens/s and the
+           median time to first token.
 """
 
 import argparse
@@ -238,7 +241,69 @@ def bench_hellaswag(args):
     return [(label, n / t["ours"], n / t["theirs"], "build-nanogpt: 1 example/forward")]
 
 
-SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag}  # fineweb first: see imports
+def bench_serve(args):
+    """serve.py: k streaming clients at once (continuous batching) vs the same k requests one at a time."""
+    import asyncio
+    import json
+    import subprocess
+
+    import httpx
+
+    import torch
+
+    import serve
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    work = tempfile.mkdtemp(prefix="bench-serve-")
+    GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).save_pretrained(work)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    proc, url = serve.launch(work, "--max_batch", "16", stderr=subprocess.DEVNULL, env=env)
+    P, N = args.prompt_len, 32 if args.quick else args.new_tokens
+    g = torch.Generator().manual_seed(0)
+    bodies = [{"prompt": torch.randint(0, 50000, (P,), generator=g).tolist(), "max_tokens": N, "seed": i, "stream": True}
+              for i in range(16)]
+
+    async def one(client, body, ttfts):
+        t0, tokens = time.perf_counter(), 0
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"]:
+                    tokens += 1
+                    if tokens == 1:
+                        ttfts.append(time.perf_counter() - t0)
+        return tokens
+
+    async def clients(batch, at_once, ttfts):
+        async with httpx.AsyncClient(timeout=None) as client:
+            if at_once:
+                return sum(await asyncio.gather(*(one(client, b, ttfts) for b in batch)))
+            return sum([await one(client, b, ttfts) for b in batch])
+
+    rows = []
+    try:
+        for k in (1, 4, 16):
+            ttfts, tokens = {True: [], False: []}, {}
+
+            def run(at_once, batch=bodies[:k]):
+                tokens[at_once] = asyncio.run(clients(batch, at_once, ttfts[at_once]))
+
+            # (the sequential side of k=1 is the same thing as the concurrent one, timed twice)
+            t = paired({"at once": lambda: run(True), "one at a time": lambda: run(False)}, 1 if args.quick else 3)
+            rows.append((f"serve: {k} streaming clients, {N} tokens each (total tok/s)", tokens[True] / t["at once"],
+                         tokens[False] / t["one at a time"], "the same requests one at a time"))
+            rows.append((f"serve: {k} streaming clients, time to first token (ms)", 1000 * statistics.median(ttfts[True]),
+                         1000 * statistics.median(ttfts[False]), "the same, one at a time"))
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+# fineweb first: see the imports at the top
+SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve}
 
 
 def main():

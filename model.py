@@ -90,20 +90,28 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None, pos=0, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        if attn_mask is not None:  # an explicit (B, 1, T, T) boolean mask, True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         if kv_cache is not None:
-            # Write this chunk's keys/values at [pos, pos+T) and attend over everything so far.
-            # Only a prefill from position 0 or one token at a time is used, so the causal
-            # mask below is always right (SDPA aligns is_causal to the top-left corner).
-            assert pos == 0 or T == 1
             k_cache, v_cache = kv_cache
-            k_cache[:, :, pos : pos + T] = k
-            v_cache[:, :, pos : pos + T] = v
-            k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
-        # flash attention on GPU; a fused kernel on CPU
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            if torch.is_tensor(pos):
+                # Rows at different positions (a server batching the decode steps of several
+                # requests): row b's one new token goes to pos[b], and attn_mask (B, 1, 1, S)
+                # says which of the first S cache entries each row may see.
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, pos] = k[:, :, 0]
+                v_cache[rows, :, pos] = v[:, :, 0]
+                S = attn_mask.size(-1)
+                k, v = k_cache[:, :, :S], v_cache[:, :, :S]
+            else:
+                # Write this chunk's keys/values at [pos, pos+T) and attend over everything so far.
+                # Only a prefill from position 0 or one token at a time is used, so the causal
+                # mask below is always right (SDPA aligns is_causal to the top-left corner).
+                assert pos == 0 or T == 1
+                k_cache[:, :, pos : pos + T] = k
+                v_cache[:, :, pos : pos + T] = v
+                k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
+        # attn_mask: an explicit boolean mask, True = may attend; else causal.
+        # Flash attention on GPU; a fused kernel on CPU.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -169,8 +177,16 @@ class GPT(nn.Module):
     def _hidden(self, idx, kv_caches=None, pos=0, positions=None, attn_mask=None):
         """Token ids (B, T) -> final hidden states (B, T, n_embd) after ln_f.
         Packed sequences (several continuations of one prefix in a row, as hellaswag.py scores
-        them) pass their own positions (B, T) and boolean attn_mask (B, 1, T, T)."""
+        them) pass their own positions (B, T) and boolean attn_mask (B, 1, T, T).
+        With kv_caches, pos is where idx starts in the cache: an int shared by all rows, or a
+        (B,) tensor of per-row positions when each row is one new token (T == 1) of a
+        sequence of its own length (serve.py's continuous batching); row b of the caches is
+        row b of idx, and it attends to its cache entries [0, pos[b]]."""
         T = idx.size(1)
+        if torch.is_tensor(pos):
+            assert T == 1 and kv_caches is not None
+            positions = pos[:, None]
+            attn_mask = (torch.arange(int(pos.max()) + 1, device=idx.device) <= positions)[:, None, None, :]
         if positions is None:
             if pos + T > self.config.block_size:
                 raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
@@ -547,7 +563,9 @@ def _fetch(url, path):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,). temperature 0 or top_k=1 is greedy (argmax).
     top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens
-    whose probabilities sum to at least top_p (nucleus sampling)."""
+    whose probabilities sum to at least top_p (nucleus sampling).
+    generator: a torch.Generator, or a list of B of them, one per row, so that each row draws
+    exactly what it would alone (serve.py samples many requests' rows in one call)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -560,7 +578,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         # drop a token when the tokens before it already reach top_p (the first always stays)
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    # Gumbel-max, as torch.multinomial draws one sample: the argmax of p / E with E ~ Exp(1) per
+    # token. E = -log(U) from uniform noise, which torch draws ~6x faster than exponential noise
+    # on a CPU (per row the noise is most of the cost of sampling). A token with p = 0 never wins.
+    probs = logits.softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    if isinstance(generator, (list, tuple)):
+        for row, g in zip(noise, generator):
+            row.uniform_(generator=g)
+    else:
+        noise.uniform_(generator=generator)
+    return probs.div_(noise.log_().neg_()).argmax(dim=-1)  # in place: no more (B, V) allocations
 
 
 # -----------------------------------------------------------------------------

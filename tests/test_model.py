@@ -316,6 +316,38 @@ def test_kv_cache_matches_no_cache(prompt_len, new):
     assert torch.equal(_sample(m, cropped, new, seed=42, use_cache=True, **SAMPLING)[:, kept:], a[:, prompt_len:])
 
 
+def test_per_row_positions_decode_matches_single_row_decode():
+    """One batched decode step over rows at different positions (pos a (B,) tensor, as serve.py's
+    continuous batching runs it) gives each row the logits of its own one-row KV-cache decode."""
+    m = make_ours(seed=11, n_head=4)
+    perturb_(m, 78, scale=0.5)
+    lengths = [3, 17, 9, 40]  # each row's prompt length; its next token goes at that position
+    prompts = [rand_idx(1, n, 101, seed=n) for n in lengths]
+    nxt = rand_idx(len(lengths), 1, 101, seed=5)
+    bs = m.config.block_size
+    with torch.no_grad():
+        head_t = m.transformer.wte.weight[: m.config.vocab_size].t().contiguous()
+        batch = m._new_kv_caches(len(lengths), bs, "cpu")
+        expected = []
+        for b, p in enumerate(prompts):
+            # reference: prefill this row alone, then one single-row decode step (generate's path)
+            own = m._new_kv_caches(1, bs, "cpu")
+            m._next_logits(p, own, 0, head_t)
+            expected.append(m._next_logits(nxt[b : b + 1], own, p.size(1), head_t))
+            # the batch's cache row b gets the same prefill; stale garbage beyond it must be masked
+            for (k, v), (ko, vo) in zip(batch, own):
+                k[b].normal_(), v[b].normal_()
+                k[b, :, : p.size(1)], v[b, :, : p.size(1)] = ko[0, :, : p.size(1)], vo[0, :, : p.size(1)]
+        got = m._next_logits(nxt, batch, torch.tensor(lengths), head_t)
+    torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    # and each row's new key was written at its own position
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            own = m._new_kv_caches(1, bs, "cpu")
+            m._next_logits(torch.cat([prompts[b], nxt[b : b + 1]], dim=1), own, 0, head_t)
+            torch.testing.assert_close(batch[0][0][b, :, : n + 1], own[0][0][0, :, : n + 1], atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_determinism_by_seed():
     """The same generator seed gives the same tokens; a different seed gives different ones."""
     m = make_ours(seed=8)
@@ -325,6 +357,24 @@ def test_sampling_determinism_by_seed():
     c = _sample(m, idx, 30, seed=2, use_cache=True, **SAMPLING)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_sample_next_with_a_generator_per_row_draws_as_each_row_alone():
+    """A list of generators (serve.py's batch of requests): row i gets what sample_next gives
+    row i alone with its own generator, for every sampling setting, step after step."""
+    logits = torch.randn(5, 101, generator=torch.Generator().manual_seed(0)) * 3
+    for kw in (dict(), dict(temperature=0.7, top_p=0.9), dict(top_k=5), dict(temperature=0)):
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(5)]
+        alone = [torch.Generator().manual_seed(10 + i) for i in range(5)]
+        for _ in range(20):
+            batched = M.sample_next(logits, generator=gens, **kw)
+            expected = torch.cat([M.sample_next(logits[i : i + 1], generator=alone[i], **kw) for i in range(5)])
+            assert torch.equal(batched, expected), kw
+    # and a sample with one generator follows the softmax distribution (inverse-CDF sampling)
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.0, 0.125]])
+    draws = M.sample_next(probs.log().expand(20000, -1), generator=torch.Generator().manual_seed(1))
+    freqs = torch.bincount(draws, minlength=5) / 20000
+    assert freqs[3] == 0 and torch.allclose(freqs, probs[0], atol=0.015)
 
 
 def test_generate_stream_matches_generate():

@@ -1,0 +1,655 @@
+"""
+serve.py: a GPT-2 in real time. A web page to type a prompt into and watch the tokens stream
+in, and an OpenAI-compatible completions API (streaming or not) for tools that speak it.
+
+    pip install -r requirements-serve.txt        # fastapi + uvicorn (training does not need them)
+    python serve.py --model log/small            # a train.py run dir, an HF-format dir, or gpt2
+    # open http://127.0.0.1:8000/ , or with the openai package:
+    #   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    #   client.completions.create(model="gpt2", prompt="Hello", max_tokens=32, stream=True)
+
+Endpoints: POST /v1/completions, GET /v1/models, GET /health, GET / (the page, serve.html).
+
+How it runs: one engine thread owns the model. Each turn of its loop it admits waiting
+sequences (one per choice of a request) into free rows of a KV cache allocated at start and
+prefills them, then runs ONE batched decode step over every active sequence, each at its own
+position (continuous batching: a new request joins the running batch at the next step instead
+of waiting for the others to finish), and posts each new token's text to its request. A
+request whose client disconnects is dropped from the batch at the next step.
+
+Sampling: choice c of a request with seed s gets the tokens of
+model.generate(prompt, max_tokens, temperature=, top_p=, top_k=, seed=s + c), whatever else is
+in the batch: every choice has its own torch.Generator, from which sample_next draws its
+noise as for that row alone (up to float rounding: a batched forward pass gives logits within
+~1e-6 of a one-row one, which could in principle flip a sample; in the tests none does).
+A request without a seed gets a random one.
+"""
+
+import argparse
+import asyncio
+import codecs
+import contextlib
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model import EOT_TOKEN, ModelLoadError, get_tokenizer, load_model, sample_next
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
+
+
+@dataclass
+class Limits:
+    """What one request, and the server as a whole, may ask for (the --max_* flags)."""
+    max_prompt_tokens: int = 1024  # per prompt (prompt + max_tokens must also fit the model's block_size)
+    max_tokens: int = 1024  # per choice
+    max_n: int = 8  # choices per request: n x the number of prompts
+    max_requests: int = 64  # requests in flight (decoding or waiting); more get 429
+    max_batch: int = 16  # sequences decoded together: rows of the KV cache
+    max_body_bytes: int = 1 << 20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# -----------------------------------------------------------------------------
+# Requests: parsing and validation (everything a client sends is checked here)
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list  # token-id lists, one per prompt
+    max_tokens: int = 16  # OpenAI's default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = None  # not OpenAI's; accepted as vLLM does
+    n: int = 1
+    stop: list = field(default_factory=list)
+    seed: int = None
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+
+
+# Fields of OpenAI's completions API that this server does not implement, and the values that
+# mean "off" (a request that turns one on is refused rather than silently answered without it).
+UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "suffix": (None,), "best_of": (None, 1),
+               "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+
+
+def _number(body, name, default, lo, hi, integer=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:40]}", name)
+    if not lo <= v <= hi:
+        raise APIError(400, f"{name} must be between {lo} and {hi}, got {v}", name)
+    return v
+
+
+def _prompts(p, enc, vocab_size):
+    """prompt: a string, a list of strings, a list of token ids, or a list of lists of token ids."""
+    is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
+    if isinstance(p, str):
+        p = [p]
+    elif is_ids(p) and p:
+        p = [p]
+    if not (isinstance(p, list) and p and all(isinstance(x, str) or (is_ids(x) and x) for x in p)):
+        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists", "prompt")
+    out = []
+    for x in p:
+        if isinstance(x, str):
+            # an empty prompt starts from <|endoftext|>, as GPT-2 was trained to start documents
+            x = enc.encode(x, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+        elif not all(0 <= t < vocab_size for t in x):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", "prompt")
+        out.append(x)
+    return out
+
+
+def parse_request(raw, enc, block_size, limits):
+    """The body of POST /v1/completions -> CompletionRequest, or APIError (400 or 413)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    for name, off in UNSUPPORTED.items():
+        if body.get(name) not in off:
+            raise APIError(400, f"{name} is not supported by this server", name)
+    if "prompt" not in body:
+        raise APIError(400, "prompt is required", "prompt")
+    r = CompletionRequest(prompts=[])
+    r.n = _number(body, "n", 1, 1, 1 << 30, integer=True)
+    r.max_tokens = _number(body, "max_tokens", r.max_tokens, 1, 1 << 30, integer=True)
+    r.temperature = _number(body, "temperature", 1.0, 0, 2)
+    r.top_p = _number(body, "top_p", 1.0, 0, 1)
+    if r.top_p == 0:
+        raise APIError(400, "top_p must be greater than 0", "top_p")
+    r.top_k = _number(body, "top_k", None, -1, 1 << 30, integer=True)
+    r.top_k = None if r.top_k in (0, -1) else r.top_k  # vLLM's "off" values
+    r.seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
+    r.stream, opts = body.get("stream") or False, body.get("stream_options") or {}
+    if not isinstance(r.stream, bool) or not isinstance(opts, dict):
+        raise APIError(400, "stream must be a boolean and stream_options an object", "stream")
+    r.include_usage = bool(opts.get("include_usage")) and r.stream
+    stop = body.get("stop")
+    r.stop = [stop] if isinstance(stop, str) else stop or []
+    if not (isinstance(r.stop, list) and all(isinstance(s, str) for s in r.stop)):
+        raise APIError(400, "stop must be a string or a list of strings", "stop")
+    if len(r.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in r.stop):
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters", "stop")
+    r.stop = [s for s in r.stop if s]  # an empty stop string would stop before the first token
+    # The caps. The number of prompts is checked before any text is tokenized.
+    n_prompts = len(body["prompt"]) if isinstance(body["prompt"], list) and body["prompt"] and \
+        not isinstance(body["prompt"][0], int) else 1
+    if r.n * n_prompts > limits.max_n:
+        raise APIError(400, f"this server gives at most {limits.max_n} choices per request (n x prompts); "
+                       f"asked for {r.n * n_prompts}", "n")
+    if r.max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens is at most {limits.max_tokens} on this server, got {r.max_tokens}", "max_tokens")
+    r.prompts = _prompts(body["prompt"], enc, enc.n_vocab)
+    longest = max(len(p) for p in r.prompts)
+    if longest > limits.max_prompt_tokens:
+        raise APIError(413, f"the prompt has {longest} tokens; this server takes at most {limits.max_prompt_tokens}",
+                       "prompt", "prompt_too_long")
+    if longest + r.max_tokens > block_size:
+        # GPT-2's positions are learned up to block_size: refused as OpenAI refuses it
+        raise APIError(400, f"This model's maximum context length is {block_size} tokens, however you requested "
+                       f"{longest + r.max_tokens} tokens ({longest} in your prompt; {r.max_tokens} for the completion). "
+                       "Please reduce your prompt; or completion length.", "max_tokens", "context_length_exceeded")
+    return r
+
+
+# -----------------------------------------------------------------------------
+# Text: token ids -> the text deltas a stream sends
+
+
+class TextStream:
+    """Turns one choice's token bytes into text deltas. Bytes of a character split across
+    tokens are held back until it is complete (an incremental UTF-8 decoder), and so is text
+    that may be the start of a stop string; a stop string itself is never sent. The deltas
+    add up to tiktoken's decode() of the tokens, cut before the first stop string."""
+
+    def __init__(self, stop):
+        self.stop = stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent = "", 0  # everything decoded; how much of it was handed out
+
+    def push(self, data, final=False):
+        """Add bytes (final: the last of them); returns (text safe to send now, stopped)."""
+        self.text += self.decoder.decode(data, final)
+        # A stop string cannot start before self.sent: any text that could begin one was held.
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            end = min(hits)
+        else:
+            held = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = max(self.sent, len(self.text) - held)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta, bool(hits)
+
+
+# -----------------------------------------------------------------------------
+# The engine: one thread, one model, continuous batching
+
+
+class Job:
+    """One HTTP request as the engine sees it: the engine delivers (index, text, finish_reason,
+    tokens so far) events to its asyncio queue; the handler cancels it when the client leaves."""
+
+    def __init__(self, loop):
+        self.loop, self.events = loop, asyncio.Queue()
+        self.cancelled = False
+        self.live = 0  # its sequences still in the engine (set by submit, then engine thread only)
+
+    @staticmethod
+    def deliver(outbox):  # on the event loop: a step's events, [(job, event), ...]
+        for job, event in outbox:
+            job.events.put_nowait(event)
+
+    def cancel(self):  # from the event loop
+        if not self.cancelled:
+            self.cancelled = True
+            self.events.put_nowait(None)  # wakes a handler waiting for a token
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice: a prompt growing token by token in its own row of the KV cache."""
+    job: Job
+    index: int  # the choice's index in the response
+    prompt: list
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    generator: torch.Generator
+    text: TextStream
+    tokens: list = field(default_factory=list)  # sampled so far
+    length: int = 0  # tokens in its KV-cache row
+    finish_reason: str = None
+    retired: bool = False  # out of the engine (finished, cancelled or failed)
+
+
+class Engine:
+    def __init__(self, model, max_batch, max_requests):
+        self.model, self.max_batch, self.max_requests = model.eval(), max_batch, max_requests
+        weight = model.transformer.wte.weight
+        self.device = weight.device
+        enc = get_tokenizer()
+        self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(enc.n_vocab)]
+        with torch.no_grad():  # the logits exactly as generate() computes them (see GPT._next_logits)
+            self.head_t = weight[: model.config.vocab_size].t().contiguous()
+        # Row i of every layer's cache belongs to self.active[i]. Zeroed, not empty: the decode
+        # step masks the entries past each row's length, and a masked NaN would still poison it.
+        self.caches = model._new_kv_caches(max_batch, model.config.block_size, self.device)
+        for k, v in self.caches:
+            k.zero_(), v.zero_()
+        self.active = []  # engine thread only
+        self.waiting = deque()  # guarded by self.lock, as is requests_in_flight
+        self.lock = threading.Condition()
+        self.requests_in_flight = 0  # jobs with a sequence waiting or decoding
+        self.stats = {"decode_steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0}
+        self.closed = False
+        self.outbox = []  # this step's (job, event)s, handed to the event loop in one call
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    def close(self):
+        """Stop after the current step (at server shutdown, so no torch op is cut off mid-way)."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        self.thread.join()
+
+    def submit(self, job, seqs):
+        """Queue a request's sequences; False when max_requests are already in flight."""
+        with self.lock:
+            if self.requests_in_flight >= self.max_requests:
+                return False
+            self.requests_in_flight += 1
+            job.live = len(seqs)
+            self.waiting.extend(seqs)
+            self.lock.notify()
+        return True
+
+    def load(self):
+        return {"requests_in_flight": self.requests_in_flight, "running": len(self.active), "waiting": len(self.waiting),
+                **self.stats}
+
+    def _loop(self):
+        while True:
+            with self.lock:
+                while not self.waiting and not self.active and not self.closed:
+                    self.lock.wait()
+                if self.closed:
+                    return
+                admit = []
+                while self.waiting and len(self.active) + len(admit) < self.max_batch:
+                    admit.append(self.waiting.popleft())
+            try:
+                with torch.no_grad():
+                    self._step(admit)
+            except Exception:  # a bug or out of memory: fail what was running, keep serving
+                traceback.print_exc()
+                for s in [s for s in set(self.active + admit) if not s.retired]:
+                    self.outbox.append((s.job, (s.index, "", "error", len(s.tokens))))
+                    self._retire(s)
+                self.active = []
+            if self.outbox:  # one wake-up of the event loop per step, not one per token
+                try:
+                    self.outbox[0][0].loop.call_soon_threadsafe(Job.deliver, self.outbox)
+                except RuntimeError:  # the event loop has closed: the server is shutting down
+                    pass
+                self.outbox = []
+
+    def _step(self, admit):
+        self._remove([i for i, s in enumerate(self.active) if s.job.cancelled])
+        for s in admit:
+            if s.job.cancelled:
+                self._retire(s)
+        # Prefill the newcomers into the next free rows, those of equal prompt length together.
+        by_length = {}
+        for s in admit:
+            if not s.job.cancelled:
+                by_length.setdefault(len(s.prompt), []).append(s)
+        for length, group in by_length.items():
+            r = len(self.active)
+            self.active += group
+            rows = [(k[r : r + len(group)], v[r : r + len(group)]) for k, v in self.caches]
+            idx = torch.tensor([s.prompt for s in group], device=self.device)
+            logits = self.model._next_logits(idx, rows, 0, self.head_t)
+            self.stats["prefilled_tokens"] += idx.numel()
+            for s in group:
+                s.length = length
+            self._sample(group, logits)
+        self._remove([i for i, s in enumerate(self.active) if s.finish_reason])
+        if not self.active:
+            return
+        # One decode step for everyone: row i feeds its last token at its own position.
+        B = len(self.active)
+        tokens = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.device)
+        pos = torch.tensor([s.length for s in self.active], device=self.device)
+        logits = self.model._next_logits(tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
+        self.stats["decode_steps"] += 1
+        self.stats["decoded_tokens"] += B
+        for s in self.active:
+            s.length += 1
+        self._sample(self.active, logits)
+        self._remove([i for i, s in enumerate(self.active) if s.finish_reason])
+
+    def _sample(self, seqs, logits):
+        """Each sequence's next token from its row of logits (B, vocab): the rows with the same
+        settings in one sample_next call, each drawing from its own generator exactly what
+        generate() would draw for it alone."""
+        groups = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            tokens = sample_next(logits if len(groups) == 1 else logits[rows], temperature, top_k, top_p,
+                                 [seqs[i].generator for i in rows])
+            for i, token in zip(rows, tokens.tolist()):
+                self._add_token(seqs[i], token)
+
+    def _add_token(self, s, token):
+        s.tokens.append(token)
+        last = token == EOT_TOKEN or len(s.tokens) == s.max_tokens
+        text, stopped = s.text.push(b"" if token == EOT_TOKEN else self.token_bytes[token], final=last)
+        s.finish_reason = "stop" if stopped or token == EOT_TOKEN else "length" if last else None
+        self.outbox.append((s.job, (s.index, text, s.finish_reason, len(s.tokens))))
+
+    def _remove(self, rows):
+        """Take these rows out of the batch, moving the last rows' caches into the gaps so the
+        active sequences always fill rows 0..B-1."""
+        for i in sorted(rows, reverse=True):  # from the end, so a moved row is never one to remove
+            s, last = self.active[i], len(self.active) - 1
+            if i != last:
+                moved = self.active[last]
+                for k, v in self.caches:
+                    k[i, :, : moved.length] = k[last, :, : moved.length]
+                    v[i, :, : moved.length] = v[last, :, : moved.length]
+                self.active[i] = moved
+            self.active.pop()
+            self._retire(s)
+
+    def _retire(self, s):
+        if s.retired:
+            return
+        s.retired = True
+        s.job.live -= 1
+        if s.job.live == 0:
+            with self.lock:
+                self.requests_in_flight -= 1
+
+
+# -----------------------------------------------------------------------------
+# The HTTP side
+
+
+def create_app(model, model_id, limits):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    enc = get_tokenizer()
+    if model.config.vocab_size != enc.n_vocab:
+        raise ModelLoadError(f"the model's vocabulary has {model.config.vocab_size} tokens; serve.py needs GPT-2's {enc.n_vocab}")
+    block_size = model.config.block_size
+    engine = Engine(model, limits.max_batch, limits.max_requests)
+    started = int(time.time())
+    with open(PAGE, encoding="utf-8") as f:  # the only file the server reads, once, at start
+        page = f.read()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="gpt2-repro serve.py", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    def error(e):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):
+        traceback.print_exception(exc)
+        return error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, **engine.load()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "gpt2-repro"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            req = parse_request(await read_body(request, limits.max_body_bytes), enc, block_size, limits)
+        except APIError as e:
+            return error(e)
+        job = Job(asyncio.get_running_loop())
+        seed = secrets.randbits(63) if req.seed is None else req.seed
+        seqs = []
+        for p, prompt in enumerate(req.prompts):
+            for j in range(req.n):
+                c = p * req.n + j
+                gen = torch.Generator(engine.device).manual_seed((seed + c) % (1 << 64))  # torch's seed range
+                seqs.append(Sequence(job, c, prompt, req.max_tokens, req.temperature, req.top_p, req.top_k, gen,
+                                     TextStream(req.stop)))
+        if not engine.submit(job, seqs):
+            return error(APIError(429, f"the server is busy: {limits.max_requests} requests are in flight; retry later",
+                                  code="rate_limit_exceeded", type="rate_limit_error"))
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+                "model": model_id}
+        prompt_tokens = sum(len(p) for p in req.prompts)
+        usage = lambda counts: {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),  # noqa: E731
+                                "total_tokens": prompt_tokens + sum(counts)}
+
+        def cleanup():
+            job.cancel()  # a no-op when it finished; else its sequences leave the batch at the next step
+            watcher.cancel()
+
+        if req.stream:
+            async def chunks():
+                counts = [0] * len(seqs)
+                try:
+                    async for events in job_events(job, len(seqs)):
+                        out = []
+                        for index, text, finish, n in events:
+                            counts[index] = n
+                            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+                            out.append(sse({**head, "choices": [choice]}))
+                        yield b"".join(out)  # one chunk per token, the tokens at hand in one write
+                except APIError as e:
+                    yield sse(e.body)
+                if req.include_usage:
+                    yield sse({**head, "choices": [], "usage": usage(counts)})
+                yield b"data: [DONE]\n\n"
+
+            return EventStream(chunks(), cleanup)
+
+        texts, finishes, counts = [""] * len(seqs), [None] * len(seqs), [0] * len(seqs)
+        try:
+            async for events in job_events(job, len(seqs)):
+                for index, text, finish, n in events:
+                    texts[index] += text
+                    finishes[index], counts[index] = finish, n
+        except APIError as e:
+            return error(e)
+        finally:
+            cleanup()
+        if None in finishes:  # the client left before the end; nobody reads this
+            return Response(status_code=499)
+        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finishes))]
+        return {**head, "choices": choices, "usage": usage(counts)}
+
+    class EventStream(Response):
+        """Server-Sent Events. Unlike StreamingResponse, cleanup() runs however the stream ends,
+        even when it never started (the client left before the first byte)."""
+
+        media_type = "text/event-stream"
+
+        def __init__(self, chunks, cleanup):
+            self.status_code, self.background, self.chunks, self.cleanup = 200, None, chunks, cleanup
+            self.init_headers({"Cache-Control": "no-cache"})  # no body: no Content-Length
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:  # the client went away mid-send
+                pass
+            finally:
+                self.cleanup()
+                await self.chunks.aclose()
+
+    return app
+
+
+async def read_body(request, limit):
+    """The request body, refused with 413 past `limit` bytes (without reading the rest)."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    return bytes(body)
+
+
+async def cancel_on_disconnect(request, job):
+    """Once the body is read, the next ASGI message is the client's disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+async def job_events(job, n):
+    """A job's events, as lists of those at hand, until all of its n choices have finished
+    (or it was cancelled)."""
+    left = n
+    while left:
+        events = [await job.events.get()]
+        while not job.events.empty():
+            events.append(job.events.get_nowait())
+        if None in events:  # cancelled
+            return
+        if any(e[2] == "error" for e in events):
+            raise APIError(500, "the model failed on this request (see the server log)", type="server_error")
+        left -= sum(e[2] is not None for e in events)
+        yield events
+
+
+def sse(obj):
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def launch(model, *flags, stderr=None, env=None, timeout=120):
+    """Start serve.py in a subprocess on a free local port (--port 0) and wait until it answers
+    /health; returns (process, base URL). For the tests and bench.py."""
+    import subprocess
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--model", str(model), "--port", "0",
+                             "--log_level", "warning", *flags], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    first = []  # the line with the URL (read in a thread, to time out on a server that hangs)
+    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    deadline = time.monotonic() + timeout
+    while first and " at http://" in first[0] and time.monotonic() < deadline:
+        url = first[0].split(" at ")[-1].strip().rstrip("/")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"serve.py --model {model} did not start: {first[0] if first else 'no output'}")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Serve a GPT-2: a web page at / and an OpenAI-compatible "
+                                "/v1/completions API (streaming), with continuous batching.")
+    p.add_argument("--model", required=True, help="train.py run dir (newest checkpoint), HF-format dir, or gpt2[-medium|-large|-xl]")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights' dtype (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow start)")
+    d = Limits()
+    p.add_argument("--max_prompt_tokens", type=int, default=d.max_prompt_tokens, help="longest prompt (longer: 413)")
+    p.add_argument("--max_tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask (400)")
+    p.add_argument("--max_n", type=int, default=d.max_n, help="most choices per request, n x prompts (400)")
+    p.add_argument("--max_requests", type=int, default=d.max_requests, help="requests in flight, decoding or queued (more: 429)")
+    p.add_argument("--max_batch", type=int, default=d.max_batch, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--max_body_bytes", type=int, default=d.max_body_bytes, help="largest request body (413)")
+    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+    limits = Limits(**{k: getattr(args, k) for k in vars(d)})
+    if min(vars(limits).values()) <= 0:
+        p.error("the --max_* limits must be positive")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    try:
+        import uvicorn
+    except ImportError:
+        print("error: serve.py needs fastapi and uvicorn: pip install -r requirements-serve.txt", file=sys.stderr)
+        return 2
+    try:
+        # Bind here rather than in uvicorn: a taken port fails before the model loads, and
+        # --port 0 can print the port it got.
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        model = load_model(args.model)
+        model.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+        if args.compile:
+            for block in model.transformer.h:
+                block.compile(dynamic=True)
+        app = create_app(model, os.path.normpath(args.model), limits)
+    except (ModelLoadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = model.config
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serve.py: {args.model} ({c.n_layer} layers x {c.n_embd}, context {c.block_size}) on {device} {dtype}, "
+          f"at http://{host}:{sock.getsockname()[1]}/", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=1))
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
