@@ -161,6 +161,8 @@ def _init_worker():
         except Exception as e:
             raise InputError(f"cannot load the GPT-2 tokenizer (tiktoken {TOKENIZER}): {e}. Offline, point "
                              "TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cached file") from None
+        if _encoder.n_vocab > 2**16:
+            raise InputError(f"tokenizer {_encoder.name} has {_encoder.n_vocab:,} tokens: its ids do not fit in uint16 shards")
 
 
 def _encode(text):
@@ -177,11 +179,9 @@ def tokenize(texts):
     parts = []
     for text in texts:
         parts += [eot, _encode(text)]
-    tokens = np.concatenate(parts)
-    if tokens.max() >= 2**16:
-        raise InputError(f"token id {tokens.max()} does not fit in uint16")
     lengths = np.fromiter((len(p) + 1 for p in parts[1::2]), dtype=np.int64, count=len(texts))
-    return tokens.astype(np.uint16), lengths
+    # ids < n_vocab <= 2**16 (checked when the encoder loads): the cast in the copy is exact
+    return np.concatenate(parts, dtype=np.uint16, casting="same_kind"), lengths
 
 
 # -----------------------------------------------------------------------------

@@ -419,6 +419,21 @@ def test_fineweb_error_tokenizer_unavailable(tmp_path, monkeypatch):
     assert not list((tmp_path / "out").glob("*.npy"))
 
 
+def test_fineweb_refuses_a_vocabulary_too_big_for_uint16(monkeypatch):
+    """Shards are uint16: a tokenizer whose ids can reach 2**16 is refused with a clear message."""
+    import tiktoken
+
+    import fineweb
+
+    class Big:  # what cl100k_base would be: 100,277 ids
+        name, n_vocab = "cl100k_base", 100277
+
+    monkeypatch.setattr(fineweb, "_encoder", None)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: Big())
+    with pytest.raises(fineweb.InputError, match="100,277 tokens.*uint16"):
+        fineweb._init_worker()
+
+
 def test_fineweb_error_jsonl_missing_field(tmp_path):
     """A .jsonl record without the text field exits 2 naming the file and the line number."""
     src = tmp_path / "src"
