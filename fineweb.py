@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from model import ModelLoadError, get_tokenizer, load_model
+from model import ModelLoadError, best_device, get_tokenizer, load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,7 +88,7 @@ def main(argv=None):
         p.error("--max_new_tokens and --num_samples must be positive")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         p.error("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = args.device or best_device()
     try:
         kind = torch.device(device).type
     except RuntimeError:

@@ -631,6 +631,11 @@ PEAK_BF16_FLOPS = [
 ]
 
 
+def best_device():
+    """What --device defaults to in every script: cuda, else mps, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def peak_flops(device_name):
     """Peak bf16 FLOP/s of a device by its name, or None when unknown (then MFU is not reported)."""
     for key, flops in PEAK_BF16_FLOPS:

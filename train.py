@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, DataLoader
-from model import GPT, PRESETS, GPTConfig, ModelLoadError, checkpoint_dirs, get_tokenizer, peak_flops
+from model import GPT, PRESETS, GPTConfig, ModelLoadError, best_device, checkpoint_dirs, get_tokenizer, peak_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -166,7 +166,7 @@ def setup(args):
     ctx.rank = int(os.environ.get("RANK", 0))
     ctx.world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = args.device or best_device()
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise TrainError("--device cuda asked, but CUDA is not available")
