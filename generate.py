@@ -21,9 +21,8 @@ import time
 
 import torch
 
-from model import ModelLoadError, best_device, get_tokenizer, load_model
+from model import DTYPES, ModelLoadError, best_device, get_tokenizer, load_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **sampling):

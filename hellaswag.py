@@ -269,7 +269,7 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
     p.add_argument("--json", default=None, help="write the results and per-example choices here")
     args = p.parse_args(argv)
-    from model import ModelLoadError, best_device, load_model
+    from model import DTYPES, ModelLoadError, best_device, load_model
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -290,8 +290,7 @@ def main(argv=None):
     except (HellaSwagError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    autocast = torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]) \
-        if dtype != "fp32" else torch.autocast(device.split(":")[0], enabled=False)
+    autocast = torch.autocast(device.split(":")[0], dtype=DTYPES[dtype], enabled=dtype != "fp32")
     with autocast:
         result = evaluate(model, examples, args.batch_size, rank, world_size, progress=True)
     if rank == 0:

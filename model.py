@@ -631,6 +631,9 @@ PEAK_BF16_FLOPS = [
 ]
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the scripts' --dtype
+
+
 def best_device():
     """What --device defaults to in every script: cuda, else mps, else cpu."""
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

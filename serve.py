@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import EOT_TOKEN, ModelLoadError, best_device, get_tokenizer, load_model, sample_next
+from model import DTYPES, EOT_TOKEN, ModelLoadError, best_device, get_tokenizer, load_model, sample_next
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
@@ -606,7 +606,7 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights' dtype (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' dtype (default: bf16 on CUDA, else fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow start)")
     d = Limits()
     p.add_argument("--max_prompt_tokens", type=int, default=d.max_prompt_tokens, help="longest prompt (longer: 413)")
@@ -634,7 +634,7 @@ def main(argv=None):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
         model = load_model(args.model)
-        model.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+        model.to(device=device, dtype=DTYPES[dtype])
         if args.compile:
             for block in model.transformer.h:
                 block.compile(dynamic=True)

@@ -33,9 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, DataLoader
-from model import GPT, PRESETS, GPTConfig, ModelLoadError, best_device, checkpoint_dirs, get_tokenizer, peak_flops
+from model import DTYPES, GPT, PRESETS, GPTConfig, ModelLoadError, best_device, checkpoint_dirs, get_tokenizer, peak_flops
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainError(Exception):
