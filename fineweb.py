@@ -327,10 +327,6 @@ def tokenize_into_shards(args, files, manifest, bar):
     docs_iter = documents(args, files)
     for _ in range(doc):  # documents already in finished shards
         next(docs_iter)
-    # The pool's result thread must take the GIL to drain a worker's result from its pipe, and a
-    # worker blocks until it does; a 0.2 ms switch interval (default 5 ms) keeps the workers busy.
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
     try:
         with mp.get_context(args.start_method).Pool(args.workers, initializer=_init_worker) as pool:
             _widen_pipes(pool)
@@ -362,7 +358,6 @@ def tokenize_into_shards(args, files, manifest, bar):
                 flush(doc, 0)  # the last shard is written while the workers shut down
             pool.terminate()
     finally:
-        sys.setswitchinterval(switch_interval)
         writer.shutdown(wait=True)  # even on Ctrl-C: a shard being written is finished and recorded
     if pending is not None:
         pending.result()
