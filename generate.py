@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from model import DTYPES, ModelLoadError, best_device, get_tokenizer, load_model
+from model import DTYPES, ModelLoadError, best_device, default_dtype, get_tokenizer, load_model
 
 
 
@@ -94,7 +94,7 @@ def main(argv=None):
         p.error(f"--device {device!r} is not a device (cuda, cuda:1, mps, cpu, ...)")
     if kind == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {device}, but CUDA is not available")
-    dtype = args.dtype or ("bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = args.dtype or default_dtype(device)
     try:
         get_tokenizer()  # fail before loading weights if the BPE cannot be had
         model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])

@@ -269,7 +269,7 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
     p.add_argument("--json", default=None, help="write the results and per-example choices here")
     args = p.parse_args(argv)
-    from model import DTYPES, ModelLoadError, best_device, load_model
+    from model import DTYPES, ModelLoadError, best_device, default_dtype, load_model
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -278,7 +278,7 @@ def main(argv=None):
             raise HellaSwagError("--batch_size and --limit must be positive")
         examples = load_examples(data_path(args.split, args.data_dir))[: args.limit]  # fail fast on bad data
         device = args.device or best_device()
-        dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+        dtype = args.dtype or default_dtype(device)
         if world_size > 1:
             import torch.distributed as dist
 

@@ -639,6 +639,11 @@ def best_device():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def default_dtype(device):
+    """What --dtype defaults to in every script: bf16 on a CUDA device that has it, else fp32."""
+    return "bf16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def peak_flops(device_name):
     """Peak bf16 FLOP/s of a device by its name, or None when unknown (then MFU is not reported)."""
     for key, flops in PEAK_BF16_FLOPS:

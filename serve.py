@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import DTYPES, EOT_TOKEN, ModelLoadError, best_device, get_tokenizer, load_model, sample_next
+from model import DTYPES, EOT_TOKEN, ModelLoadError, best_device, default_dtype, get_tokenizer, load_model, sample_next
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
@@ -621,7 +621,7 @@ def main(argv=None):
     if min(vars(limits).values()) <= 0:
         p.error("the --max_* limits must be positive")
     device = args.device or best_device()
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = args.dtype or default_dtype(device)
     try:
         import uvicorn
     except ImportError:

@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, DataLoader
-from model import DTYPES, GPT, PRESETS, GPTConfig, ModelLoadError, best_device, checkpoint_dirs, get_tokenizer, peak_flops
-
+from model import (DTYPES, GPT, PRESETS, GPTConfig, ModelLoadError, best_device, checkpoint_dirs, default_dtype,
+                   get_tokenizer, peak_flops)
 
 
 class TrainError(Exception):
@@ -176,7 +176,7 @@ def setup(args):
         torch.backends.cudnn.allow_tf32 = True
     ctx.device, ctx.device_type = device, device.split(":")[0]
     if args.dtype is None:
-        args.dtype = "bf16" if ctx.device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        args.dtype = default_dtype(ctx.device)
     if args.compile is None:
         args.compile = ctx.device_type == "cuda"
     ctx.ddp = ddp
