@@ -23,9 +23,13 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
+import signal
 import sys
-from collections import deque
+import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import wait
 
 import numpy as np
 
@@ -35,7 +39,7 @@ HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 FORMATS = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
 BATCH_CHARS = 1 << 18  # text per task sent to a worker (~60k tokens)
 # Tasks in flight per worker. Results are taken in order, so while the oldest task runs the
-# others must have work queued (with 2 per worker they sat idle; see also _widen_pipes).
+# others must have work queued (with 2 per worker they sat idle).
 TASKS_PER_WORKER = 8
 
 
@@ -279,18 +283,104 @@ def run(args):
     print(f"{args.path}: {written:,} tokens in {len(shards)} shards ({shards[0]['name']} ... {shards[-1]['name']})")
 
 
-def _widen_pipes(pool):
-    """A worker that sends a result (~120 KB) into a full pipe (64 KB on Linux) waits until the
-    parent's result thread drains it; 1 MB pipes let it go straight on to its next task. With
-    TASKS_PER_WORKER, 0.80x -> 0.83x of the 2-core limit (README). Linux only, best effort:
-    Pool's queues are private API."""
-    try:
-        import fcntl
+class WorkerError(Exception):
+    """A tokenizer process died (e.g. killed for memory): printed as one line, no traceback."""
 
-        for queue in (pool._outqueue, pool._inqueue):
-            fcntl.fcntl(queue._writer.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-    except (ImportError, AttributeError, OSError):
+
+def _work(tasks, read_lock, results, write_lock, parent_ends):
+    """A tokenizer process: tokenize the batches of the task pipe until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
+    for conn in parent_ends:  # forked workers inherit them; a parent that dies must read as EOF
+        conn.close()
+    try:
+        _init_worker()
+        while True:
+            with read_lock:
+                task = tasks.recv()
+            if task is None:
+                return
+            i, batch = task
+            try:
+                result = tokenize(batch)
+            except Exception as e:
+                result = e if isinstance(e, InputError) else WorkerError(f"tokenizer failed:\n{traceback.format_exc()}")
+            with write_lock:
+                results.send((i, result))
+    except InputError as e:
+        with write_lock:
+            results.send((-1, e))
+    except (EOFError, OSError):  # the parent is gone
         pass
+
+
+class Workers:
+    """A process pool for tokenize(): batches go out through one pipe, whichever worker is free
+    takes the next, and results come back through another pipe, handed out in submission order.
+
+    Why not multiprocessing.Pool: its worker-handler thread waits on the result pipe as well as
+    on the workers, so it spins whenever a result lies there unread. On 2 cores that spinning
+    took ~30 ms of CPU from each ~420 ms run (bench.py: 0.83x -> 0.88x of the limit without it).
+    And a worker killed for memory makes Pool.get() wait forever; here it is an error."""
+
+    def __init__(self, n, start_method=None):
+        ctx = mp.get_context(start_method)
+        tasks_r, self._tasks = ctx.Pipe(duplex=False)
+        self._results, results_w = ctx.Pipe(duplex=False)
+        self._locks = ctx.Lock(), ctx.Lock()  # kept: a spawned worker unpickles them after start()
+        args = (tasks_r, self._locks[0], results_w, self._locks[1], (self._tasks, self._results))
+        self._procs = [ctx.Process(target=_work, args=args, daemon=True) for _ in range(n)]
+        for p in self._procs:
+            p.start()
+        tasks_r.close()  # the parent keeps only its own ends
+        results_w.close()
+        # Sending happens on a thread: a send blocks while the pipe is full, and the main
+        # thread must go on reading results meanwhile, or a worker blocked on a full result
+        # pipe would never read the task being sent (a deadlock).
+        self._outbox = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send, daemon=True)
+        self._sender.start()
+        self._ready, self.submitted, self.taken = {}, 0, 0
+
+    def _send(self):
+        while (task := self._outbox.get()) is not StopIteration:
+            try:
+                self._tasks.send(task)
+            except OSError:  # the workers are gone; take() reports it
+                return
+
+    def submit(self, batch):
+        self._outbox.put((self.submitted, batch))
+        self.submitted += 1
+
+    def take(self):
+        """The result of the oldest batch not yet taken (waits for it)."""
+        assert self.taken < self.submitted
+        while self.taken not in self._ready:
+            if not self._results.poll():
+                ready = wait([self._results] + [p.sentinel for p in self._procs])
+                if self._results not in ready:
+                    dead = next(p for p in self._procs if p.sentinel in ready)
+                    dead.join()  # its sentinel is ready: it has exited
+                    code = dead.exitcode
+                    why = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    why += " (out of memory?)" if code == -signal.SIGKILL else ""
+                    raise WorkerError(f"a tokenizer process {why}; "
+                                      "the finished shards are kept: run the same command again to continue")
+            i, result = self._results.recv()
+            if isinstance(result, Exception):
+                raise result
+            self._ready[i] = result
+        self.taken += 1
+        return self._ready.pop(self.taken - 1)
+
+    def terminate(self):
+        """Stop the workers at once (work still in flight is not wanted, or there is none)."""
+        for p in self._procs:
+            if p.exitcode is None:
+                p.terminate()
+        for p in self._procs:
+            p.join()
+        self._outbox.put(StopIteration)
 
 
 def tokenize_into_shards(args, files, manifest, bar):
@@ -328,37 +418,36 @@ def tokenize_into_shards(args, files, manifest, bar):
     docs_iter = documents(args, files)
     for _ in range(doc):  # documents already in finished shards
         next(docs_iter)
+    workers = Workers(args.workers, args.start_method)
     try:
-        with mp.get_context(args.start_method).Pool(args.workers, initializer=_init_worker) as pool:
-            _widen_pipes(pool)
-            inflight = deque()  # bounded: memory stays at two shard buffers plus the batches in flight
-            tasks = batches(docs_iter)
-            while written < limit:
-                while len(inflight) < TASKS_PER_WORKER * args.workers:
-                    batch = next(tasks, None)
-                    if batch is None:
-                        break
-                    inflight.append(pool.apply_async(tokenize, (batch,)))
-                if not inflight:
+        tasks = batches(docs_iter)
+        while written < limit:
+            # bounded: memory stays at two shard buffers plus the batches in flight
+            while workers.submitted - workers.taken < TASKS_PER_WORKER * args.workers:
+                batch = next(tasks, None)
+                if batch is None:
                     break
-                tokens, lengths = inflight.popleft().get()
-                ends = np.cumsum(lengths)  # end of each document within `tokens`
-                pos, skip = skip, 0  # a resumed run starts inside its first document
-                while pos < len(tokens) and written < limit:
-                    take = int(min(len(tokens) - pos, args.shard_size - fill, limit - written))
-                    buf[fill : fill + take] = tokens[pos : pos + take]
-                    fill, pos, written = fill + take, pos + take, written + take
-                    bar.update(take)
-                    if fill == args.shard_size and written < limit:
-                        d = int(np.searchsorted(ends, pos, side="right"))  # documents finished
-                        flush(doc + d, pos - (int(ends[d - 1]) if d else 0))
-                        fill = 0
-                doc += int(np.searchsorted(ends, pos, side="right"))
-                bar.set_postfix(docs=f"{doc:,}", refresh=False)
-            if fill:
-                flush(doc, 0)  # the last shard is written while the workers shut down
-            pool.terminate()
+                workers.submit(batch)
+            if workers.submitted == workers.taken:
+                break
+            tokens, lengths = workers.take()
+            ends = np.cumsum(lengths)  # end of each document within `tokens`
+            pos, skip = skip, 0  # a resumed run starts inside its first document
+            while pos < len(tokens) and written < limit:
+                take = int(min(len(tokens) - pos, args.shard_size - fill, limit - written))
+                buf[fill : fill + take] = tokens[pos : pos + take]
+                fill, pos, written = fill + take, pos + take, written + take
+                bar.update(take)
+                if fill == args.shard_size and written < limit:
+                    d = int(np.searchsorted(ends, pos, side="right"))  # documents finished
+                    flush(doc + d, pos - (int(ends[d - 1]) if d else 0))
+                    fill = 0
+            doc += int(np.searchsorted(ends, pos, side="right"))
+            bar.set_postfix(docs=f"{doc:,}", refresh=False)
+        if fill:
+            flush(doc, 0)  # the last shard is written while the workers shut down
     finally:
+        workers.terminate()
         writer.shutdown(wait=True)  # even on Ctrl-C: a shard being written is finished and recorded
     if pending is not None:
         pending.result()
@@ -398,7 +487,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run(args)
-    except InputError as e:
+    except (InputError, WorkerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

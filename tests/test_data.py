@@ -314,6 +314,31 @@ def _check_final_shards_valid(out, shard_size, seen):
         seen.add(n)
 
 
+def _processes_writing_to(out):
+    """Pids of live processes whose command line names `out` (forked workers share the parent's)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def _check_workers_exit(out, within_s=10):
+    """A parent killed with SIGKILL leaves no tokenizer processes behind: they see the closed
+    task pipe and exit."""
+    if not os.path.isdir("/proc"):
+        return
+    t0 = time.time()
+    while (left := _processes_writing_to(out)) and time.time() - t0 < within_s:
+        time.sleep(0.05)
+    assert not left, f"worker processes {left} outlived their killed parent"
+
+
 def _run_and_kill(src, out, shard_size, min_shards, deadline_s=60):
     """Start fineweb, SIGKILL it as soon as >= min_shards final shards exist. Returns True if killed
     mid-run, False if it finished first."""
@@ -334,6 +359,7 @@ def _run_and_kill(src, out, shard_size, min_shards, deadline_s=60):
                 if len(names) >= min_shards:
                     p.send_signal(signal.SIGKILL)
                     p.wait()
+                    _check_workers_exit(out)
                     break
             assert time.time() - t0 < deadline_s, "fineweb produced no shards in time"
             time.sleep(0.003)
@@ -383,6 +409,42 @@ def test_fineweb_kill_and_resume_is_byte_identical(tmp_path):
     assert mo["shards"] == mr["shards"]
     assert mo["tokens"] == mr["tokens"] and mo["documents"] == mr["documents"]
     assert not [n for n in os.listdir(out) if "tmp" in n.lower()], os.listdir(out)
+
+
+KILL_WORKER = """
+import os, signal, sys
+import fineweb
+tokenize = fineweb.tokenize
+def tokenize_or_die(batch):  # a worker killed (as the kernel's OOM killer would) at one document
+    if any("KILL THIS WORKER" in d for d in batch):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return tokenize(batch)
+fineweb.tokenize = tokenize_or_die
+sys.exit(fineweb.main(sys.argv[1:]))
+"""
+
+
+def test_fineweb_killed_worker_is_an_error_not_a_hang(tmp_path):
+    """A tokenizer process that dies mid-run ends the run with one clear line (multiprocessing.Pool
+    would wait forever for its result); the finished shards are kept, and running the command
+    again completes a dataset byte-identical to one never interrupted."""
+    docs = synth_docs(40, 400, seed=11)
+    src = write_txt_dir(tmp_path / "src", docs[:30] + ["KILL THIS WORKER " + docs[30]] + docs[31:])
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = ["--source", src, "--path", out, "--shard_size", 1024, "--start_method", "fork", "--workers", 2]
+    proc = subprocess.run([sys.executable, "-c", KILL_WORKER, *map(str, args)], cwd=REPO_ROOT,
+                          env=os.environ.copy(), capture_output=True, text=True, timeout=60)
+    assert_clean_error(proc, "killed by signal 9", "run the same command again")
+    m = load_manifest(out)
+    assert m is not None and m["complete"] is False
+    _check_final_shards_valid(out, 1024, set())
+
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 1024))  # the marker stays: it is text
+    check_ok(run_fineweb("--source", src, "--path", ref, "--shard_size", 1024, workers=1))
+    assert final_shards(out) == final_shards(ref)
+    for n in final_shards(ref):
+        assert (out / n).read_bytes() == (ref / n).read_bytes(), n
+    assert load_manifest(out)["shards"] == load_manifest(ref)["shards"]
 
 
 # ----------------------------------------------------------------------------------------------
