@@ -319,7 +319,7 @@ class Workers:
 
     Why not multiprocessing.Pool: its worker-handler thread waits on the result pipe as well as
     on the workers, so it spins whenever a result lies there unread. On 2 cores that spinning
-    took ~30 ms of CPU from each ~420 ms run (bench.py: 0.83x -> 0.88x of the limit without it).
+    took ~30 ms of CPU from each ~420 ms run (bench.py: 0.83x -> 0.87x of the limit without it).
     And a worker killed for memory makes Pool.get() wait forever; here it is an error."""
 
     def __init__(self, n, start_method=None):
