@@ -356,22 +356,30 @@ class Workers:
         """The result of the oldest batch not yet taken (waits for it)."""
         assert self.taken < self.submitted
         while self.taken not in self._ready:
-            if not self._results.poll():
-                ready = wait([self._results] + [p.sentinel for p in self._procs])
-                if self._results not in ready:
-                    dead = next(p for p in self._procs if p.sentinel in ready)
-                    dead.join()  # its sentinel is ready: it has exited
-                    code = dead.exitcode
-                    why = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    why += " (out of memory?)" if code == -signal.SIGKILL else ""
-                    raise WorkerError(f"a tokenizer process {why}; "
-                                      "the finished shards are kept: run the same command again to continue")
-            i, result = self._results.recv()
+            ready = wait([self._results] + [p.sentinel for p in self._procs])
+            if self._results not in ready:
+                self._died()
+            try:
+                i, result = self._results.recv()
+            except EOFError:  # every worker has exited
+                self._died()
             if isinstance(result, Exception):
                 raise result
             self._ready[i] = result
         self.taken += 1
         return self._ready.pop(self.taken - 1)
+
+    def _died(self):
+        """Raise the error for a worker that has exited (its sentinel is ready, or will be soon)."""
+        ended = wait([p.sentinel for p in self._procs], timeout=10)
+        dead = next((p for p in self._procs if p.sentinel in ended), self._procs[0])
+        dead.join(10)
+        code = dead.exitcode
+        if code is None:  # not seen to exit: report what was seen
+            raise WorkerError("the tokenizer processes stopped answering; run the same command again to continue")
+        why = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        why += " (out of memory?)" if code == -getattr(signal, "SIGKILL", 9) else ""
+        raise WorkerError(f"a tokenizer process {why}; the finished shards are kept: run the same command again to continue")
 
     def terminate(self):
         """Stop the workers at once (work still in flight is not wanted, or there is none)."""

@@ -424,14 +424,15 @@ sys.exit(fineweb.main(sys.argv[1:]))
 """
 
 
-def test_fineweb_killed_worker_is_an_error_not_a_hang(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fineweb_killed_worker_is_an_error_not_a_hang(tmp_path, workers):
     """A tokenizer process that dies mid-run ends the run with one clear line (multiprocessing.Pool
     would wait forever for its result); the finished shards are kept, and running the command
     again completes a dataset byte-identical to one never interrupted."""
     docs = synth_docs(40, 400, seed=11)
     src = write_txt_dir(tmp_path / "src", docs[:30] + ["KILL THIS WORKER " + docs[30]] + docs[31:])
     out, ref = tmp_path / "out", tmp_path / "ref"
-    args = ["--source", src, "--path", out, "--shard_size", 1024, "--start_method", "fork", "--workers", 2]
+    args = ["--source", src, "--path", out, "--shard_size", 1024, "--start_method", "fork", "--workers", workers]
     proc = subprocess.run([sys.executable, "-c", KILL_WORKER, *map(str, args)], cwd=REPO_ROOT,
                           env=os.environ.copy(), capture_output=True, text=True, timeout=60)
     assert_clean_error(proc, "killed by signal 9", "run the same command again")
