@@ -288,7 +288,8 @@ class WorkerError(Exception):
 
 
 def _work(tasks, read_lock, results, write_lock, parent_ends):
-    """A tokenizer process: tokenize the batches of the task pipe until told to stop."""
+    """A tokenizer process: tokenize the batches of the task pipe until the parent stops it
+    (terminate) or is gone (the pipe reads EOF)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
     for conn in parent_ends:  # forked workers inherit them; a parent that dies must read as EOF
         conn.close()
@@ -296,10 +297,7 @@ def _work(tasks, read_lock, results, write_lock, parent_ends):
         _init_worker()
         while True:
             with read_lock:
-                task = tasks.recv()
-            if task is None:
-                return
-            i, batch = task
+                i, batch = tasks.recv()
             try:
                 result = tokenize(batch)
             except Exception as e:
