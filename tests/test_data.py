@@ -412,11 +412,15 @@ def test_fineweb_kill_and_resume_is_byte_identical(tmp_path):
 
 
 KILL_WORKER = """
-import os, signal, sys
+import os, signal, sys, time
 import fineweb
 tokenize = fineweb.tokenize
+first_shard = os.path.join(sys.argv[sys.argv.index("--path") + 1], "edufineweb_val_000000.npy")
 def tokenize_or_die(batch):  # a worker killed (as the kernel's OOM killer would) at one document
     if any("KILL THIS WORKER" in d for d in batch):
+        t0 = time.time()
+        while not os.path.exists(first_shard) and time.time() - t0 < 20:  # once a shard is finished
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     return tokenize(batch)
 fineweb.tokenize = tokenize_or_die
@@ -438,6 +442,7 @@ def test_fineweb_killed_worker_is_an_error_not_a_hang(tmp_path, workers):
     assert_clean_error(proc, "killed by signal 9", "run the same command again")
     m = load_manifest(out)
     assert m is not None and m["complete"] is False
+    assert [s["name"] for s in m["shards"]] == final_shards(out) != []  # finished shards kept, and recorded
     _check_final_shards_valid(out, 1024, set())
 
     check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 1024))  # the marker stays: it is text
