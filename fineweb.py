@@ -335,8 +335,7 @@ class Workers:
         # thread must go on reading results meanwhile, or a worker blocked on a full result
         # pipe would never read the task being sent (a deadlock).
         self._outbox = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send, daemon=True)
-        self._sender.start()
+        threading.Thread(target=self._send, daemon=True).start()
         self._ready, self.submitted, self.taken = {}, 0, 0
 
     def _send(self):
