@@ -48,7 +48,7 @@ main)
     $PY train.py --path data/small --log_dir log/small --resume \
         --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 \
         --batch_size_per_device 16 --total_batch_size 1024 --max_steps 80 --warmup_steps 10 \
-        --max_lr 3e-3 --min_lr 3e-4 --eval_step_interval 40 --eval_max_steps 10 --save_step 40 \
+        --max_lr 3e-3 --min_lr 3e-4 --eval_step_interval 40 --val_tokens 10240 --save_step 40 \
         --hellaswag_examples 100 --sample_tokens 32 --seed 1337
     # 3. HellaSwag on the final checkpoint (skipped with a message when the data is unavailable offline)
     $PY hellaswag.py --model log/small --limit 200 || echo "(HellaSwag skipped)"

@@ -11,19 +11,22 @@ tokens per process per micro-step, accumulated over total / (batch x block x wor
 The data loader makes the global batch of step k independent of the number of processes and of
 the micro-batch, so those settings change speed, not the numbers.
 
-Writes <log_dir>/log.jsonl (one JSON object per line: train, val and HellaSwag results) and
-checkpoints <log_dir>/step_NNNNNN/ (config.json + model.safetensors, loadable by transformers,
-plus trainer_state.pt: optimizer, scaler, loader, RNG of every rank). --resume continues from the
-newest one exactly: on CPU, the same loss at every step as an uninterrupted run.
+Validation scores a fixed set of --val_tokens tokens (the first windows of the val shards, each
+rank its share, summed exactly), so val loss too is the same for any layout. "val at step N" is
+the model after N updates; the final model is evaluated too, at step max_steps.
+
+A --log_dir holds one run (see rundir.py): log.jsonl (one JSON object per line: train, val and
+HellaSwag results) and checkpoints step_NNNNNN/ (config.json + model.safetensors, loadable by
+transformers, plus trainer_state.pt: optimizer, scaler, loader). --resume continues from the
+newest checkpoint that verifies, exactly: on CPU, the same loss at every step as an
+uninterrupted run. A NaN/inf loss, gradient norm or update stops the run before any checkpoint
+can hold it.
 """
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 
@@ -33,8 +36,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, DataLoader
-from model import (DTYPES, GPT, PRESETS, GPTConfig, ModelLoadError, best_device, checkpoint_dirs, default_dtype,
-                   get_tokenizer, peak_flops)
+from model import DTYPES, GPT, PRESETS, GPTConfig, ModelLoadError, best_device, default_dtype, get_tokenizer, peak_flops
+from rundir import RunDir, RunDirError
 
 
 class TrainError(Exception):
@@ -52,7 +55,9 @@ def parse_args(argv=None):
     a("--batch_size_per_device", type=int, default=64, help="sequences per process per micro-step")
     a("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
     a("--eval_step_interval", type=int, default=250, help="validate, HellaSwag and sample every N steps")
-    a("--eval_max_steps", type=int, default=20, help="validation batches per evaluation")
+    a("--val_tokens", type=int, default=None,
+      help="tokens scored at each validation, the same for any layout (default 10,485,760 = 20 x 0.5M)")
+    a("--eval_max_steps", type=int, default=None, help="old form of --val_tokens: N x --total_batch_size tokens")
     a("--save_step", type=int, default=5000, help="checkpoint every N steps (and at the end)")
     a("--seed", type=int, default=1337)
     a("--fp16", action="store_true", help="fp16 autocast with a gradient scaler (same as --dtype fp16)")
@@ -76,9 +81,11 @@ def parse_args(argv=None):
     if args.fp16:
         args.dtype = "fp16"
     for name in ("max_steps", "batch_size_per_device", "total_batch_size", "eval_step_interval",
-                 "eval_max_steps", "save_step"):
-        if getattr(args, name) <= 0:
+                 "eval_max_steps", "val_tokens", "save_step"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise TrainError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.val_tokens is None:
+        args.val_tokens = args.eval_max_steps * args.total_batch_size if args.eval_max_steps else 20 * 524288
     if not args.max_lr > 0 or not args.min_lr >= 0 or args.min_lr > args.max_lr:
         raise TrainError(f"learning rates must satisfy 0 <= min_lr <= max_lr and max_lr > 0 "
                          f"(got --max_lr {args.max_lr}, --min_lr {args.min_lr})")
@@ -100,54 +107,39 @@ def get_lr(step, args):
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-
-def rng_state():
-    np_state, py_state = np.random.get_state(), random.getstate()
-    state = {"torch": torch.get_rng_state(), "python": list(py_state[1]), "python_version": py_state[0],
-             "python_gauss": py_state[2],
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def checkpoints(log_dir):
-    """Complete checkpoint directories (weights and trainer state), oldest first."""
-    return checkpoint_dirs(log_dir, ("config.json", "model.safetensors", "trainer_state.pt"))
+# The settings that define a run's numbers (with the model config): a --log_dir holds one run,
+# and --resume refuses to change any of them.
+RUN_SETTINGS = ("seed", "total_batch_size", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay",
+                "grad_clip", "dtype", "val_tokens")
 
 
 def save_checkpoint(ctx, step):
-    """All ranks call this (RNG states are gathered); rank 0 writes into a temporary directory
-    and renames it, so a step_NNNNNN/ directory is always complete."""
-    rngs = [None] * ctx.world_size
-    if ctx.world_size > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
+    """Rank 0 writes step_NNNNNN/ whole (see rundir.py); the others wait for it."""
     if ctx.rank == 0:
-        final = os.path.join(ctx.args.log_dir, f"step_{step:06d}")
-        tmp = os.path.join(ctx.args.log_dir, f".tmp-step_{step:06d}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ctx.raw_model.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                    "loader": ctx.train_loader.state_dict(), "rng": rngs, "args": vars(ctx.args),
-                    "config": dataclasses.asdict(ctx.raw_model.config)}, os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        state = {"step": step, "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                 "loader": ctx.train_loader.state_dict(), "args": vars(ctx.args),
+                 "config": dataclasses.asdict(ctx.raw_model.config)}
+        ctx.run_dir.save(step, ctx.raw_model, state)
         if ctx.args.keep_checkpoints > 0:
-            for old in checkpoints(ctx.args.log_dir)[: -ctx.args.keep_checkpoints]:
-                shutil.rmtree(old)
+            ctx.run_dir.prune(ctx.args.keep_checkpoints)
     if ctx.world_size > 1:
         dist.barrier()
+
+
+def rank0_decides(ctx, fn):
+    """Run fn() on rank 0 only and give every rank its result; an error there is raised everywhere
+    (no rank is left waiting in a collective)."""
+    result = [None]
+    if ctx.rank == 0:
+        try:
+            result[0] = ("ok", fn())
+        except (RunDirError, DataError, ModelLoadError, OSError) as e:
+            result[0] = ("error", str(e))
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    if result[0][0] == "error":
+        raise TrainError(result[0][1])
+    return result[0][1]
 
 
 # -----------------------------------------------------------------------------
@@ -194,23 +186,43 @@ def build(ctx):
         raise TrainError(str(e)) from None
     T, B = config.block_size, args.batch_size_per_device
     ctx.train_loader = DataLoader(args.path, "train", T, B, args.total_batch_size, ctx.rank, ctx.world_size, args.seed)
+    # Validation: micro-step k of rank r scores windows [k*B*world + r*B, +B) of the val stream,
+    # the first val_windows of them count (the rest of the last micro-step are masked out).
     ctx.val_loader = DataLoader(args.path, "val", T, B, B * T * ctx.world_size, ctx.rank, ctx.world_size, args.seed)
+    ctx.val_windows = args.val_tokens // T
+    if ctx.val_windows == 0:
+        raise TrainError(f"--val_tokens {args.val_tokens} is less than one sequence of {T} tokens")
+    if ctx.val_windows > ctx.val_loader.epoch_windows:
+        if ctx.rank == 0:
+            print(f"warning: --val_tokens {args.val_tokens:,} is more than the val shards hold; scoring all "
+                  f"{ctx.val_loader.epoch_windows * T:,} of them")
+        ctx.val_windows = ctx.val_loader.epoch_windows
     ctx.grad_accum = ctx.train_loader.grad_accum_steps
 
-    resume_from = None
-    if args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:  # a torchrun restart resumes
-        found = checkpoints(args.log_dir)
-        resume_from = found[-1] if found else None
+    # Rank 0 claims the run directory (one run per directory) and, on resume, finds the newest
+    # checkpoint that verifies; every rank then loads that one.
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0  # a torchrun restart resumes
+    ctx.run_dir = RunDir(args.log_dir)
+    settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, **dataclasses.asdict(config)}
+
+    def claim():
+        ctx.run_dir.claim(settings, resume)
+        ctx.run_dir.open_log()
+        ctx.found = ctx.run_dir.newest_valid(config) if resume else None
+        return ctx.found[0] if ctx.found else None
+
+    resume_from = rank0_decides(ctx, claim)
     state = None
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=True)
-        for field, value in dataclasses.asdict(config).items():
-            if state["config"].get(field) != value:
-                raise TrainError(f"cannot resume from {resume_from}: its {field} is {state['config'].get(field)}, "
-                                 f"this run's is {value}; use the checkpoint's settings or another --log_dir")
-
-    torch.manual_seed(args.seed)  # same initialisation on every rank
-    model = GPT(config) if state is None else GPT.from_pretrained(resume_from)
+        if ctx.rank == 0:
+            _, model, state = ctx.found
+        else:
+            model = GPT.from_pretrained(resume_from)
+            state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    else:
+        torch.manual_seed(args.seed)  # same initialisation on every rank
+        model = GPT(config)
+    ctx.found = None
     model.to(ctx.device)
     ctx.raw_model = model
     ctx.optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type=ctx.device_type)
@@ -220,16 +232,16 @@ def build(ctx):
         ctx.optimizer.load_state_dict(state["optimizer"])
         ctx.scaler.load_state_dict(state["scaler"])
         ctx.train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
         ctx.start_step = state["step"]
     if args.compile:
         model = torch.compile(model)
+    ctx.eval_model = model  # validation: not through DDP (no collectives, ranks may score unequal shares)
     if ctx.ddp:
         model = DDP(model, device_ids=[int(os.environ.get("LOCAL_RANK", 0))] if ctx.device_type == "cuda" else None)
     ctx.model = model
     ctx.autocast = torch.autocast(ctx.device_type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     ctx.flops_per_token = ctx.raw_model.flops_per_token(config.block_size)
-    ctx.peak = peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device_type == "cuda" else None
+    ctx.peak = peak_flops(torch.cuda.get_device_name(ctx.device), args.dtype) if ctx.device_type == "cuda" else None
     if resume_from and ctx.rank == 0:
         print(f"resuming from {resume_from} at step {ctx.start_step}")
     return ctx
@@ -237,25 +249,42 @@ def build(ctx):
 
 def log(ctx, record):
     if ctx.rank == 0:
-        with open(os.path.join(ctx.args.log_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        ctx.run_dir.log(record)
+
+
+def val_loss(ctx):
+    """Mean loss over the first val_windows windows of the val stream: each rank sums its share
+    (token losses x tokens, in float64), then one all-reduce. Exact for any micro-batch or world size."""
+    B, T = ctx.args.batch_size_per_device, ctx.val_loader.seq_len
+    ctx.val_loader.reset()
+    losses, counts = [], []
+    with torch.no_grad():
+        for first in range(ctx.rank * B, ctx.val_windows + ctx.rank * B, B * ctx.world_size):
+            x, y = ctx.val_loader.next_batch()
+            rows = max(0, min(B, ctx.val_windows - first))
+            if rows < B:  # windows past val_windows: ignored padding (the shapes stay fixed under compile)
+                y = y.clone()
+                y[rows:] = -1
+            with ctx.autocast:
+                _, loss = ctx.eval_model(x.to(ctx.device), y.to(ctx.device), return_logits=False)
+            losses.append(loss.float())
+            counts.append(rows * T)
+    total = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    if losses:
+        total[0] = torch.stack(losses).cpu().double() @ torch.tensor(counts, dtype=torch.float64)
+        total[1] = sum(counts)
+    if ctx.ddp:
+        total = total.to(ctx.device if ctx.device_type == "cuda" else "cpu")
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def evaluate(ctx, step):
     args, model = ctx.args, ctx.model
     model.eval()
-    ctx.val_loader.reset()
-    total = torch.zeros((), device=ctx.device)
-    with torch.no_grad():
-        for _ in range(args.eval_max_steps):
-            x, y = (t.to(ctx.device) for t in ctx.val_loader.next_batch())
-            with ctx.autocast:
-                _, loss = model(x, y, return_logits=False)
-            total += loss.float() / args.eval_max_steps
-    if ctx.ddp:
-        dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    log(ctx, {"step": step, "val_loss": total.item()})
-    message = f"step {step:6d} | val loss {total.item():.6f}"
+    loss = val_loss(ctx)
+    log(ctx, {"step": step, "val_loss": loss, "val_tokens": ctx.val_windows * ctx.val_loader.seq_len})
+    message = f"step {step:6d} | val loss {loss:.6f}"
     if ctx.hellaswag is not None:
         import hellaswag
 
@@ -275,7 +304,8 @@ def evaluate(ctx, step):
 
 
 def load_hellaswag(ctx):
-    """HellaSwag val examples for the periodic evaluation, or None (off, or no data offline)."""
+    """HellaSwag val examples for the periodic evaluation, or None (off, or no data offline).
+    On for all ranks or for none: a rank that cannot load it turns it off everywhere."""
     n = ctx.args.hellaswag_examples
     if n == 0:
         return None
@@ -284,18 +314,35 @@ def load_hellaswag(ctx):
     try:
         examples = hellaswag.load_examples(hellaswag.data_path("val"))
     except hellaswag.HellaSwagError as e:
+        examples, why = None, str(e)
+    if ctx.ddp:
+        ok = torch.tensor(int(examples is not None), device=ctx.device if ctx.device_type == "cuda" else "cpu")
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if examples is not None and not ok.item():
+            examples, why = None, "another rank could not load it"
+    if examples is None:
         if ctx.rank == 0:
-            print(f"warning: HellaSwag is off: {e}")
+            print(f"warning: HellaSwag is off: {why}")
         return None
     return examples if n < 0 else examples[:n]
+
+
+def params_finite(model):
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def train(ctx):
     args, model, opt = ctx.args, ctx.model, ctx.optimizer
     tokens_per_step = args.total_batch_size
-    for step in range(ctx.start_step, args.max_steps):
-        if step % args.eval_step_interval == 0 or step == args.max_steps - 1:
+    for step in range(ctx.start_step, args.max_steps + 1):
+        # here the model has had `step` updates: evaluate it, checkpoint it, then train step `step`
+        last = step == args.max_steps
+        if step % args.eval_step_interval == 0 or last:
             evaluate(ctx, step)
+        if step > ctx.start_step and (step % args.save_step == 0 or last):
+            save_checkpoint(ctx, step)
+        if last:
+            break
         t0 = time.time()
         model.train()
         loss_sum = torch.zeros((), device=ctx.device)
@@ -309,12 +356,15 @@ def train(ctx):
             loss_sum += loss.detach()
             ctx.scaler.scale(loss).backward()
         if ctx.ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dist.all_reduce(loss_sum)  # (SUM: ReduceOp.AVG is missing on gloo in older PyTorch)
+            loss_sum /= ctx.world_size
         train_loss = loss_sum.item()
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"non-finite (NaN or inf) train loss {train_loss} at step {step}")
         ctx.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(ctx.raw_model.parameters(), args.grad_clip).item()
+        if not math.isfinite(grad_norm) and not ctx.scaler.is_enabled():  # (fp16: the scaler skips the step)
+            raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {step}")
         lr = get_lr(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -322,6 +372,8 @@ def train(ctx):
         ctx.scaler.step(opt)
         ctx.scaler.update()
         opt.zero_grad(set_to_none=True)
+        if not params_finite(ctx.raw_model):
+            raise FloatingPointError(f"the update of step {step} (lr {lr:.3e}) made weights non-finite")
         if ctx.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -335,16 +387,18 @@ def train(ctx):
             print(f"step {step:6d} | loss {train_loss:.6f} | lr {lr:.3e} | norm {grad_norm:.4f} | "
                   f"{dt * 1000:.0f} ms | {tok_s:,.0f} tok/s" + (f" | mfu {mfu * 100:.1f}%" if mfu else "")
                   + (" | skipped (fp16 overflow)" if record.get("skipped") else ""))
-        if (step + 1) % args.save_step == 0 or step == args.max_steps - 1:
-            save_checkpoint(ctx, step + 1)
 
 
 def main(argv=None):
+    ctx = None
     try:
         args = parse_args(argv)
         ctx = setup(args)
         ctx = build(ctx)
-        os.makedirs(args.log_dir, exist_ok=True)
+        if ctx.start_step >= args.max_steps:
+            if ctx.rank == 0:
+                print(f"{args.log_dir}: this run has finished ({args.max_steps} steps); nothing to do")
+            return 0
         ctx.hellaswag = load_hellaswag(ctx)
         if args.sample_tokens > 0:
             get_tokenizer()  # fail now, not at the first evaluation, if the BPE cannot be had
@@ -352,13 +406,15 @@ def main(argv=None):
             print(f"{ctx.raw_model.num_params():,} parameters | {ctx.world_size} process(es) on {ctx.device} | "
                   f"{args.dtype} | grad accumulation {ctx.grad_accum} | steps {ctx.start_step}..{args.max_steps}")
         train(ctx)
-    except (TrainError, DataError, ModelLoadError) as e:
+    except (TrainError, DataError, ModelLoadError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"error: {e}; stopping. The last good checkpoint is kept (lower --max_lr, or use bf16/fp32).", file=sys.stderr)
         return 1
     finally:
+        if ctx is not None and getattr(ctx, "run_dir", None) is not None:
+            ctx.run_dir.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -108,7 +108,7 @@ def check_ok(proc):
 def base_args(data_dir, log_dir, steps, **kw):
     """Common flags for a tiny fp32 run; keyword arguments override/add --flags."""
     opts = dict(path=data_dir, log_dir=log_dir, max_steps=steps, warmup_steps=2, max_lr=3e-3, min_lr=3e-4,
-                batch_size_per_device=4, total_batch_size=4 * T, eval_step_interval=1000, eval_max_steps=2,
+                batch_size_per_device=4, total_batch_size=4 * T, eval_step_interval=1000, val_tokens=8 * T,
                 save_step=1000, seed=1337, dtype="fp32")
     opts.update(kw)
     out = list(TINY)

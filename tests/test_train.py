@@ -3,9 +3,12 @@
 Every run is a subprocess on CPU with a tiny model (2 layers, 2 heads, 32 wide, 32-token context)
 over small synthetic uint16 shards, so the whole file runs in a few minutes on two cores.
 """
+import json
 import math
 import os
+import shutil
 import signal
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ def train_losses(log_dir):
 
 
 def checkpoints(log_dir):
-    return sorted(p for p in Path(log_dir).glob("step_*") if p.is_dir())
+    return sorted(p for p in Path(log_dir).glob("step_*") if p.is_dir() and p.name[5:].isdigit())
 
 
 def tree_snapshot(d):
@@ -62,6 +65,7 @@ def test_tiny_model_trains_logs_and_checkpoints(data_dir, tmp_path):
     assert [r["step"] for r in train] == sorted(r["step"] for r in train)
     assert val, "no val_loss lines with --eval_step_interval 10"
     assert all(math.isfinite(r["val_loss"]) for r in val)
+    assert [r["step"] for r in val] == [0, 10, 20, 30], val  # "step N" = after N updates; 30 = the final model
     # full float precision, not a rounded string
     assert any(len(repr(r["train_loss"])) > 8 for r in train)
 
@@ -81,18 +85,30 @@ def test_tiny_model_trains_logs_and_checkpoints(data_dir, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = torch.load(last / "trainer_state.pt", weights_only=True)
     assert state is not None
-    # the checkpointed weights reproduce a loss near the end of training, far below init
-    x = torch.from_numpy(np.load(data_dir / "edufineweb_val_000000.npy")[: 4 * (T + 1)].astype(np.int64)).view(4, T + 1)
+    # the last val line is the final checkpoint's val loss: a naive loop over the val windows
+    # (--val_tokens 8*T: the first 8 windows of T+1 tokens at stride T) with the saved weights
+    val_tokens = np.load(data_dir / "edufineweb_val_000000.npy").astype(np.int64)
     model.eval()
+    total = 0.0
     with torch.no_grad():
-        out = model(x[:, :-1], x[:, 1:])
-    loss = out[1] if isinstance(out, tuple) else out
-    assert float(loss) < losses[0] - 0.3, (float(loss), losses[0])
+        for w in range(8):
+            seq = torch.from_numpy(val_tokens[w * T : w * T + T + 1])[None]
+            logits, _ = model(seq[:, :-1])
+            total += torch.nn.functional.cross_entropy(logits[0].double(), seq[0, 1:], reduction="sum").item()
+    assert val[-1]["val_tokens"] == 8 * T
+    assert abs(val[-1]["val_loss"] - total / (8 * T)) < 1e-5, (val[-1], total / (8 * T))
+    assert val[-1]["val_loss"] < losses[0] - 0.3, (val[-1], losses[0])
+
+
+def val_losses(log_dir):
+    """{step: val_loss}, the last logged value of each step."""
+    return {r["step"]: r["val_loss"] for r in read_log(log_dir) if "val_loss" in r}
 
 
 def test_accumulation_and_ddp_give_same_losses(data_dir, tmp_path):
-    """Per-step losses match for 2x2 accumulation, one micro-batch of 4, and 2 gloo ranks x 2."""
-    common = dict(total_batch_size=4 * T, seed=1337, dtype="fp32", eval_step_interval=10_000)
+    """Per-step train losses match for 2x2 accumulation, one micro-batch of 4, and 2 gloo ranks x 2;
+    val losses match too (rel 1e-6), at every evaluation, over a val set that no layout divides."""
+    common = dict(total_batch_size=4 * T, seed=1337, dtype="fp32", eval_step_interval=3, val_tokens=31 * T + 5)
     runs = {
         "accum": (1, base_args(data_dir, tmp_path / "accum", 10, batch_size_per_device=2, **common)),
         "single": (1, base_args(data_dir, tmp_path / "single", 10, batch_size_per_device=4, **common)),
@@ -109,6 +125,13 @@ def test_accumulation_and_ddp_give_same_losses(data_dir, tmp_path):
         for step in ref:
             a, b = losses[name][step], ref[step]
             assert abs(a - b) <= 1e-4 * abs(b), (name, step, a, b, losses[name], ref)
+    vals = {name: val_losses(tmp_path / name) for name in runs}
+    assert sorted(vals["single"]) == [0, 3, 6, 9, 10], vals  # every interval, and the final model
+    assert all(r["val_tokens"] == 31 * T for r in read_log(tmp_path / "ddp") if "val_loss" in r)
+    for name in ("accum", "ddp"):
+        assert vals[name].keys() == vals["single"].keys(), (name, vals)
+        for step, b in vals["single"].items():
+            assert abs(vals[name][step] - b) <= 1e-6 * b, (name, step, vals[name][step], b)
 
 
 def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
@@ -283,3 +306,175 @@ def test_cuda_device_gets_an_index(monkeypatch, env, expected):
     ctx = train.setup(train.parse_args(["--device", "cuda"]))
     assert chosen == [expected] and ctx.device == expected and ctx.device_type == "cuda"
     assert ctx.args.dtype == "bf16" and ctx.args.compile is True
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per log directory, verified checkpoints, whole log records
+# ----------------------------------------------------------------------------------------------
+
+REF_KW = dict(batch_size_per_device=4, total_batch_size=8 * 4 * T, save_step=4, eval_step_interval=6)
+
+
+@pytest.fixture(scope="module")
+def ref_run(data_dir, tmp_path_factory):
+    """An uninterrupted 12-step run with checkpoints at steps 4, 8 and 12 (copies of it are damaged below)."""
+    log = tmp_path_factory.mktemp("ref") / "log"
+    check_ok(run_train(*base_args(data_dir, log, 12, **REF_KW)))
+    return log
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def assert_same_numbers(log_dir, ref_dir):
+    """Train and val losses (the later line of a repeated step wins) equal the reference run's, exactly."""
+    assert train_losses(log_dir) == train_losses(ref_dir)
+    assert val_losses(log_dir) == val_losses(ref_dir)
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_another_run_into_a_used_log_dir_is_refused(data_dir, tmp_path, keep):
+    """A run with other settings, or the same run without --resume, into a directory holding a run:
+    one error line, exit 2, and every file of the first run byte-identical."""
+    log = tmp_path / "log"
+    args = base_args(data_dir, log, 4, save_step=2, keep_checkpoints=keep)
+    check_ok(run_train(*args))
+    before = tree_snapshot(log)
+    assert (log / "run.json").is_file() and len(checkpoints(log)) == (1 if keep else 2)
+    other = base_args(data_dir, log, 4, save_step=1, keep_checkpoints=keep, seed=7)
+    line = error_line(run_train(*other))
+    assert "seed" in line and "--log_dir" in line, line
+    line = error_line(run_train(*other, "--resume"))
+    assert "seed" in line, line
+    line = error_line(run_train(*args))
+    assert "--resume" in line, line
+    assert tree_snapshot(log) == before
+
+
+def test_log_dir_without_run_json_is_not_overwritten(data_dir, tmp_path):
+    """A directory holding a log.jsonl but no run.json (an older run, or other files) is not taken over."""
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "log.jsonl").write_text('{"step": 0, "train_loss": 10.0}\n')
+    line = error_line(run_train(*base_args(data_dir, log, 2)))
+    assert "--resume" in line, line
+    assert os.listdir(log) == ["log.jsonl"]
+
+
+def test_second_live_run_is_refused(data_dir, tmp_path):
+    """While a run holds its directory, another process writing there is refused (even with --resume)."""
+    log = tmp_path / "log"
+    args = base_args(data_dir, log, 100_000, **REF_KW)
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO_ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (log / "log.jsonl").is_file() or not (log / "log.jsonl").read_text():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        line = error_line(run_train(*args, "--resume"))
+        assert "in use" in line, line
+        assert proc.poll() is None, "the live run was disturbed"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def damage(ckpt, kind):
+    if kind == "truncated_weights":
+        p = ckpt / "model.safetensors"
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif kind == "garbage_trainer_state":  # same size, so only loading it can tell
+        p = ckpt / "trainer_state.pt"
+        p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size))
+    elif kind == "nan_weight":  # same size and a valid header
+        from safetensors.torch import load_file, save_file
+
+        p = ckpt / "model.safetensors"
+        w = load_file(p)
+        w["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
+        save_file(w, p, metadata={"format": "pt"})
+    elif kind == "hostile_pickle":  # an object torch would have to unpickle as code; sizes updated to match
+        p = ckpt / "trainer_state.pt"
+        torch.save({"step": 12, "optimizer": {"state": {}}, "payload": Path("/")}, p)
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        meta["files"]["trainer_state.pt"] = p.stat().st_size
+        (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind", ["truncated_weights", "garbage_trainer_state", "nan_weight", "hostile_pickle"])
+def test_resume_falls_back_past_a_damaged_checkpoint(data_dir, ref_run, tmp_path, kind):
+    """The newest checkpoint damaged: --resume warns once, sets it aside, resumes from the one before,
+    and logs exactly the uninterrupted run's losses; no traceback."""
+    log = copy_run(ref_run, tmp_path / "log")
+    damage(log / "step_000012", kind)
+    proc = run_train(*base_args(data_dir, log, 12, **REF_KW), "--resume")
+    check_ok(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    warnings = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "step_000012" in warnings[0] and "step_000008" in warnings[0], proc.stdout
+    assert "resuming from" in proc.stdout and "step 8" in proc.stdout
+    assert (log / "step_000012.corrupt").is_dir()
+    assert [c.name for c in checkpoints(log)] == ["step_000004", "step_000008", "step_000012"]
+    assert_same_numbers(log, ref_run)
+
+
+def test_resume_with_no_checkpoint_that_verifies_is_one_error_line(data_dir, ref_run, tmp_path):
+    """Every checkpoint damaged: one error line, and none of them is renamed or changed."""
+    log = copy_run(ref_run, tmp_path / "log")
+    for c in checkpoints(log):
+        damage(c, "truncated_weights")
+    before = tree_snapshot(log)
+    line = error_line(run_train(*base_args(data_dir, log, 12, **REF_KW), "--resume"))
+    assert "step_000012" in line and "verifies" in line, line
+    assert tree_snapshot(log) == before
+
+
+def test_torn_log_line_is_repaired_on_resume(data_dir, ref_run, tmp_path):
+    """A record cut mid-write (kill, full disk) is removed on resume; every later record parses."""
+    log = copy_run(ref_run, tmp_path / "log")
+    shutil.rmtree(log / "step_000012")  # as if killed before the last checkpoint...
+    with open(log / "log.jsonl", "a") as f:
+        f.write('{"step": 11, "train_loss": 9.87')  # ...in the middle of writing a record
+    proc = run_train(*base_args(data_dir, log, 12, **REF_KW), "--resume")
+    check_ok(proc)
+    assert "torn record" in proc.stdout, proc.stdout
+    read_log(log)  # every line is one whole JSON record
+    assert '9.87{' not in (log / "log.jsonl").read_text()
+    assert_same_numbers(log, ref_run)
+
+
+KILL_IN_SAVE = """
+import os, signal, sys, torch
+import rundir
+real_save = torch.save
+def save(obj, path, *a, **k):
+    if os.path.basename(str(path)) == "trainer_state.pt" and obj.get("step") == 8:
+        real_save(obj, path, *a, **k)
+        with open(path, "r+b") as f:
+            f.truncate(100)  # half-written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *a, **k)
+rundir.torch.save = save
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_killed_during_a_checkpoint_write_resumes_exactly(data_dir, ref_run, tmp_path):
+    """SIGKILL in the middle of writing step 8's checkpoint: no step_000008/ appears; --resume
+    continues from step 4 and logs the uninterrupted run's losses."""
+    log = tmp_path / "log"
+    args = [str(a) for a in base_args(data_dir, log, 12, **REF_KW)]
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *args], cwd=REPO_ROOT, env=env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    assert [c.name for c in checkpoints(log)] == ["step_000004"]
+    assert (log / ".tmp-step_000008").is_dir()
+    proc = run_train(*args, "--resume")
+    check_ok(proc)
+    assert "step 4" in proc.stdout
+    assert not (log / ".tmp-step_000008").exists()
+    assert_same_numbers(log, ref_run)

@@ -1,0 +1,234 @@
+"""
+A train.py run directory (--log_dir) holds one run and never loses it.
+
+    run.json        the run's identity: an id and the settings that define its numbers, written
+                    when the run starts. Another run into the directory is refused, and so is
+                    this run started again without --resume.
+    The directory is locked (fcntl.flock) by the live run: a second writer is refused.
+    log.jsonl       one JSON record per line, each written whole in one write; a torn last
+                    line (a kill or a full disk mid-write) is cut when the run resumes.
+    step_NNNNNN/    the checkpoint after N steps: config.json + model.safetensors (Hugging Face
+                    GPT-2) + trainer_state.pt + checkpoint.json (run id, step, file sizes).
+                    Written into .tmp-step_NNNNNN/, fsynced, then renamed into place. On resume
+                    each is verified; one that fails is renamed step_NNNNNN.corrupt (kept, never
+                    read again) and the run falls back to the one before it.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+
+import torch
+
+from model import GPT, ModelLoadError, checkpoint_dirs
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, the rest works
+    fcntl = None
+
+
+class RunDirError(Exception):
+    """A run directory that cannot be used as asked: printed as one line."""
+
+
+class BadCheckpoint(Exception):
+    """Why a checkpoint failed verification."""
+
+
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finite(tensors):
+    """Names of the non-finite floating-point tensors in a {name: tensor} dict."""
+    return [k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def optimizer_tensors(opt_state):
+    return {f"optimizer.{i}.{k}": t for i, s in opt_state["state"].items() for k, t in s.items()}
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = path
+        self.log_path = os.path.join(path, "log.jsonl")
+        self.run_id = None
+        self._lock = self._log = None
+
+    # -- one run per directory ------------------------------------------------
+
+    def claim(self, settings, resume):
+        """Lock the directory and make sure it holds this run (or nothing yet); returns the run id."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RunDirError(f"--log_dir {self.path!r} is a file, not a directory")
+        os.makedirs(self.path, exist_ok=True)
+        if fcntl is not None:  # the lock is on the directory itself: no file is added to it
+            self._lock = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirError(f"{self.path} is in use by another live run; wait for it or pick another --log_dir") from None
+        ident_path = os.path.join(self.path, "run.json")
+        try:
+            with open(ident_path) as f:
+                old = json.load(f)
+        except FileNotFoundError:
+            old = None
+        except ValueError as e:
+            raise RunDirError(f"{ident_path} is damaged ({e}); pick another --log_dir") from None
+        has_files = bool(checkpoint_dirs(self.path)) or (os.path.isfile(self.log_path) and os.path.getsize(self.log_path) > 0)
+        if old is None:
+            if has_files and not resume:
+                raise RunDirError(f"{self.path} holds another run's log.jsonl or checkpoints; continue that run with "
+                                  f"--resume (and its settings), or pick another --log_dir")
+            self.run_id = uuid.uuid4().hex[:12]
+            text = json.dumps({"run_id": self.run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "settings": settings}, indent=2)
+            tmp = ident_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, ident_path)
+            return self.run_id
+        diffs = [k for k in sorted(settings.keys() | old["settings"].keys()) if settings.get(k) != old["settings"].get(k)]
+        where = f"{self.path} holds run {old['run_id']} (started {old['started']})"
+        if not resume:
+            if diffs:
+                k = diffs[0]
+                raise RunDirError(f"{where}, another run ({k} {old['settings'].get(k)!r} there, {settings.get(k)!r} here); "
+                                  f"pick another --log_dir")
+            raise RunDirError(f"{where}, this same run; add --resume to continue it, or pick another --log_dir")
+        if diffs:
+            k = diffs[0]
+            raise RunDirError(f"cannot resume: {where} with {k} {old['settings'].get(k)!r}, this command has "
+                              f"{settings.get(k)!r}; use the run's settings or another --log_dir")
+        self.run_id = old["run_id"]
+        return self.run_id
+
+    # -- log.jsonl ----------------------------------------------------------------
+
+    def open_log(self):
+        """Cut a torn last record (an interrupted write), then append whole records from here on."""
+        if os.path.exists(self.log_path):
+            with open(self.log_path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    keep = data.rfind(b"\n") + 1
+                    f.truncate(keep)
+                    print(f"warning: {self.log_path} ended in a torn record ({len(data) - keep} bytes of an "
+                          f"interrupted write); cut it")
+        self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def log(self, record):
+        line = (json.dumps(record) + "\n").encode()
+        n = os.write(self._log, line)  # one write: a record is whole or (on a crash) the torn last line
+        if n != len(line):
+            raise OSError(f"short write to {self.log_path} ({n} of {len(line)} bytes): is the disk full?")
+
+    def close(self):
+        if self._log is not None:
+            os.close(self._log)
+        if self._lock is not None:
+            os.close(self._lock)
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def save(self, step, model, state):
+        """Write step_NNNNNN/ whole: into a temporary directory, fsynced, then renamed into place."""
+        bad = _finite(model.state_dict()) + _finite(optimizer_tensors(state["optimizer"]))
+        if bad:
+            raise FloatingPointError(f"not checkpointing step {step}: {len(bad)} non-finite tensors ({bad[0]}, ...)")
+        final = os.path.join(self.path, f"step_{step:06d}")
+        tmp = os.path.join(self.path, f".tmp-step_{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)  # a write of this run that was interrupted
+        model.save_pretrained(tmp)
+        torch.save({**state, "run_id": self.run_id}, os.path.join(tmp, "trainer_state.pt"))
+        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in ("config.json", "model.safetensors", "trainer_state.pt")}
+        with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
+            json.dump({"run_id": self.run_id, "step": step, "files": files}, f)
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp, directory=True)
+        if os.path.exists(final):  # only after a fallback past a bad one that was then removed by hand
+            os.rename(final, f"{final}.replaced-{int(time.time())}")
+        os.rename(tmp, final)
+        _fsync(self.path, directory=True)
+
+    def prune(self, keep):
+        """Delete all but the newest `keep` checkpoints of this run (never another run's)."""
+        ours = [d for d in self.checkpoints() if _read_json(os.path.join(d, "checkpoint.json")).get("run_id") == self.run_id]
+        for old in ours[:-keep]:
+            shutil.rmtree(old)
+
+    def checkpoints(self):
+        return checkpoint_dirs(self.path, ("config.json", "model.safetensors", "trainer_state.pt"))
+
+    def newest_valid(self, config):
+        """(directory, model, trainer state) of the newest checkpoint that verifies, or None when
+        there is none at all. Each newer one that fails is renamed aside, with a warning saying why."""
+        skipped = []
+        for d in reversed(self.checkpoints()):
+            try:
+                found = (d, *verify(d, config, self.run_id))
+                break
+            except BadCheckpoint as e:
+                skipped.append((d, e))
+        else:
+            if skipped:
+                raise RunDirError(f"no checkpoint in {self.path} verifies (newest, {skipped[0][0]}: {skipped[0][1]})")
+            return None
+        for d, why in skipped:
+            aside = d + ".corrupt"
+            while os.path.exists(aside):
+                aside += "_"
+            os.rename(d, aside)
+            print(f"warning: skipping {d}: {why}; renamed it {os.path.basename(aside)}, resuming from {found[0]}")
+        return found
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def verify(d, config, run_id):
+    """Load a checkpoint, checking sizes, headers, config, finiteness; raises BadCheckpoint(why)."""
+    step = int(os.path.basename(d)[5:])
+    meta = _read_json(os.path.join(d, "checkpoint.json"))
+    if meta:  # absent in checkpoints written before checkpoint.json existed
+        if meta.get("run_id") != run_id:
+            raise BadCheckpoint(f"it belongs to run {meta.get('run_id')}, not {run_id}")
+        for name, size in meta["files"].items():
+            actual = os.path.getsize(os.path.join(d, name))
+            if actual != size:
+                raise BadCheckpoint(f"{name} has {actual} bytes, {size} were written (truncated or altered)")
+    try:
+        model = GPT.from_pretrained(d)
+    except ModelLoadError as e:
+        raise BadCheckpoint(str(e)) from None
+    if model.config != config:
+        raise BadCheckpoint(f"its model config {model.config} is not this run's {config}")
+    try:
+        state = torch.load(os.path.join(d, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or a pickle that needs more than tensors
+        raise BadCheckpoint(f"trainer_state.pt does not load as plain tensors ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("step") != step or "optimizer" not in state:
+        raise BadCheckpoint(f"trainer_state.pt is not the trainer state of step {step}")
+    bad = _finite(model.state_dict()) + _finite(optimizer_tensors(state["optimizer"]))
+    if bad:
+        raise BadCheckpoint(f"{len(bad)} non-finite tensors ({bad[0]}, ...)")
+    if not all(math.isfinite(v) for v in state.get("scaler", {}).values() if isinstance(v, float)):
+        raise BadCheckpoint("non-finite gradient scaler state")
+    return model, state
