@@ -2,6 +2,14 @@
 Token shards on disk -> training batches, the same for any number of GPUs.
 
 fineweb.py writes uint16 .npy shards named <prefix>_val_NNNNNN.npy / <prefix>_train_NNNNNN.npy.
+A shard is found by its exact name, <prefix>_<split>_ and 6 digits, whose prefix holds no split
+name of its own (my_val_data_train_000001.npy is refused, never read as train). Where fineweb.py
+wrote a manifest.json, the shards are the ones it lists, each checked at open to be there with
+its listed token count, and a complete manifest must list every shard on disk. Their sha256 is
+checked by fineweb.py --verify, not here: at every start that would read the whole dataset.
+Token ids are checked against vocab_size batch by batch: a max over a 64x1025 batch takes ~3 us,
+where checking whole shards at open would read each 100M-token shard (~0.1 s from disk).
+
 DataLoader cuts each shard into windows of seq_len + 1 tokens (x = window[:-1], y = window[1:])
 and lays them out as one stream:
 
@@ -20,8 +28,9 @@ global batches. The loader's state is two integers (step, micro-step).
 
 import bisect
 import functools
-import glob
+import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -31,35 +40,74 @@ class DataError(ValueError):
     """Bad data or settings; the message names the file or the numbers."""
 
 
-def open_shard(path, min_tokens=2):
-    """Memory-map a token shard, checking that it is a 1-D uint16 .npy of at least min_tokens."""
+SHARD_NAME = re.compile(r"(.*)_(train|val)_\d{6}\.npy")
+
+
+def open_shard(path, min_tokens=2, listed=None):
+    """Memory-map a token shard, checking that it is a 1-D uint16 .npy of at least min_tokens
+    (and of exactly `listed` tokens, when manifest.json lists it)."""
     name = os.path.basename(path)
+    if listed is not None and not os.path.isfile(path):
+        raise DataError(f"{name}: missing, though manifest.json lists it ({path}); run the fineweb.py command "
+                        "that made the dataset again to rebuild it")
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle
     except Exception as e:  # truncated file, pickled objects, not an .npy at all
         raise DataError(f"{path}: not a valid token shard ({type(e).__name__}: {e})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise DataError(f"{name}: expected a 1-D uint16 token array, found {tokens.ndim}-D {tokens.dtype} ({path})")
+    if os.path.getsize(path) != tokens.offset + tokens.nbytes:
+        raise DataError(f"{name}: {os.path.getsize(path) - tokens.offset - tokens.nbytes:,} bytes after the "
+                        f"{len(tokens):,} tokens its header announces ({path})")
+    if listed is not None and len(tokens) != listed:
+        raise DataError(f"{name}: {len(tokens):,} tokens, but manifest.json lists {listed:,} ({path}); run the "
+                        "fineweb.py command that made the dataset again to rebuild it")
     if len(tokens) < min_tokens:
         raise DataError(f"{name}: {len(tokens)} tokens, too short for one sequence of {min_tokens - 1} ({path})")
     return tokens
 
 
 def find_shards(path, split):
+    """[(file, token count manifest.json lists or None)] of split's shards, in name order."""
     if not os.path.isdir(path):
         raise DataError(f"data directory {path!r} does not exist (make one with fineweb.py)")
-    files = sorted(glob.glob(os.path.join(path, f"*_{split}_*.npy")))
-    if not files:
-        raise DataError(f"no '*_{split}_*.npy' shards in {path!r} (make them with fineweb.py)")
-    return files
+    on_disk = []
+    for name in sorted(os.listdir(path)):
+        m = SHARD_NAME.fullmatch(name)
+        if not m or name.startswith("."):  # fineweb.py's .tmp-* shards are unfinished
+            continue
+        if re.search(r"_(train|val)(_|$)", m[1]):
+            raise DataError(f"{name}: ambiguous shard name, its prefix {m[1]!r} holds a split name ({path}); rename it")
+        if m[2] == split:
+            on_disk.append(name)
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest):  # hand-made shards
+        if not on_disk:
+            raise DataError(f"no '<prefix>_{split}_NNNNNN.npy' shards in {path!r} (make them with fineweb.py)")
+        return [(os.path.join(path, name), None) for name in on_disk]
+    try:
+        with open(manifest) as f:
+            info = json.load(f)
+        listed = {s["name"]: s["tokens"] for s in info["shards"] if s["split"] == split}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
+    if info.get("complete"):
+        for name in on_disk:
+            if name not in listed:
+                raise DataError(f"{name}: a {split} shard that {manifest} does not list; move it out of {path!r}")
+    if not listed:
+        raise DataError(f"{manifest} lists no {split} shards (make them with fineweb.py)")
+    return [(os.path.join(path, name), listed[name]) for name in sorted(listed)]
 
 
 class DataLoader:
-    def __init__(self, path, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0):
+    def __init__(self, path, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0,
+                 vocab_size=50257):
         if split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', not {split!r}")
         for name, v in [("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
-                        ("total_batch_size", total_batch_size), ("world_size", world_size)]:
+                        ("total_batch_size", total_batch_size), ("world_size", world_size),
+                        ("vocab_size", vocab_size)]:
             if v <= 0:
                 raise DataError(f"{name} must be positive, got {v}")
         if not 0 <= rank < world_size:
@@ -72,13 +120,14 @@ class DataLoader:
                 f"total_batch_size {total_batch_size} is not divisible by seq_len {seq_len} x micro-batch "
                 f"{micro_batch_size} x world size {world_size} = {per_micro_step} tokens per micro-step")
         self.split, self.seq_len, self.B = split, seq_len, micro_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.vocab_size = rank, world_size, seed, vocab_size
         self.total_batch_size = total_batch_size
         self.grad_accum_steps = total_batch_size // per_micro_step
         self.windows_per_step = total_batch_size // seq_len
 
-        self.files = find_shards(path, split)
-        self.shards = [open_shard(f, seq_len + 1) for f in self.files]
+        found = find_shards(path, split)
+        self.files = [f for f, _ in found]
+        self.shards = [open_shard(f, seq_len + 1, listed) for f, listed in found]
         self.num_tokens = sum(len(s) for s in self.shards)
         self.windows = [(len(s) - 1) // seq_len for s in self.shards]
         self.epoch_windows = sum(self.windows)
@@ -104,8 +153,8 @@ class DataLoader:
             return np.random.default_rng([self.seed, epoch, shard]).permutation(self.windows[shard])
         return None
 
-    def window(self, g):
-        """Tokens (seq_len + 1,) of stream window g."""
+    def locate(self, g):
+        """(shard, first token) of stream window g."""
         epoch, i = divmod(g, self.epoch_windows)
         order, cum = self._epoch_layout(epoch)
         j = bisect.bisect_right(cum, i)  # position in this epoch's shard order
@@ -114,13 +163,23 @@ class DataLoader:
         perm = self._window_order(epoch, shard)
         if perm is not None:
             w = int(perm[w])
-        start = w * self.seq_len
+        return shard, w * self.seq_len
+
+    def window(self, g):
+        """Tokens (seq_len + 1,) of stream window g."""
+        shard, start = self.locate(g)
         return self.shards[shard][start : start + self.seq_len + 1]
 
     def next_batch(self):
         """(x, y): int64 tensors (micro_batch_size, seq_len) of this rank's next micro-step."""
         first = self.step * self.windows_per_step + (self.micro_step * self.world_size + self.rank) * self.B
-        buf = np.stack([self.window(g) for g in range(first, first + self.B)]).astype(np.int64)
+        buf = np.stack([self.window(g) for g in range(first, first + self.B)])
+        if buf.max() >= self.vocab_size:
+            b, t = np.argwhere(buf >= self.vocab_size)[0]
+            shard, start = self.locate(first + int(b))
+            raise DataError(f"{os.path.basename(self.files[shard])}: token {buf[b, t]} at position {start + t:,} is "
+                            f"not below vocab_size {self.vocab_size} ({self.files[shard]})")
+        buf = buf.astype(np.int64)
         self.micro_step += 1
         if self.micro_step == self.grad_accum_steps:
             self.step, self.micro_step = self.step + 1, 0

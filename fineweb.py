@@ -4,6 +4,7 @@ FineWebEdu (or your own text) -> GPT-2 token shards for train.py.
     python fineweb.py                                    # FineWebEdu sample-10BT: ~10B tokens, ~20 GB
     python fineweb.py --max_tokens 20_000_000            # a quick 20M-token dataset
     python fineweb.py --source ../shared/corpus --path data/corpus --shard_size 1_000_000
+    python fineweb.py --verify --path data/corpus            # check every shard's sha256
 
 Every document is preceded by <|endoftext|> and tokenized with GPT-2's BPE; the token stream
 is cut into shards of --shard_size tokens saved as uint16 .npy: <prefix>_val_000000.npy first,
@@ -14,6 +15,15 @@ manifest.json (source, settings, tokenizer, shards with token counts and sha256)
 where in the document stream each shard ends. Re-running the same command after a crash or
 Ctrl-C keeps the finished shards and continues; the result is byte-identical to an
 uninterrupted run.
+
+Shards are never trusted blindly: every re-run, even of a complete dataset, checks that each
+shard the manifest lists is on disk at its size (header and file size, not the hash). From the
+first missing or wrong-size shard on, the dataset is rebuilt, byte-identical, as a resumed run
+is. --verify recomputes every shard's sha256 against the manifest (a shard overwritten with
+zeros has the right size: only the hash tells), prints one line per bad shard and a summary,
+and exits 1 if any is bad or the dataset is incomplete, else 0. Delete a bad shard and re-run
+the command that made the dataset to rebuild it. A --prefix holding _train or _val as a word is
+refused: data.py could not tell the splits apart by name.
 """
 
 import argparse
@@ -24,6 +34,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -36,6 +47,7 @@ import numpy as np
 EOT = 50256
 TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model.get_tokenizer loads it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
+SHARD_NAME = re.compile(r"[^.].*_(train|val)_\d{6}\.npy")  # as data.py finds them (.tmp-* are unfinished)
 FORMATS = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
 BATCH_CHARS = 1 << 18  # text per task sent to a worker (~60k tokens)
 # Tasks in flight per worker. Results are taken in order, so while the oldest task runs the
@@ -225,31 +237,51 @@ def shard_name(prefix, index):
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
+def read_manifest(path):
+    """The manifest.json of directory path, or None."""
+    path = os.path.join(path, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is unreadable ({e}); remove it to start over") from None
+
+
+def shard_problem(path, tokens):
+    """Why the file at path is not a shard of `tokens` tokens (from its header and size), or None."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+        if a.dtype == np.uint16 and a.shape == (tokens,) and os.path.getsize(path) == a.offset + a.nbytes:
+            return None
+    except Exception:  # truncated below its header's size, or not an .npy at all
+        pass
+    return f"wrong size: {os.path.getsize(path):,} bytes, not the {tokens:,} tokens manifest.json lists"
+
+
 def load_manifest(args):
     """The manifest of this dataset, fresh or resumed; refuses a directory of another dataset."""
     settings = {"source": args.source if args.source == HF_DATASET else os.path.abspath(args.source),
                 "hf_config": args.hf_config if args.source == HF_DATASET else None,
                 "text_field": args.text_field, "shard_size": args.shard_size, "max_tokens": args.max_tokens,
                 "prefix": args.prefix, "tokenizer": TOKENIZER}
-    path = os.path.join(args.path, "manifest.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path} is unreadable ({e}); remove it to start over") from None
+    manifest = read_manifest(args.path)
+    if manifest is not None:
         for key, value in settings.items():
             if manifest.get(key) != value:
                 raise InputError(f"output directory {args.path!r} holds another dataset ({key}: {manifest.get(key)!r} "
                                  f"there, {value!r} asked); choose another --path")
-        # keep the recorded shards that are on disk, whole; drop any after a missing one
-        kept = []
-        for shard in manifest["shards"]:
+        # keep the recorded shards that are on disk, whole; rebuild from the first that is not
+        shards = manifest["shards"]
+        for i, shard in enumerate(shards):
             f = os.path.join(args.path, shard["name"])
-            if not os.path.isfile(f) or np.load(f, mmap_mode="r").shape != (shard["tokens"],):
+            if why := shard_problem(f, shard["tokens"]):
+                print(f"{f}: {why}; rebuilding the dataset from this shard on ({len(shards) - i} of {len(shards)} shards)")
+                manifest.update(complete=False, shards=shards[:i])
                 break
-            kept.append(shard)
-        manifest["shards"] = kept
         return manifest
     others = glob.glob(os.path.join(args.path, "*_train_*.npy")) + glob.glob(os.path.join(args.path, "*_val_*.npy"))
     if others:
@@ -257,7 +289,50 @@ def load_manifest(args):
     return {**settings, "complete": False, "tokens": 0, "documents": 0, "shards": []}
 
 
+def verify(path):
+    """--verify: every shard's sha256 against the manifest; returns the exit status."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise InputError(f"{path!r} holds no manifest.json: not a dataset made by fineweb.py")
+    from tqdm import tqdm
+
+    shards = manifest["shards"]
+    files = [os.path.join(path, s["name"]) for s in shards]
+    bad = 0
+    if manifest["complete"]:  # data.py refuses a shard a complete manifest does not list
+        for name in sorted(set(filter(SHARD_NAME.fullmatch, os.listdir(path))) - {s["name"] for s in shards}):
+            print(f"{os.path.join(path, name)}: not listed in manifest.json (another dataset's? move it away)")
+            bad += 1
+    total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verifying")
+    for shard, f in zip(shards, files):
+        why = shard_problem(f, shard["tokens"])
+        if why is None:
+            sha = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    sha.update(chunk)
+                    bar.update(len(chunk))
+            if sha.hexdigest() != shard["sha256"]:
+                why = "sha256 differs from manifest.json (overwritten or corrupted)"
+        if why:
+            tqdm.write(f"{f}: {why}")
+            bad += 1
+    bar.close()
+    if bad:
+        print(f"{path}: {bad} bad shard(s): delete them and run the command that made the dataset again to rebuild them")
+    elif not manifest["complete"]:
+        print(f"{path}: the {len(shards)} shards so far are good, but the dataset is incomplete: run the command "
+              "that made it again to finish it")
+    else:
+        print(f"{path}: all {len(shards)} shards good ({manifest['tokens']:,} tokens, sha256 as in manifest.json)")
+    return 1 if bad or not manifest["complete"] else 0
+
+
 def run(args):
+    if re.search(r"_(train|val)(_|$)", args.prefix):
+        raise InputError(f"--prefix {args.prefix!r} holds _train or _val as a word: its shards would read as the "
+                         "wrong split; choose another")
     files = None if args.source == HF_DATASET else local_files(args.source)  # fail fast on a bad source
     if os.path.exists(args.path) and not os.path.isdir(args.path):
         raise InputError(f"output path {args.path!r} exists and is not a directory")
@@ -482,15 +557,20 @@ def main(argv=None):
     p.add_argument("--hf_config", default=HF_CONFIG, help="dataset config when streaming FineWebEdu")
     p.add_argument("--text_field", default="text", help="the text field of parquet/JSON records")
     p.add_argument("--path", default="edu_fineweb10B", help="output directory of shards and manifest.json")
-    p.add_argument("--prefix", default="edufineweb", help="shard name prefix")
+    p.add_argument("--prefix", default="edufineweb", help="shard name prefix (no _train or _val in it)")
     p.add_argument("--shard_size", type=positive_int, default=100_000_000, help="tokens per shard")
     p.add_argument("--max_tokens", type=positive_int, default=None, help="stop after this many tokens")
     p.add_argument("--workers", type=positive_int, default=usable_cores(),
                    help="tokenizer processes (default: one per usable core)")
     p.add_argument("--start_method", choices=mp.get_all_start_methods(), default=None,
                    help="multiprocessing start method (default: the platform's)")
+    p.add_argument("--verify", action="store_true",
+                   help="instead of building: check every shard of --path against manifest.json's sha256 "
+                        "(exit 1 if any is bad or the dataset is incomplete)")
     args = p.parse_args(argv)
     try:
+        if args.verify:
+            return verify(args.path)
         run(args)
     except (InputError, WorkerError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -185,10 +185,11 @@ def build(ctx):
     except ValueError as e:
         raise TrainError(str(e)) from None
     T, B = config.block_size, args.batch_size_per_device
-    ctx.train_loader = DataLoader(args.path, "train", T, B, args.total_batch_size, ctx.rank, ctx.world_size, args.seed)
+    V = config.vocab_size
+    ctx.train_loader = DataLoader(args.path, "train", T, B, args.total_batch_size, ctx.rank, ctx.world_size, args.seed, V)
     # Validation: micro-step k of rank r scores windows [k*B*world + r*B, +B) of the val stream,
     # the first val_windows of them count (the rest of the last micro-step are masked out).
-    ctx.val_loader = DataLoader(args.path, "val", T, B, B * T * ctx.world_size, ctx.rank, ctx.world_size, args.seed)
+    ctx.val_loader = DataLoader(args.path, "val", T, B, B * T * ctx.world_size, ctx.rank, ctx.world_size, args.seed, V)
     ctx.val_windows = args.val_tokens // T
     if ctx.val_windows == 0:
         raise TrainError(f"--val_tokens {args.val_tokens} is less than one sequence of {T} tokens")

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -753,7 +754,7 @@ def test_loader_on_fineweb_output(tmp_path, enc):
 # ----------------------------------------------------------------------------------------------
 
 def _bad_shard(d, kind):
-    name = f"bad_train_000001_{kind}.npy"
+    name = f"bad-{kind}_train_000001.npy"
     p = d / name
     if kind == "truncated":
         np.save(p, np.arange(10 * T, dtype=np.uint16))
@@ -821,3 +822,189 @@ def test_loader_bad_batch_sizes(train_dir, total, B, world):
         DataLoader(str(train_dir), "train", T, B, total, rank=0, world_size=world)
     msg = str(ei.value)
     assert str(total) in msg, msg
+
+
+# ----------------------------------------------------------------------------------------------
+# shards are never trusted blindly: split names, manifest.json at open and on re-run, --verify, token ids
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(source, dataset) of one fineweb.py run: a val shard and 4+ train shards of 512 tokens."""
+    tmp = tmp_path_factory.mktemp("built")
+    src = write_txt_dir(tmp / "src", synth_docs(12, 150, seed=11))
+    out = tmp / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 512))
+    assert len(final_shards(out)) >= 5
+    return src, out
+
+
+@pytest.fixture
+def dataset(built, tmp_path):
+    """A fresh copy of the built dataset, to damage."""
+    return Path(shutil.copytree(built[1], tmp_path / "data"))
+
+
+def rebuild(built, out):
+    return run_fineweb("--source", built[0], "--path", out, "--shard_size", 512)
+
+
+def verify(out):
+    return run_fineweb("--verify", "--path", out, workers=None)
+
+
+def damage(path, kind):
+    """Delete a shard, cut bytes off its end or add some, or rewrite it (a valid .npy) with fewer tokens."""
+    if kind == "deleted":
+        path.unlink()
+    elif kind == "cut":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif kind == "appended":
+        path.write_bytes(path.read_bytes() + bytes(64))
+    elif kind == "fewer_tokens":
+        np.save(path, np.load(path)[:-5])
+
+
+def test_loader_names_val_and_train_exactly(tmp_path):
+    """A split is matched by the exact name <prefix>_<split>_NNNNNN.npy: val never leaks into train
+    (or back) through a prefix, and look-alike files are not shards."""
+    from data import DataError, DataLoader
+
+    d = tmp_path / "names"
+    d.mkdir()
+    np.save(d / "val_train_000001.npy", shard_values(0, 5 * T + 1))  # prefix 'val': a train shard
+    np.save(d / "train_val_000000.npy", shard_values(1, 3 * T + 1))  # prefix 'train': a val shard
+    for junk in ["x_train_1.npy", "toy_train_000002_copy.npy", "toy_train_000003.npy.bak", ".tmp-toy_train_000004.npy"]:
+        np.save(d / "tmp.npy", shard_values(2, 4 * T + 1))
+        os.replace(d / "tmp.npy", d / junk)
+    assert DataLoader(str(d), "train", T, 1, T).num_tokens == 5 * T + 1
+    assert DataLoader(str(d), "val", T, 1, T).num_tokens == 3 * T + 1
+
+    # a prefix holding a split name is refused, whichever split is asked for
+    for name in ["my_train_data_val_000000.npy", "my_val_data_train_000001.npy", "data_val_train_000001.npy"]:
+        bad = tmp_path / name.replace(".npy", "")
+        shutil.copytree(d, bad)
+        np.save(bad / name, shard_values(3, 4 * T + 1))
+        for split in ("train", "val"):
+            with pytest.raises(DataError, match=re.escape(name)):
+                DataLoader(str(bad), split, T, 1, T)
+
+
+@pytest.mark.parametrize("prefix", ["my_val_data", "my_train_data", "data_train", "x_val"])
+def test_fineweb_refuses_prefix_with_a_split_name(tmp_path, prefix):
+    """A --prefix holding _train or _val as a word would name shards the loader cannot split: refused, nothing written."""
+    src = write_txt_dir(tmp_path / "src", synth_docs(3, 50, seed=1))
+    proc = run_fineweb("--source", src, "--path", tmp_path / "out", "--shard_size", 100, "--prefix", prefix)
+    assert_clean_error(proc, repr(prefix), "--prefix")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["deleted", "cut", "appended", "fewer_tokens"])
+def test_loader_checks_shards_against_manifest(dataset, kind):
+    """With a manifest, a deleted or truncated shard is a DataError naming it, not a smaller dataset."""
+    from data import DataError, DataLoader
+
+    name = final_shards(dataset)[2]
+    damage(dataset / name, kind)
+    with pytest.raises(DataError, match=re.escape(name)) as ei:
+        DataLoader(str(dataset), "train", T, 1, T)
+    if kind in ("deleted", "fewer_tokens"):  # a cut or grown file is no whole .npy, manifest or not
+        assert "manifest.json" in str(ei.value)
+    assert DataLoader(str(dataset), "val", T, 1, T).num_tokens == 512  # the val split is intact
+
+
+def test_loader_complete_manifest_lists_every_shard(dataset):
+    """A shard on disk that a complete manifest does not list is refused; an incomplete manifest
+    (fineweb.py still running) gives exactly its listed shards."""
+    from data import DataError, DataLoader
+
+    m = load_manifest(dataset)
+    stray = "edufineweb_train_000099.npy"
+    np.save(dataset / stray, shard_values(0, 4 * T + 1))
+    with pytest.raises(DataError, match=stray):
+        DataLoader(str(dataset), "train", T, 1, T)
+    assert DataLoader(str(dataset), "val", T, 1, T).num_tokens == 512
+
+    m["complete"] = False
+    m["shards"] = m["shards"][:-1]
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    ld = DataLoader(str(dataset), "train", T, 1, T)
+    assert ld.num_tokens == sum(s["tokens"] for s in m["shards"] if s["split"] == "train")
+    assert [os.path.basename(f) for f in ld.files] == [s["name"] for s in m["shards"][1:]]
+
+
+def test_loader_token_out_of_vocab_raises(train_dir):
+    """A token id >= vocab_size is a DataError naming the shard, the token and its position, raised
+    by the batch that holds it (earlier batches are served)."""
+    from data import DataError, DataLoader
+
+    pos = 2 * T + 5  # in window 2 of toy_train_000002.npy only
+    tokens = shard_values(1, TRAIN_LENS[1])
+    tokens[pos] = 50257
+    np.save(train_dir / "toy_train_000002.npy", tokens)
+    ld = DataLoader(str(train_dir), "train", T, 1, T)
+    served = []
+    with pytest.raises(DataError) as ei:
+        for _ in range(N_WIN):
+            served += window_ids(ld.next_batch()[0])
+    msg = str(ei.value)
+    assert "toy_train_000002.npy" in msg and "token 50257" in msg and f"position {pos}" in msg, msg
+    assert (1, 2) not in served and len(served) < N_WIN
+
+    ld = DataLoader(str(train_dir), "train", T, 1, T, vocab_size=50258)  # a larger vocabulary holds it
+    assert len([ld.next_batch() for _ in range(N_WIN)]) == N_WIN
+    ld = DataLoader(str(train_dir), "val", T, 2, 2 * T, vocab_size=1000)  # val batches are checked too
+    with pytest.raises(DataError, match="toy_val_000000.npy.*vocab_size 1000"):
+        ld.next_batch()
+
+
+@pytest.mark.parametrize("kind", ["deleted", "cut", "appended", "fewer_tokens"])
+def test_fineweb_rerun_rebuilds_a_missing_or_wrong_size_shard(built, dataset, kind):
+    """Re-running a complete dataset checks each shard's size: a deleted or truncated shard is
+    reported, and it and the shards after it are rebuilt byte-identical; those before are untouched."""
+    names = final_shards(dataset)
+    before = {n: (dataset / n).stat().st_mtime_ns for n in names}
+    damage(dataset / names[2], kind)
+    proc = rebuild(built, dataset)
+    check_ok(proc)
+    assert names[2] in proc.stdout and "rebuilding" in proc.stdout, proc.stdout
+    assert "already complete" not in proc.stdout
+    for n in names + ["manifest.json"]:
+        assert (dataset / n).read_bytes() == (built[1] / n).read_bytes(), n
+    assert [(dataset / n).stat().st_mtime_ns for n in names[:2]] == [before[n] for n in names[:2]]
+
+
+def test_fineweb_verify(built, dataset):
+    """--verify: exit 0 on a good dataset; a shard zeroed at its right size (which re-runs and the
+    loader accept) is found by its sha256, as are a missing and an unlisted shard: one line each, exit 1."""
+    from data import DataLoader
+
+    proc = verify(dataset)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"all {len(final_shards(dataset))} shards good" in proc.stdout, proc.stdout
+    manifest = (dataset / "manifest.json").read_text()
+    (dataset / "manifest.json").write_text(manifest.replace('"complete": true', '"complete": false'))
+    proc = verify(dataset)  # good shards, but not all of them yet
+    assert proc.returncode == 1 and "incomplete" in proc.stdout, proc.stdout + proc.stderr
+    (dataset / "manifest.json").write_text(manifest)
+
+    names = final_shards(dataset)
+    zeroed = dataset / names[1]
+    zeroed.write_bytes(zeroed.read_bytes()[:128] + bytes(zeroed.stat().st_size - 128))
+    assert np.load(zeroed).shape == (512,) and not np.load(zeroed).any()
+    DataLoader(str(dataset), "train", T, 1, T)  # right size, valid ids: only the hash tells
+    check_ok(rebuild(built, dataset))
+    assert not np.load(zeroed).any()
+    (dataset / names[3]).unlink()
+    np.save(dataset / "edufineweb_train_000099.npy", np.zeros(600, dtype=np.uint16))
+    proc = verify(dataset)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    bad = [l for l in proc.stdout.splitlines() if l.startswith(str(dataset) + os.sep)]
+    assert len(bad) == 3, proc.stdout
+    assert names[1] in bad[1] and "sha256" in bad[1], bad
+    assert "edufineweb_train_000099.npy" in bad[0] and names[3] in bad[2] and "missing" in bad[2], bad
+    assert "3 bad" in proc.stdout.splitlines()[-1]
+
+    # no manifest: not a dataset of fineweb.py
+    (dataset / "manifest.json").unlink()
+    assert_clean_error(verify(dataset), "manifest.json")
