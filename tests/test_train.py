@@ -337,11 +337,12 @@ def test_error_token_outside_the_vocabulary(data_dir, tmp_path):
     blamed on the learning rate, nor an IndexError mid-run)."""
     bad = tmp_path / "data"
     shutil.copytree(data_dir, bad)
-    toks = np.load(bad / "edufineweb_train_000002.npy")
-    toks[::50] = 50300
-    np.save(bad / "edufineweb_train_000002.npy", toks)
+    for name in ("edufineweb_train_000001.npy", "edufineweb_train_000002.npy"):
+        toks = np.load(bad / name)
+        toks[::50] = 50300
+        np.save(bad / name, toks)
     line = error_line(run_train(*base_args(bad, tmp_path / "log", 4)))
-    assert "edufineweb_train_000002.npy" in line and "50300" in line, line
+    assert "edufineweb_train_00000" in line and "50300" in line, line
 
 
 def test_seed_command_line_parses(tmp_path):
