@@ -550,3 +550,37 @@ def test_killed_during_a_checkpoint_write_resumes_exactly(data_dir, ref_run, tmp
     assert "step 4" in proc.stdout
     assert not (log / ".tmp-step_000008").exists()
     assert_same_numbers(log, ref_run)
+
+
+HELLASWAG_FAILS_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import hellaswag, train
+if os.environ["RANK"] == "1":
+    def load_examples(path):
+        raise hellaswag.HellaSwagError("cannot read it on this rank")
+    hellaswag.load_examples = load_examples
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_hellaswag_is_on_for_every_rank_or_for_none(data_dir, tmp_path):
+    """One rank failing to load HellaSwag turns it off on all ranks (rank 0 would otherwise wait
+    forever in HellaSwag's collective while rank 1 trains): the run finishes, with one warning."""
+    hs = tmp_path / "hellaswag"
+    hs.mkdir()
+    with open(hs / "hellaswag_val.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"ctx": f"A man walks his dog number {i}.", "label": i % 4,
+                                "endings": ["He runs.", "It rains.", "They sing a song.", "The dog barks."]}) + "\n")
+    script = tmp_path / "wrap.py"
+    script.write_text(HELLASWAG_FAILS_ON_RANK_1.format(repo=str(REPO_ROOT)))
+    args = [str(a) for a in base_args(data_dir, tmp_path / "log", 3, batch_size_per_device=2, eval_step_interval=2)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args,
+           "--hellaswag_examples", "-1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**env(), "HELLASWAG_DIR": str(hs)}, capture_output=True,
+                          text=True, timeout=60)
+    check_ok(proc)
+    assert "HellaSwag is off: another rank could not load it" in proc.stdout, proc.stdout
+    recs = read_log(tmp_path / "log")
+    assert not any("hellaswag_acc_norm" in r for r in recs) and len(train_losses(tmp_path / "log")) == 3
