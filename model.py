@@ -211,14 +211,20 @@ class GPT(nn.Module):
         V = self.config.vocab_size
         if not return_logits and not torch.compiler.is_compiling():
             # (under torch.compile the plain path below is fused by the compiler instead)
-            loss = ChunkedLMHeadLoss.apply(x.reshape(-1, x.size(-1)), self.transformer.wte.weight, targets.reshape(-1), V)
+            # Grad mode is always off inside an autograd.Function's forward, and needs_input_grad
+            # stays True under torch.no_grad(), so we say here whether to build the gradients.
+            loss = ChunkedLMHeadLoss.apply(x.reshape(-1, x.size(-1)), self.transformer.wte.weight, targets.reshape(-1),
+                                           V, torch.is_grad_enabled())
             return None, loss
         # The padded matmul (friendlier shapes), with the padding columns masked to -inf:
         # zero probability and zero gradient, so the loss is exactly the vocab_size model's.
         logits = F.linear(x, self.transformer.wte.weight)
         if logits.size(-1) > V:
             logits[..., V:] = float("-inf")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        # The chunked path's definition: mean over the non-ignored targets, 0 (zero gradients)
+        # when there is none (F.cross_entropy's mean would be 0/0 = NaN).
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1, reduction="sum")
+        loss = loss / (targets >= 0).sum().clamp(min=1)
         return (logits[..., :V] if return_logits else None), loss
 
     # -- sampling ------------------------------------------------------------
@@ -496,7 +502,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     The backward pass only scales the gradients stored by the forward pass. Same FLOPs as
     the plain path, a fraction of its memory traffic.
     x: (N, C); weight: (V_padded, C), of which the first vocab_size rows are real;
-    targets: (N,) with -1 = ignore.
+    targets: (N,) with -1 = ignore; grad_enabled: torch.is_grad_enabled() of the caller
+    (False: the loss only, no gradients built).
     """
 
     # Rows per chunk: big enough for the matmuls to run near the BLAS peak (measured best on
@@ -504,8 +511,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     CHUNK_ROWS = 512
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, x, weight, targets, vocab_size, grad_enabled):
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         w = weight.to(x.dtype)
         valid = targets >= 0
         count = valid.sum().clamp(min=1).float()
@@ -541,7 +548,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w, count = ctx.saved_tensors
         scale = grad_loss / count
-        return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+        return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
 def _fetch(url, path):
@@ -612,6 +619,8 @@ def get_tokenizer():
 
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), from the vendors' datasheets. Matched by
 # substring of torch.cuda.get_device_name(), first match wins (so the more specific first).
+# fp16 has the same peak; fp32 runs on the TF32 tensor cores, whose dense peak is half the
+# bf16 one on every device listed here (e.g. H100 SXM 989 -> 495, A100 312 -> 156 TFLOP/s).
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -644,11 +653,14 @@ def default_dtype(device):
     return "bf16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def peak_flops(device_name):
-    """Peak bf16 FLOP/s of a device by its name, or None when unknown (then MFU is not reported)."""
+def peak_flops(device_name, dtype="bf16"):
+    """Peak FLOP/s of a device by its name for a --dtype (bf16, fp16 or fp32, the latter as
+    TF32), or None when the device is unknown (then MFU is not reported)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     for key, flops in PEAK_BF16_FLOPS:
         if key in (device_name or ""):
-            return flops
+            return flops / 2 if dtype == "fp32" else flops
     return None
 
 

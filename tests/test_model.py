@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ import torch
 from conftest import perturb_
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -263,6 +268,61 @@ def test_preset_parameter_counts(name):
             pytest.skip(f"cannot build {name} on the meta device: {e!r}")
         m = GPT(cfg)
     assert m.num_params() == count
+
+
+# ----------------------------------------------------------------------------- init and LayerNorm
+
+def test_init_matches_hf_gpt2_init():
+    """A fresh GPT is initialised like a fresh HF GPT2LMHeadModel, parameter by parameter: the same
+    std (N(0, 0.02), the residual projections' c_proj scaled by 1/sqrt(2 * n_layer)), zero biases,
+    LayerNorm 1 / 0; and the padding rows of wte are zero."""
+    shape = dict(vocab_size=1000, n_layer=8, n_head=8, n_embd=256)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=128, bos_token_id=None, eos_token_id=None, **shape))
+    torch.manual_seed(1)
+    ours = GPT(GPTConfig(block_size=128, **shape))
+    assert torch.count_nonzero(ours.transformer.wte.weight[1000:]) == 0
+    ref = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    got = ours.hf_state_dict()
+    assert got.keys() == ref.keys()
+    for k, r in ref.items():
+        g = got[k]
+        assert g.shape == r.shape, k
+        if r.std() == 0:  # biases and LayerNorm
+            assert torch.equal(g, r), k
+        else:  # >= 32k samples each: the std is known to < 1%
+            assert g.std().item() == pytest.approx(r.std().item(), rel=0.03), k
+            assert abs(g.mean().item()) < 0.05 * r.std().item(), k
+
+
+def test_layer_norm_epsilon_is_gpt2s_where_it_matters():
+    """Our default LayerNorm eps is GPT-2's. With a residual stream whose variance is ~eps (embeddings
+    and residual projections scaled down), so that eps changes every LayerNorm's output, a HF GPT-2
+    built with transformers' default config and our GPT built with our default config agree."""
+    assert GPTConfig().layer_norm_epsilon == GPT2Config().layer_norm_epsilon
+    hf = make_hf(seed=13)  # no layer_norm_epsilon given: transformers' default
+    eps = hf.config.layer_norm_epsilon
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("wte.weight", "wpe.weight")):
+                p.mul_(0.02)
+            elif name.endswith(("c_proj.weight", "c_proj.bias")):
+                p.mul_(0.005)
+    ours = GPT(GPTConfig(**SMALL)).eval()  # no layer_norm_epsilon given: our default
+    ours.load_hf_state_dict(hf.state_dict())
+
+    variances = []
+    hooks = [mod.register_forward_pre_hook(lambda mod, args: variances.append(args[0].var(-1, unbiased=False).mean()))
+             for mod in ours.modules() if isinstance(mod, torch.nn.LayerNorm)]
+    idx = rand_idx(2, 40, 101)
+    got = logits_of(ours, idx)
+    for h in hooks:
+        h.remove()
+    assert len(variances) == 2 * ours.config.n_layer + 1
+    assert all(eps / 10 < v < 3 * eps for v in variances), variances  # the regime where eps matters
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 # ----------------------------------------------------------------------------- generation
@@ -521,6 +581,43 @@ def test_flops_per_token_and_peak_flops():
     assert M.peak_flops("Some Unknown Accelerator 3000") is None
 
 
+@pytest.mark.parametrize("return_logits", [False, True])
+def test_flops_per_token_matches_torch_flop_counter(return_logits, monkeypatch):
+    """flops_per_token(T) is what torch's FlopCounterMode counts in a real training step (forward
+    + backward) divided by the tokens, within 2% (the counter skips biases, LayerNorm and other
+    elementwise work). T = 4 * n_embd makes attention a third of the total."""
+    cfg = GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64)  # 512: no padding rows
+    assert cfg.padded_vocab_size == cfg.vocab_size
+    monkeypatch.setattr(M.ChunkedLMHeadLoss, "CHUNK_ROWS", 128)
+    torch.manual_seed(0)
+    m = GPT(cfg).train()
+    B, T = 2, 256
+    idx, targets = rand_idx(B, T, 512, seed=1), rand_idx(B, T, 512, seed=2)
+    # The math SDPA backend is made of bmm's the counter sees (the CPU flash kernel it does not know),
+    # counted over the full T x T scores as flops_per_token does. The chunked loss accumulates
+    # dL/dW with addmm_, which the counter does not know: give it addmm's formula.
+    addmm_ = {torch.ops.aten.addmm_: flop_counter.addmm_flop.__wrapped__}
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=addmm_)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _, loss = m(idx, targets, return_logits=return_logits)
+        loss.backward()
+    counted = counter.get_total_flops() / (B * T)
+    assert m.flops_per_token(T) == pytest.approx(counted, rel=0.02)
+
+
+def test_peak_flops_per_dtype():
+    """bf16 is the default; fp16 has bf16's peak, fp32 (TF32 tensor cores) half of it; None for unknown devices."""
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"):
+        bf16 = M.peak_flops(name)
+        assert bf16 is not None and M.peak_flops(name, "bf16") == bf16 == M.peak_flops(name, dtype="fp16")
+        assert M.peak_flops(name, "fp32") == bf16 / 2
+    assert 480e12 <= M.peak_flops("NVIDIA H100 80GB HBM3", "fp32") <= 500e12  # datasheet: 495 dense TF32
+    for dtype in ("bf16", "fp16", "fp32"):
+        assert M.peak_flops("Some Unknown Accelerator 3000", dtype) is None
+    with pytest.raises(ValueError):
+        M.peak_flops("NVIDIA H100 80GB HBM3", "fp8")
+
+
 def _tiktoken_available():
     d = os.environ.get("TIKTOKEN_CACHE_DIR")
     return bool(d) and Path(d).is_dir() and any(Path(d).iterdir())
@@ -576,7 +673,7 @@ def test_chunked_loss_survives_extreme_logits(monkeypatch):
     x = torch.randn(6, 8, dtype=torch.float64).float() * 40
     w = torch.randn(128, 8) * 5
     t = torch.randint(0, 101, (6,))
-    loss = M.ChunkedLMHeadLoss.apply(x, w, t, 101)
+    loss = M.ChunkedLMHeadLoss.apply(x, w, t, 101, True)
     ref = F.cross_entropy((x.double() @ w[:101].double().t()), t)
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
@@ -593,6 +690,93 @@ def test_chunked_loss_under_bf16_autocast_matches_fp32():
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+class _Allocations(TorchDispatchMode):
+    """Records (op, output shape) of every op that makes a new tensor (views excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.made.update((str(func), tuple(t.shape)) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_chunked_loss_under_no_grad_builds_no_gradients():
+    """Under torch.no_grad() (validation) the chunked loss computes the loss only: none of the
+    tensors it makes has the shape of the (padded) embedding's gradient or of the hidden states'
+    gradient, and the loss is the grad-mode loss. In grad mode both are made (the check sees them)."""
+    m = make_ours(seed=14).train()
+    B, T, C = 3, 40, m.config.n_embd
+    grad_shapes = {(m.config.padded_vocab_size, C), (B * T, C)}
+    idx, targets = rand_idx(B, T, 101, seed=1), rand_idx(B, T, 101, seed=2)
+
+    def loss_allocations(grad):
+        with torch.set_grad_enabled(grad):
+            with _Allocations() as net:
+                m._hidden(idx)
+            with _Allocations() as full:
+                _, loss = m(idx, targets, return_logits=False)
+        return loss, full.made - net.made  # what the loss made beyond the network itself
+
+    loss_grad, made = loss_allocations(True)
+    assert grad_shapes <= {shape for _, shape in made}
+    loss_val, made = loss_allocations(False)
+    assert not loss_val.requires_grad
+    assert not grad_shapes & {shape for _, shape in made}, sorted(made)
+    assert loss_val.item() == loss_grad.item()
+
+
+def _loss_and_grads(m, idx, targets, path, monkeypatch):
+    m.zero_grad(set_to_none=True)
+    if path == "compiled":  # the branch torch.compile traces (the one GPUs run), here run eagerly
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.compiler, "is_compiling", lambda: True)
+            _, loss = m(idx, targets, return_logits=False)
+    else:
+        _, loss = m(idx, targets, return_logits=path == "plain")
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("case", ["normal", "partly_ignored", "all_ignored", "last_token"])
+def test_loss_paths_agree_with_reference(case, monkeypatch):
+    """The chunked loss, the plain path (return_logits=True) and the branch taken under torch.compile
+    all give the same loss and parameter gradients as a float64 reference: mean -log p(target)
+    over the non-ignored targets, and 0 with zero gradients when every target is ignored."""
+    m = make_ours(seed=15).train()  # perturbed: the padding rows of wte are nonzero too
+    V = m.config.vocab_size
+    B, T = 3, 40
+    idx, targets = rand_idx(B, T, V, seed=3), rand_idx(B, T, V, seed=4)
+    if case == "partly_ignored":
+        targets[0, :11] = -1
+        targets[2, -3:] = -1
+    elif case == "all_ignored":
+        targets[:] = -1
+    elif case == "last_token":
+        targets[:, ::3] = V - 1
+
+    m.zero_grad(set_to_none=True)
+    logits = F.linear(m._hidden(idx).double(), m.transformer.wte.weight[:V].double())
+    keep = targets >= 0
+    nll = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    ref_loss = (nll * keep).sum() / max(int(keep.sum()), 1)
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in m.named_parameters()}
+
+    for path in ("chunked", "plain", "compiled"):
+        loss, grads = _loss_and_grads(m, idx, targets, path, monkeypatch)
+        assert loss.dtype == torch.float32, path
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6, abs=1e-7), path
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n].float(), rtol=1e-5, atol=1e-7, msg=f"{path}: {n}")
+        if case == "all_ignored":
+            assert loss.item() == 0.0
+            assert all(torch.count_nonzero(g) == 0 for g in grads.values()), path
 
 
 def test_from_pretrained_hub_name_offline_says_what_to_do(tmp_path, monkeypatch):
