@@ -584,3 +584,20 @@ def test_hellaswag_is_on_for_every_rank_or_for_none(data_dir, tmp_path):
     assert "HellaSwag is off: another rank could not load it" in proc.stdout, proc.stdout
     recs = read_log(tmp_path / "log")
     assert not any("hellaswag_acc_norm" in r for r in recs) and len(train_losses(tmp_path / "log")) == 3
+
+
+def test_resume_adopts_an_older_run_and_keep_checkpoints_deletes_only_its_own(data_dir, ref_run, tmp_path):
+    """A run directory from before run.json/checkpoint.json is continued with --resume (exactly), and
+    --keep_checkpoints 1 then deletes only checkpoints this run wrote, never the older ones."""
+    log = copy_run(ref_run, tmp_path / "log")
+    (log / "run.json").unlink()
+    for c in checkpoints(log):
+        (c / "checkpoint.json").unlink()
+    shutil.rmtree(log / "step_000012")
+    args = base_args(data_dir, log, 12, **REF_KW, keep_checkpoints=1)
+    line = error_line(run_train(*args))  # not without --resume
+    assert "--resume" in line, line
+    check_ok(run_train(*args, "--resume"))
+    assert (log / "run.json").is_file()
+    assert [c.name for c in checkpoints(log)] == ["step_000004", "step_000008", "step_000012"]
+    assert_same_numbers(log, ref_run)
