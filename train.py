@@ -173,8 +173,17 @@ def setup(args):
         args.compile = ctx.device_type == "cuda"
     ctx.ddp = ddp
     if ddp:
-        dist.init_process_group("nccl" if ctx.device_type == "cuda" else "gloo")
+        init_process_group("nccl" if ctx.device_type == "cuda" else "gloo")
     return ctx
+
+
+def init_process_group(backend):
+    """torchrun's store outlives a restart (--max-restarts) and still holds the dead group's
+    addresses under the default keys, so restarted gloo ranks would connect to a dead port:
+    each restart gets keys of its own."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
 def build(ctx):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, T, base_args, check_ok, env, error_line, read_log, run_train, train_cmd
+from conftest import REPO_ROOT, TRAIN, T, base_args, check_ok, env, error_line, read_log, run_train, train_cmd
 
 SEED_FLAGS = ["--max_steps", "19073", "--warmup_steps", "715", "--max_lr", "6e-4", "--min_lr", "6e-5",
               "--batch_size_per_device", "64", "--total_batch_size", "524288", "--eval_step_interval", "250",
@@ -374,7 +374,7 @@ def test_cuda_device_gets_an_index(monkeypatch, env, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(train, "init_process_group", lambda *a, **k: None)
     ctx = train.setup(train.parse_args(["--device", "cuda"]))
     assert chosen == [expected] and ctx.device == expected and ctx.device_type == "cuda"
     assert ctx.args.dtype == "bf16" and ctx.args.compile is True
@@ -601,3 +601,58 @@ def test_resume_adopts_an_older_run_and_keep_checkpoints_deletes_only_its_own(da
     assert (log / "run.json").is_file()
     assert [c.name for c in checkpoints(log)] == ["step_000004", "step_000008", "step_000012"]
     assert_same_numbers(log, ref_run)
+
+
+def worker_pids(parent):
+    """{RANK: pid} of the worker processes torchrun (pid `parent`) started."""
+    found = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{d}/environ", "rb") as f:
+                rank = [e[5:] for e in f.read().split(b"\0") if e.startswith(b"RANK=")]
+            if rank:
+                found[int(rank[0])] = int(d)
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def ddp_ref_run(data_dir, tmp_path_factory):
+    """An uninterrupted 2-rank run of 12 steps (checkpoints every 4)."""
+    log = tmp_path_factory.mktemp("ddp_ref") / "log"
+    check_ok(run_train(*base_args(data_dir, log, 12, **REF_KW), nproc=2, timeout=240))
+    return log
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize("victim", [0, 1])
+def test_torchrun_restarts_a_killed_rank_and_resumes_exactly(data_dir, ddp_ref_run, tmp_path, victim):
+    """torchrun --max-restarts 2 with 2 gloo ranks; one rank SIGKILLed after step 8's checkpoint:
+    torchrun restarts the group, which resumes from step 8 and logs the uninterrupted run's losses."""
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+           TRAIN, *[str(a) for a in base_args(data_dir, log, 12, **REF_KW)]]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 150
+        while not (log / "step_000008").exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "step_000008 never appeared"
+            time.sleep(0.01)
+        pids = worker_pids(proc.pid)
+        assert sorted(pids) == [0, 1], pids
+        assert not (log / "step_000012").exists(), "the run finished before it could be killed"
+        os.kill(pids[victim], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-4000:]
+    assert "resuming from" in out and "step 8" in out, out[-4000:]
+    assert_same_numbers(log, ddp_ref_run)
