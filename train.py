@@ -3,7 +3,8 @@ Train GPT-2 on token shards from fineweb.py: one process, or DDP under torchrun.
 
     python train.py --path data/small --model gpt2 --n_layer 4 --n_embd 128 ...   # one process
     torchrun --standalone --nproc_per_node=8 train.py --path edu_fineweb10B ...    # 8 GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py --resume ...                            # 2 nodes (README)
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py --resume ...  # fault tolerant
 
 Every optimizer step sees total_batch_size tokens: batch_size_per_device sequences of block_size
@@ -179,10 +180,12 @@ def setup(args):
 
 def init_process_group(backend):
     """torchrun's store outlives a restart (--max-restarts) and still holds the dead group's
-    addresses under the default keys, so restarted gloo ranks would connect to a dead port:
-    each restart gets keys of its own."""
+    addresses under the same keys, so restarted ranks may connect to a dead port or hang. On one
+    node each restart gets keys of its own (the restart count); across nodes the counts can
+    differ, so there torchrun must be told to make a fresh store (README: multi-node)."""
     store, rank, world = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    if os.environ.get("LOCAL_WORLD_SIZE") == str(world):
+        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
