@@ -67,8 +67,9 @@ def parse_args(argv=None):
     a("--n_head", type=int, default=None)
     a("--n_embd", type=int, default=None)
     a("--block_size", type=int, default=None, help="context length = training sequence length")
-    a("--log_dir", default="log")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --log_dir (if any)")
+    a("--log_dir", default="log", help="the run's directory (log.jsonl, checkpoints); it holds one run only")
+    a("--resume", action="store_true",
+      help="continue the run in --log_dir from its newest checkpoint that verifies (or start it there)")
     a("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     a("--dtype", choices=list(DTYPES), default=None, help="default: bf16 where supported, else fp32")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
@@ -77,7 +78,7 @@ def parse_args(argv=None):
     a("--grad_clip", type=float, default=1.0)
     a("--sample_prompt", default="Hello, I'm a language model,")
     a("--sample_tokens", type=int, default=32, help="length of the sample at each evaluation (0: none)")
-    a("--keep_checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    a("--keep_checkpoints", type=int, default=0, help="keep only this run's newest N checkpoints (0: all)")
     args = p.parse_args(argv)
     if args.fp16:
         args.dtype = "fp16"
@@ -424,6 +425,9 @@ def main(argv=None):
         return 2
     except FloatingPointError as e:
         print(f"error: {e}; stopping. The last good checkpoint is kept (lower --max_lr, or use bf16/fp32).", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a directory gone: --resume continues from the last checkpoint
+        print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if ctx is not None and getattr(ctx, "run_dir", None) is not None:
