@@ -218,6 +218,8 @@ def verify(d, config, run_id):
         model = GPT.from_pretrained(d)
     except ModelLoadError as e:
         raise BadCheckpoint(str(e)) from None
+    except Exception as e:  # a damaged config.json: missing or mistyped fields
+        raise BadCheckpoint(f"config.json or model.safetensors does not load ({type(e).__name__}: {e})") from None
     if model.config != config:
         raise BadCheckpoint(f"its model config {model.config} is not this run's {config}")
     try:

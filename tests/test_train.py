@@ -468,6 +468,14 @@ def damage(ckpt, kind):
         w = load_file(p)
         w["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
         save_file(w, p, metadata={"format": "pt"})
+    elif kind == "config_without_a_field":  # hand-edited: sizes updated to match
+        p = ckpt / "config.json"
+        cfg = json.loads(p.read_text())
+        del cfg["n_positions"]
+        p.write_text(json.dumps(cfg))
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        meta["files"]["config.json"] = p.stat().st_size
+        (ckpt / "checkpoint.json").write_text(json.dumps(meta))
     elif kind == "hostile_pickle":  # an object torch would have to unpickle as code; sizes updated to match
         p = ckpt / "trainer_state.pt"
         torch.save({"step": 12, "optimizer": {"state": {}}, "payload": Path("/")}, p)
@@ -476,7 +484,8 @@ def damage(ckpt, kind):
         (ckpt / "checkpoint.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("kind", ["truncated_weights", "garbage_trainer_state", "nan_weight", "hostile_pickle"])
+@pytest.mark.parametrize("kind", ["truncated_weights", "garbage_trainer_state", "nan_weight", "hostile_pickle",
+                                  "config_without_a_field"])
 def test_resume_falls_back_past_a_damaged_checkpoint(data_dir, ref_run, tmp_path, kind):
     """The newest checkpoint damaged: --resume warns once, sets it aside, resumes from the one before,
     and logs exactly the uninterrupted run's losses; no traceback."""
