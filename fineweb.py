@@ -44,6 +44,8 @@ from multiprocessing.connection import wait
 
 import numpy as np
 
+import cli
+
 EOT = 50256
 TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model.get_tokenizer loads it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
@@ -539,18 +541,8 @@ def usable_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def positive_int(text):
-    try:
-        v = int(float(text.replace("_", "")))  # accepts 1e8 and 100_000_000
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=HF_DATASET,
                    help=f"{HF_DATASET} (streamed) or local data: a file, directory or glob of "
                         f"{', '.join(FORMATS)} (a .txt file is one document)")
@@ -558,9 +550,9 @@ def main(argv=None):
     p.add_argument("--text_field", default="text", help="the text field of parquet/JSON records")
     p.add_argument("--path", default="edu_fineweb10B", help="output directory of shards and manifest.json")
     p.add_argument("--prefix", default="edufineweb", help="shard name prefix (no _train or _val in it)")
-    p.add_argument("--shard_size", type=positive_int, default=100_000_000, help="tokens per shard")
-    p.add_argument("--max_tokens", type=positive_int, default=None, help="stop after this many tokens")
-    p.add_argument("--workers", type=positive_int, default=usable_cores(),
+    p.add_argument("--shard_size", type=cli.positive_int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--max_tokens", type=cli.positive_int, default=None, help="stop after this many tokens")
+    p.add_argument("--workers", type=cli.positive_int, default=usable_cores(),
                    help="tokenizer processes (default: one per usable core)")
     p.add_argument("--start_method", choices=mp.get_all_start_methods(), default=None,
                    help="multiprocessing start method (default: the platform's)")

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import cli
 from model import DTYPES, ModelLoadError, best_device, default_dtype, get_tokenizer, load_model
 
 
@@ -62,14 +63,8 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
     return ["".join(p) for p in pieces], steps, seconds
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other input error of this script
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default="log", help="train.py run dir (its newest checkpoint), a step_NNNNNN/ or other "
       "HF-format dir, or gpt2[-medium|-large|-xl] (downloads once)")
@@ -80,7 +75,7 @@ def main(argv=None):
     a("--top_p", type=float, default=1.0, help="nucleus: the most likely tokens up to this probability (1: all)")
     a("--num_samples", type=int, default=1, help="samples drawn together, as one batch")
     a("--seed", type=int, default=42, help="the same seed, settings and model give the same samples")
-    a("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    a("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     a("--dtype", choices=list(DTYPES), default=None, help="weights' dtype (default: bf16 on CUDA, else fp32)")
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0 or args.num_samples <= 0:
@@ -88,12 +83,6 @@ def main(argv=None):
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         p.error("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
     device = args.device or best_device()
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        p.error(f"--device {device!r} is not a device (cuda, cuda:1, mps, cpu, ...)")
-    if kind == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {device}, but CUDA is not available")
     dtype = args.dtype or default_dtype(device)
     try:
         get_tokenizer()  # fail before loading weights if the BPE cannot be had

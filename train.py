@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
 from data import DataError, DataLoader
 from model import DTYPES, GPT, PRESETS, GPTConfig, ModelLoadError, best_device, default_dtype, get_tokenizer, peak_flops
 from rundir import RunDir, RunDirError
@@ -46,53 +47,47 @@ class TrainError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--path", default="edu_fineweb10B", help="directory of token shards from fineweb.py")
-    a("--max_steps", type=int, default=19073, help="optimizer steps")
-    a("--warmup_steps", type=int, default=715, help="linear learning-rate warm-up steps")
-    a("--max_lr", type=float, default=6e-4, help="peak learning rate")
-    a("--min_lr", type=float, default=6e-5, help="final learning rate of the cosine decay")
-    a("--batch_size_per_device", type=int, default=64, help="sequences per process per micro-step")
-    a("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
-    a("--eval_step_interval", type=int, default=250, help="validate, HellaSwag and sample every N steps")
-    a("--val_tokens", type=int, default=None,
+    a("--max_steps", type=cli.positive_int, default=19073, help="optimizer steps")
+    a("--warmup_steps", type=cli.non_negative_int, default=715, help="linear learning-rate warm-up steps")
+    a("--max_lr", type=cli.positive_float, default=6e-4, help="peak learning rate")
+    a("--min_lr", type=cli.non_negative_float, default=6e-5, help="final learning rate of the cosine decay")
+    a("--batch_size_per_device", type=cli.positive_int, default=64, help="sequences per process per micro-step")
+    a("--total_batch_size", type=cli.positive_int, default=524288, help="tokens per optimizer step")
+    a("--eval_step_interval", type=cli.positive_int, default=250, help="validate, HellaSwag and sample every N steps")
+    a("--val_tokens", type=cli.positive_int, default=None,
       help="tokens scored at each validation, the same for any layout (default 10,485,760 = 20 x 0.5M)")
-    a("--eval_max_steps", type=int, default=None, help="old form of --val_tokens: N x --total_batch_size tokens")
-    a("--save_step", type=int, default=5000, help="checkpoint every N steps (and at the end)")
-    a("--seed", type=int, default=1337)
+    a("--eval_max_steps", type=cli.positive_int, default=None, help="old form of --val_tokens: N x --total_batch_size tokens")
+    a("--save_step", type=cli.positive_int, default=5000, help="checkpoint every N steps (and at the end)")
+    a("--seed", type=cli.non_negative_int, default=1337)
     a("--fp16", action="store_true", help="fp16 autocast with a gradient scaler (same as --dtype fp16)")
     a("--model", default="gpt2", choices=list(PRESETS), help="architecture preset")
-    a("--n_layer", type=int, default=None)
-    a("--n_head", type=int, default=None)
-    a("--n_embd", type=int, default=None)
-    a("--block_size", type=int, default=None, help="context length = training sequence length")
+    a("--n_layer", type=cli.positive_int, default=None, help="override the preset's")
+    a("--n_head", type=cli.positive_int, default=None, help="override the preset's")
+    a("--n_embd", type=cli.positive_int, default=None, help="override the preset's")
+    a("--block_size", type=cli.positive_int, default=None, help="context length = training sequence length")
     a("--log_dir", default="log", help="the run's directory (log.jsonl, checkpoints); it holds one run only")
     a("--resume", action="store_true",
       help="continue the run in --log_dir from its newest checkpoint that verifies (or start it there)")
-    a("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    a("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     a("--dtype", choices=list(DTYPES), default=None, help="default: bf16 where supported, else fp32")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
-    a("--hellaswag_examples", type=int, default=-1, help="HellaSwag val examples per evaluation (0: off, -1: all)")
-    a("--weight_decay", type=float, default=0.1)
-    a("--grad_clip", type=float, default=1.0)
+    a("--hellaswag_examples", type=cli.int_range(-1), default=-1,
+      help="HellaSwag val examples per evaluation (0: off, -1: all)")
+    a("--weight_decay", type=cli.non_negative_float, default=0.1)
+    a("--grad_clip", type=cli.positive_float, default=1.0, help="clip the gradient norm to this")
     a("--sample_prompt", default="Hello, I'm a language model,")
-    a("--sample_tokens", type=int, default=32, help="length of the sample at each evaluation (0: none)")
-    a("--keep_checkpoints", type=int, default=0, help="keep only this run's newest N checkpoints (0: all)")
+    a("--sample_tokens", type=cli.non_negative_int, default=32, help="length of the sample at each evaluation (0: none)")
+    a("--keep_checkpoints", type=cli.non_negative_int, default=0, help="keep only this run's newest N checkpoints (0: all)")
     args = p.parse_args(argv)
     if args.fp16:
         args.dtype = "fp16"
-    for name in ("max_steps", "batch_size_per_device", "total_batch_size", "eval_step_interval",
-                 "eval_max_steps", "val_tokens", "save_step"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise TrainError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.val_tokens is None:
         args.val_tokens = args.eval_max_steps * args.total_batch_size if args.eval_max_steps else 20 * 524288
-    if not args.max_lr > 0 or not args.min_lr >= 0 or args.min_lr > args.max_lr:
-        raise TrainError(f"learning rates must satisfy 0 <= min_lr <= max_lr and max_lr > 0 "
-                         f"(got --max_lr {args.max_lr}, --min_lr {args.min_lr})")
-    if args.warmup_steps < 0:
-        raise TrainError(f"--warmup_steps must not be negative, got {args.warmup_steps}")
+    if args.min_lr > args.max_lr:
+        raise TrainError(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}")
     return args
 
 
@@ -192,7 +187,7 @@ def init_process_group(backend):
 
 def build(ctx):
     args = ctx.args
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k) is not None}
     try:
         config = GPTConfig.from_preset(args.model, **overrides)
     except ValueError as e:

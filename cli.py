@@ -1,0 +1,75 @@
+"""
+Command-line input for the scripts: a bad value is one line, `error: ...`, and exit status 2,
+refused when the arguments are parsed, before anything is loaded or written.
+
+    p = cli.Parser(description=__doc__)
+    p.add_argument("--max_steps", type=cli.positive_int, default=19073)
+    p.add_argument("--max_lr", type=cli.positive_float, default=6e-4)
+"""
+
+import argparse
+import math
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with an error printed as one line (no usage block) and exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def int_range(lo, hi=None):
+    """An argparse type: a whole number in [lo, hi] (1e8 and 100_000_000 are accepted)."""
+    def parse(text):
+        try:
+            f = float(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not f.is_integer():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        v = int(f)
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {'at least ' + str(lo) if hi is None else f'in {lo}..{hi}'}, got {v}")
+        return v
+    return parse
+
+
+def float_range(lo, hi=None, lo_open=False):
+    """An argparse type: a finite number in [lo, hi] ((lo, hi] with lo_open)."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            bound = f"{'above' if lo_open else 'at least'} {lo}" + (f" and at most {hi}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return v
+    return parse
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+positive_float = float_range(0, lo_open=True)
+non_negative_float = float_range(0)
+
+
+def device(text):
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, mps)."""
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cuda, cuda:1, mps, cpu)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu, cuda and mps are supported")
+    return text
