@@ -30,6 +30,8 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 
+import cli
+
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SIZES = {"train": 39905, "val": 10042, "test": 10003}
 
@@ -259,12 +261,12 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="HF-format dir, train.py run dir (newest checkpoint), or gpt2[-medium|-large|-xl]")
     p.add_argument("--split", default="val", choices=list(SIZES))
-    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N examples")
+    p.add_argument("--batch_size", type=cli.positive_int, default=16, help="examples per forward pass")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
     p.add_argument("--data_dir", default=None, help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
     p.add_argument("--json", default=None, help="write the results and per-example choices here")
@@ -274,8 +276,6 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:
-        if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
-            raise HellaSwagError("--batch_size and --limit must be positive")
         examples = load_examples(data_path(args.split, args.data_dir))[: args.limit]  # fail fast on bad data
         device = args.device or best_device()
         dtype = args.dtype or default_dtype(device)

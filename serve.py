@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import cli
 from model import DTYPES, EOT_TOKEN, ModelLoadError, best_device, default_dtype, get_tokenizer, load_model, sample_next
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
@@ -600,26 +601,24 @@ def launch(model, *flags, stderr=None, env=None, timeout=120):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Serve a GPT-2: a web page at / and an OpenAI-compatible "
+    p = cli.Parser(description="Serve a GPT-2: a web page at / and an OpenAI-compatible "
                                 "/v1/completions API (streaming), with continuous batching.")
     p.add_argument("--model", required=True, help="train.py run dir (newest checkpoint), HF-format dir, or gpt2[-medium|-large|-xl]")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--port", type=cli.int_range(0, 65535), default=8000, help="port (0: any free one; the URL is printed)")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' dtype (default: bf16 on CUDA, else fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow start)")
     d = Limits()
-    p.add_argument("--max_prompt_tokens", type=int, default=d.max_prompt_tokens, help="longest prompt (longer: 413)")
-    p.add_argument("--max_tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask (400)")
-    p.add_argument("--max_n", type=int, default=d.max_n, help="most choices per request, n x prompts (400)")
-    p.add_argument("--max_requests", type=int, default=d.max_requests, help="requests in flight, decoding or queued (more: 429)")
-    p.add_argument("--max_batch", type=int, default=d.max_batch, help="sequences decoded together (KV-cache rows)")
-    p.add_argument("--max_body_bytes", type=int, default=d.max_body_bytes, help="largest request body (413)")
+    p.add_argument("--max_prompt_tokens", type=cli.positive_int, default=d.max_prompt_tokens, help="longest prompt (longer: 413)")
+    p.add_argument("--max_tokens", type=cli.positive_int, default=d.max_tokens, help="largest max_tokens a request may ask (400)")
+    p.add_argument("--max_n", type=cli.positive_int, default=d.max_n, help="most choices per request, n x prompts (400)")
+    p.add_argument("--max_requests", type=cli.positive_int, default=d.max_requests, help="requests in flight, decoding or queued (more: 429)")
+    p.add_argument("--max_batch", type=cli.positive_int, default=d.max_batch, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--max_body_bytes", type=cli.positive_int, default=d.max_body_bytes, help="largest request body (413)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     limits = Limits(**{k: getattr(args, k) for k in vars(d)})
-    if min(vars(limits).values()) <= 0:
-        p.error("the --max_* limits must be positive")
     device = args.device or best_device()
     dtype = args.dtype or default_dtype(device)
     try:

@@ -3,6 +3,8 @@ import pytest
 
 import fineweb
 import generate
+import hellaswag
+import serve
 import train
 
 
@@ -44,6 +46,13 @@ def test_train_accepts_the_numbers_people_write():
     (fineweb.main, ["--workers", "two"], "--workers"),
     (generate.main, ["--device", "foo"], "--device"),
     (generate.main, ["--unknown_flag", "1"], "--unknown_flag"),
+    (hellaswag.main, ["--batch_size", "0"], "--batch_size"),
+    (hellaswag.main, ["--limit", "-3"], "--limit"),
+    (hellaswag.main, ["--device", "foo"], "--device"),
+    (serve.main, ["--model", "m", "--port", "70000"], "--port"),
+    (serve.main, ["--model", "m", "--max_batch", "0"], "--max_batch"),
+    (serve.main, ["--model", "m", "--max_body_bytes", "0.5"], "--max_body_bytes"),
+    (serve.main, ["--port", "8000"], "--model"),
 ])
 def test_other_scripts_use_the_same_one_line_errors(main, argv, flag, capsys):
     rc, err = run_main(main, argv, capsys)
