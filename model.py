@@ -575,7 +575,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     exactly what it would alone (serve.py samples many requests' rows in one call)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted so the largest is 0 first: a tiny temperature then sends the others to -inf (greedy),
+    # never to inf - inf = NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -584,6 +586,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens before it already reach top_p (the first always stays)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False  # even when top_p rounds to 0 in float32
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # Gumbel-max, as torch.multinomial draws one sample: the argmax of p / E with E ~ Exp(1) per
     # token. E = -log(U) from uniform noise, which torch draws ~6x faster than exponential noise

@@ -792,3 +792,17 @@ def test_from_pretrained_hub_name_offline_says_what_to_do(tmp_path, monkeypatch)
     msg = str(e.value)
     assert "'gpt2'" in msg and "directory" in msg and "model.safetensors" in msg
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # no half-written file left behind
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-40), dict(temperature=1e-30, top_k=50), dict(top_p=1e-300),
+                                dict(temperature=1e-40, top_p=1e-300, top_k=5)], ids=str)
+def test_tiny_temperature_or_top_p_is_greedy_not_nan(kw):
+    """A temperature or top_p below what float32 can express means greedy: never NaN (which made
+    every row sample token 0), in sample_next and in generate()."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50257, generator=g) * 4
+    got = M.sample_next(logits, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(got, logits.argmax(dim=-1)), (got, logits.argmax(dim=-1))
+    model = make_ours(seed=3)
+    idx = rand_idx(2, 5, SMALL["vocab_size"])
+    assert torch.equal(model.generate(idx, 12, seed=7, **kw), model.generate(idx, 12, temperature=0))
