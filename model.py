@@ -56,12 +56,26 @@ class GPTConfig:
     # logit, the loss or an exported file.
     vocab_pad_multiple: int = 64
 
+    # A config is refused beyond this many parameters (GPT-2 XL has 1.6B) before anything is
+    # allocated: a hostile or mistyped config.json must not take the machine's memory.
+    MAX_PARAMS = 20_000_000_000
+
     def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+        eps = self.layer_norm_epsilon
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ValueError(f"layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        C = self.n_embd
+        params = (self.padded_vocab_size + self.block_size) * C + self.n_layer * (12 * C * C + 13 * C) + 2 * C
+        if params > self.MAX_PARAMS:
+            raise ValueError(f"{params:,} parameters ({params * 4 / 2**30:,.0f} GiB in fp32): more than the "
+                             f"{self.MAX_PARAMS:,} this repo builds (n_layer {self.n_layer}, n_embd {C}, "
+                             f"vocab_size {self.vocab_size}, block_size {self.block_size})")
 
     @property
     def padded_vocab_size(self):
@@ -351,9 +365,16 @@ class GPT(nn.Module):
             raise ModelLoadError(f"{config_file}: model_type {hf.get('model_type')!r} is not gpt2")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ModelLoadError(f"{config_file}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        if not isinstance(hf, dict):
+            raise ModelLoadError(f"{config_file}: not a JSON object")
+        try:
+            config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                               n_head=hf["n_head"], n_embd=hf["n_embd"],
+                               layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        except KeyError as e:
+            raise ModelLoadError(f"{config_file}: no {e.args[0]!r} field") from None
+        except ValueError as e:
+            raise ModelLoadError(f"{config_file}: {e}") from None
         model = cls(config)
         model.load_hf_state_dict(_read_weights(path))
         return model

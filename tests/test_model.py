@@ -806,3 +806,45 @@ def test_tiny_temperature_or_top_p_is_greedy_not_nan(kw):
     model = make_ours(seed=3)
     idx = rand_idx(2, 5, SMALL["vocab_size"])
     assert torch.equal(model.generate(idx, 12, seed=7, **kw), model.generate(idx, 12, temperature=0))
+
+
+def _hf_config(**changes):
+    cfg = {"model_type": "gpt2", "n_positions": 64, "vocab_size": 101, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    cfg.update(changes)
+    return {k: v for k, v in cfg.items() if v is not ...}
+
+
+@pytest.mark.parametrize("changes,named", [
+    (dict(n_layer="12"), "n_layer"), (dict(n_positions=...), "n_positions"), (dict(n_head=-2), "n_head"),
+    (dict(n_layer=1e9), "n_layer"), (dict(n_layer=1_000_000_000), "parameters"), (dict(vocab_size=True), "vocab_size"),
+    (dict(n_embd=33), "divisible"), (dict(layer_norm_epsilon="x"), "layer_norm_epsilon"),
+    (dict(n_embd=2**20, n_head=1), "parameters"),
+], ids=str)
+def test_hostile_config_json_is_one_clear_error_before_any_allocation(tmp_path, changes, named):
+    """Strings for numbers, missing fields, negative or absurd sizes: ModelLoadError naming the file
+    and the field, in well under a second (nothing is built before the config is checked)."""
+    import time
+
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config(**changes)))
+    t0 = time.perf_counter()
+    with pytest.raises(M.ModelLoadError) as e:
+        GPT.from_pretrained(tmp_path)
+    assert time.perf_counter() - t0 < 1.0
+    assert "config.json" in str(e.value) and named in str(e.value), str(e.value)
+
+
+def test_hostile_config_json_under_a_memory_limit(tmp_path):
+    """generate.py on a config.json of 10^9 layers, with 3 GiB of address space: one error line, exit 2."""
+    import resource
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config(n_layer=1_000_000_000)))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    proc = subprocess.run([sys.executable, str(Path(M.__file__).parent / "generate.py"), "--model", str(tmp_path),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "parameters" in lines[0], (proc.returncode, proc.stderr[-2000:])
