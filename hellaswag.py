@@ -93,13 +93,15 @@ def load_examples(path):
                     raise HellaSwagError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
                 except json.JSONDecodeError as e:
                     raise HellaSwagError(f"{where}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise HellaSwagError(f"{where}: JSON nested too deeply") from None
                 if not isinstance(ex, dict) or not isinstance(ex.get("ctx"), str) or not ex["ctx"].strip():
                     raise HellaSwagError(f"{where}: no 'ctx' string (or an empty one)")
                 endings = ex.get("endings")
                 if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
                     raise HellaSwagError(f"{where}: 'endings' must be a list of 4 strings")
                 label = ex.get("label")  # absent in the test split, whose answers are hidden
-                if isinstance(label, str) and label.isdigit():
+                if isinstance(label, str) and label.isdecimal() and label.isascii():
                     label = int(label)
                 if "label" in ex and (not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4):
                     raise HellaSwagError(f"{where}: 'label' must be 0..3, got {ex.get('label')!r}")
@@ -222,12 +224,23 @@ def choose(losses, counts, byte_lengths):
 
 def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=False):
     """Score examples (this rank takes every world_size-th one) and return, on every rank, the
-    combined {"n", "acc", "acc_norm", "acc_norm_bytes", "predictions": {metric: [choice, ...]}}."""
+    combined {"n", "skipped", "acc", "acc_norm", "acc_norm_bytes", "predictions": {metric: [choice, ...]},
+    "indices": [example index of each choice]}. An example with an ending of block_size tokens or
+    more leaves no room for its context: it is skipped, and counted in "skipped" (contexts too long
+    are cropped from the left, as GPT-2 would see them)."""
     from model import get_tokenizer
 
     enc = get_tokenizer()
-    mine = list(range(rank, len(examples), world_size))
-    rendered = [render(examples[i], enc) for i in mine]
+    block_size = _unwrap(model).config.block_size
+    mine, skipped = [], 0
+    rendered = []
+    for i in range(rank, len(examples), world_size):
+        ctx, ends = render(examples[i], enc)
+        if max(len(e) for e in ends) >= block_size:  # no room for context: skipped, and counted
+            skipped += 1
+            continue
+        mine.append(i)
+        rendered.append((ctx, ends))
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -244,15 +257,17 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
         import torch.distributed as dist
 
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, local)
-        local = sorted(x for part in gathered for x in part)
+        dist.all_gather_object(gathered, (local, skipped))
+        local = sorted(x for part, _ in gathered for x in part)
+        skipped = sum(n for _, n in gathered)
     predictions = {k: [p[k] for _, p in local] for k in ("acc", "acc_norm", "acc_norm_bytes")}
     labels = [examples[i]["label"] for i, _ in local]
     n = len(labels)
-    result = {"n": n}
+    result = {"n": n, "skipped": skipped}
     for k, preds in predictions.items():  # None without labels (the test split): choices only
-        result[k] = None if None in labels else sum(int(p == y) for p, y in zip(preds, labels)) / n
+        result[k] = None if None in labels or n == 0 else sum(int(p == y) for p, y in zip(preds, labels)) / n
     result["predictions"] = predictions
+    result["indices"] = [i for i, _ in local]
     return result
 
 
@@ -294,6 +309,8 @@ def main(argv=None):
     with autocast:
         result = evaluate(model, examples, args.batch_size, rank, world_size, progress=True)
     if rank == 0:
+        if result["skipped"]:
+            print(f"{result['skipped']} examples skipped: an ending of block_size tokens or more")
         if result["acc"] is None:
             print(f"{args.model} on HellaSwag {args.split}, n={result['n']}: no labels in this split; "
                   "the choices are in --json")

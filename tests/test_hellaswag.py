@@ -338,6 +338,18 @@ def test_evaluate_with_long_text_context_runs():
     assert res["predictions"] == want
 
 
+def test_evaluate_skips_and_counts_an_ending_longer_than_the_context():
+    """An ending of block_size tokens or more leaves no room for any context: that example is
+    skipped and counted (not a crash at train.py's first evaluation); the others score as alone."""
+    model = make_model(seed=6, block_size=32)
+    ex = make_examples()[:4]
+    ex[2] = dict(ex[2], endings=[ex[2]["endings"][0] + " and then" * 40] + ex[2]["endings"][1:])
+    res = H.evaluate(model, ex, batch_size=2)
+    alone = H.evaluate(model, [e for i, e in enumerate(ex) if i != 2], batch_size=2)
+    assert res["skipped"] == 1 and res["n"] == 3 and res["indices"] == [0, 1, 3]
+    assert res["predictions"] == alone["predictions"] and res["acc_norm"] == alone["acc_norm"]
+
+
 # ----------------------------------------------------------------------------- 7. load_examples
 
 GOOD = {"ctx": "A man opens the door.", "endings": ["He walks in.", "He sings.", "It rains.", "A cat."], "label": 0}
@@ -354,6 +366,8 @@ GOOD = {"ctx": "A man opens the door.", "endings": ["He walks in.", "He sings.",
     '{"ctx": "x", "endings": ["a", "b", "c", 4], "label": 1}',              # non-string ending
     '{"ctx": "x", "endings": "abcd", "label": 1}',                          # endings not a list
     '[1, 2, 3]',                                                            # not an object
+    '{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": "\u00b2"}',   # a digit int() cannot read
+    '[' * 100_000 + ']' * 100_000,                                          # nested past the recursion limit
 ])
 def test_load_examples_corrupt_line_names_path_and_line(tmp_path, bad):
     """A corrupt line raises HellaSwagError (a ValueError) naming the file path and 'line 2'."""
