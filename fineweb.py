@@ -355,6 +355,8 @@ def run(args):
     finally:
         bar.close()  # before any error message, so that it stands on a line of its own
     shards = manifest["shards"]
+    if not written:
+        raise InputError(f"--source {args.source!r} holds no text: no tokens to write")
     manifest.update(complete=True, tokens=written)
     write_json(os.path.join(args.path, "manifest.json"), manifest)
     print(f"{args.path}: {written:,} tokens in {len(shards)} shards ({shards[0]['name']} ... {shards[-1]['name']})")
@@ -498,8 +500,10 @@ def tokenize_into_shards(args, files, manifest, bar):
         buf = buffers[1] if buf is buffers[0] else buffers[0]
 
     docs_iter = documents(args, files)
-    for _ in range(doc):  # documents already in finished shards
-        next(docs_iter)
+    for i in range(doc):  # documents already in finished shards
+        if next(docs_iter, None) is None:
+            raise InputError(f"--source now holds {i:,} documents, fewer than the {doc:,} in the finished shards "
+                             f"of {args.path!r}: it changed since they were made; choose another --path")
     workers = Workers(args.workers, args.start_method)
     try:
         tasks = batches(docs_iter)
@@ -570,6 +574,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; run the same command again to continue", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk: what was finished is kept, as after Ctrl-C
+        print(f"error: {e}; finished shards are kept: make room and run the same command again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -430,7 +430,16 @@ class GPT(nn.Module):
 
         os.makedirs(save_dir, exist_ok=True)
         weights = {k: v.float() for k, v in self.hf_state_dict().items()}
-        _atomic_write(os.path.join(save_dir, "model.safetensors"), lambda p: save_file(weights, p, metadata={"format": "pt"}))
+
+        def write_weights(path):
+            try:
+                save_file(weights, path, metadata={"format": "pt"})
+            except OSError:
+                raise
+            except Exception as e:  # safetensors reports I/O errors (a full disk) as its own SafetensorError
+                raise OSError(f"cannot write {path}: {e}") from None
+
+        _atomic_write(os.path.join(save_dir, "model.safetensors"), write_weights)
         text = json.dumps({**self.hf_config(), "gpt2_repro": asdict(self.config)}, indent=2)
         _atomic_write(os.path.join(save_dir, "config.json"), lambda p: open(p, "w").write(text))
 

@@ -477,6 +477,57 @@ def test_fineweb_error_missing_source(tmp_path):
     assert_clean_error(proc, "does_not_exist_xyz")
 
 
+def test_fineweb_error_empty_source(tmp_path):
+    """A source that holds no text (an empty .jsonl) exits 2 with one line, and marks nothing complete."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "empty.jsonl").write_text("")
+    out = tmp_path / "out"
+    assert_clean_error(run_fineweb("--source", src, "--path", out, "--shard_size", 100), "no text")
+    assert not (out / "manifest.json").exists()
+
+
+def test_fineweb_error_source_shrunk_before_a_resume(tmp_path):
+    """Resuming after the source lost documents: one line saying so; the finished shards are kept."""
+    src = write_txt_dir(tmp_path / "src", synth_docs(12, 100, seed=7))
+    out = tmp_path / "out"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 600))
+    shards = sorted(out.glob("*.npy"), key=lambda p: p.name[-10:])  # by index: val_000000 first
+    assert len(shards) >= 3
+    shards[-1].unlink()  # the rerun rebuilds from here, after skipping the documents before it
+    for f in sorted(src.iterdir())[2:]:
+        f.unlink()
+    kept = {p.name: p.read_bytes() for p in shards[:-1]}
+    assert_clean_error(run_fineweb("--source", src, "--path", out, "--shard_size", 600), "fewer")
+    assert {p.name: p.read_bytes() for p in shards[:-1]} == kept
+
+
+def _disk_of(limit_bytes):
+    """preexec_fn: files may not grow past limit_bytes (EFBIG, as a full disk's ENOSPC would fail a write)."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return limit
+
+
+def test_fineweb_full_disk_is_one_line_and_a_rerun_finishes(tmp_path):
+    """A write that fails for space ends the run with one error line; the same command afterwards
+    (with room) gives the dataset of an uninterrupted run."""
+    src = write_txt_dir(tmp_path / "src", synth_docs(30, 100, seed=8))
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    cmd = [sys.executable, "fineweb.py", "--source", str(src), "--path", str(out), "--shard_size", "1500",
+           "--workers", "2"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, preexec_fn=_disk_of(3000),
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # (a capped .pyc would be torn)
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 1500))
+    check_ok(run_fineweb("--source", src, "--path", ref, "--shard_size", 1500))
+    assert {p.name: p.read_bytes() for p in out.glob("*.npy")} == {p.name: p.read_bytes() for p in ref.glob("*.npy")}
+
+
 def test_fineweb_error_tokenizer_unavailable(tmp_path, monkeypatch):
     """No BPE file in the cache and no network: one 'error:' line about the tokenizer, no shards."""
     src = write_txt_dir(tmp_path / "src", ["some text"])

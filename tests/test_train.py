@@ -665,3 +665,23 @@ def test_torchrun_restarts_a_killed_rank_and_resumes_exactly(data_dir, ddp_ref_r
     assert proc.returncode == 0, out[-4000:]
     assert "resuming from" in out and "step 8" in out, out[-4000:]
     assert_same_numbers(log, ddp_ref_run)
+
+
+def test_full_disk_is_one_line_and_resume_continues_exactly(data_dir, ref_run, tmp_path):
+    """A checkpoint write that fails for space (files capped at 1 MB: EFBIG, as ENOSPC would be)
+    ends the run with one error line; --resume with room gives the uninterrupted run's numbers."""
+    import resource
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    log = tmp_path / "log"
+    args = [str(a) for a in base_args(data_dir, log, 12, **REF_KW)]
+    proc = subprocess.run(train_cmd(*args), cwd=REPO_ROOT, env={**env(), "PYTHONDONTWRITEBYTECODE": "1"},
+                          capture_output=True, text=True, timeout=180, preexec_fn=small_disk)  # (no capped .pyc)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-3000:]
+    assert not checkpoints(log)
+    check_ok(run_train(*args, "--resume"))
+    assert_same_numbers(log, ref_run)
