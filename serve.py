@@ -533,7 +533,12 @@ def create_app(model, model_id, limits):
 
 
 async def read_body(request, limit):
-    """The request body, refused with 413 past `limit` bytes (without reading the rest)."""
+    """The request body, refused with 413 past `limit` bytes (without reading the rest), and with
+    415 unless it is declared JSON: a web page's "simple" cross-origin POST (text/plain, form data)
+    needs no preflight, so without this any site a user visits could drive the local server."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, not {kind or 'none'!r}", code="unsupported_media_type")
     if int(request.headers.get("content-length") or 0) > limit:
         raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
     body = bytearray()
@@ -637,7 +642,7 @@ def main(argv=None):
         if args.compile:
             for block in model.transformer.h:
                 block.compile(dynamic=True)
-        app = create_app(model, os.path.normpath(args.model), limits)
+        app = create_app(model, os.path.basename(os.path.normpath(args.model)), limits)  # a name, not a path
     except (ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -276,6 +276,20 @@ def test_models_and_health(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == [server.health()["model"]]
     assert server.health()["status"] == "ok"
+    for path in ("/health", "/v1/models"):  # the model's name, never where it lies on the server's disk
+        text = httpx.get(server.url + path, timeout=10).text
+        assert "/" not in server.health()["model"] and os.sep + "tmp" not in text and "pytest" not in text, text
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_only_json_bodies_are_accepted(server, content_type):
+    """A web page can POST text/plain or a form to localhost without a preflight: such requests are
+    refused (415) before anything runs, so no other site can make a user's browser use the server."""
+    body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 2}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=headers, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    assert server.post({"model": "m", "prompt": "Hello", "max_tokens": 2}).status_code == 200
 
 
 def test_eight_concurrent_streams_are_batched_and_correct(server, tiny):
