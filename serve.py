@@ -129,6 +129,8 @@ def parse_request(raw, enc, block_size, limits):
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     for name, off in UNSUPPORTED.items():

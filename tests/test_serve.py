@@ -357,6 +357,7 @@ def test_malformed_and_invalid_requests_get_400(limited):
     error_of(limited.post(b"\xff\xfe"), 400)
     error_of(limited.post([1, 2]), 400)
     error_of(limited.post({"max_tokens": 3}), 400)
+    assert "nested" in error_of(limited.post(b"[" * 9000 + b"]" * 9000), 400)["message"]  # past the recursion limit
     for field, value in [("temperature", "hot"), ("temperature", 3), ("top_p", 0), ("max_tokens", 0),
                          ("max_tokens", 2.5), ("n", True), ("seed", "x"), ("stop", ["a"] * 5), ("stop", 7),
                          ("stream", "yes"), ("echo", True), ("logprobs", 2), ("prompt", [[1, 2], 3]),
