@@ -345,6 +345,21 @@ def test_error_token_outside_the_vocabulary(data_dir, tmp_path):
     assert "edufineweb_train_00000" in line and "50300" in line, line
 
 
+def test_error_log_dir_is_a_file(data_dir, tmp_path):
+    (tmp_path / "log").write_text("not a directory")
+    line = error_line(run_train(*base_args(data_dir, tmp_path / "log", 2)))
+    assert "--log_dir" in line and "file" in line, line
+
+
+def test_error_resume_with_another_dtype(data_dir, tmp_path):
+    """Resuming an fp32 run with --dtype fp16 names the setting (was "The source state dict is empty")."""
+    args = base_args(data_dir, tmp_path / "log", 2, save_step=1)
+    check_ok(run_train(*args))
+    args[args.index("--dtype") + 1] = "fp16"
+    line = error_line(run_train(*args, "--resume"))
+    assert "dtype" in line and "fp32" in line, line
+
+
 def test_seed_command_line_parses(tmp_path):
     """The original seed's flags are all accepted: the run gets as far as the missing data dir."""
     missing = tmp_path / "edu_fineweb10B"
