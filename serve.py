@@ -58,6 +58,7 @@ class Limits:
     max_requests: int = 64  # requests in flight (decoding or waiting); more get 429
     max_batch: int = 16  # sequences decoded together: rows of the KV cache
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 10.0  # seconds to receive a request's body (a stalled upload gets 408)
 
 
 class APIError(Exception):
@@ -449,9 +450,11 @@ def create_app(model, model_id, limits):
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            req = parse_request(await read_body(request, limits.max_body_bytes), enc, block_size, limits)
+            req = parse_request(await read_body(request, limits.max_body_bytes, limits.body_timeout), enc, block_size, limits)
         except APIError as e:
             return error(e)
+        except Disconnected:
+            return Response(status_code=400)  # never sent: the client is gone; nothing to log
         job = Job(asyncio.get_running_loop())
         seed = secrets.randbits(63) if req.seed is None else req.seed
         seqs = []
@@ -534,7 +537,24 @@ def create_app(model, model_id, limits):
     return app
 
 
-async def read_body(request, limit):
+class Disconnected(Exception):
+    """The client went away while sending its request: there is no one to answer."""
+
+
+async def read_body(request, limit, timeout):
+    """read_body_now within `timeout` seconds (408 after: a stalled upload must not hold a
+    connection forever); a client that aborts its upload raises Disconnected."""
+    from starlette.requests import ClientDisconnect
+
+    try:
+        return await asyncio.wait_for(read_body_now(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"request body not received within {timeout:g} s", code="request_timeout") from None
+    except ClientDisconnect:
+        raise Disconnected() from None
+
+
+async def read_body_now(request, limit):
     """The request body, refused with 413 past `limit` bytes (without reading the rest), and with
     415 unless it is declared JSON: a web page's "simple" cross-origin POST (text/plain, form data)
     needs no preflight, so without this any site a user visits could drive the local server."""
@@ -623,6 +643,8 @@ def main(argv=None):
     p.add_argument("--max_requests", type=cli.positive_int, default=d.max_requests, help="requests in flight, decoding or queued (more: 429)")
     p.add_argument("--max_batch", type=cli.positive_int, default=d.max_batch, help="sequences decoded together (KV-cache rows)")
     p.add_argument("--max_body_bytes", type=cli.positive_int, default=d.max_body_bytes, help="largest request body (413)")
+    p.add_argument("--body_timeout", type=cli.positive_float, default=d.body_timeout,
+                   help="seconds to receive a request body (slower: 408)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     limits = Limits(**{k: getattr(args, k) for k in vars(d)})

@@ -438,3 +438,46 @@ def test_page_streams_in_headless_chromium(limited, plain):
     assert text == reference(plain[0], PROMPTS[0], 300, 7, temperature=0.8, top_p=0.95, top_k=50)[0]
     assert len(set(lengths)) >= 5, f"the text did not stream in: {lengths}"
     assert "tokens/s" in stats and "first token" in stats, stats
+
+
+def test_stalled_and_aborted_uploads_do_not_hold_or_flood_the_server(plain, tmp_path):
+    """200 requests whose bodies stall half-sent and 200 uploads aborted mid-body: a normal request
+    is still served within 2 s, each stalled one gets a 408 after --body_timeout, the server's
+    open sockets return to what they were, and stderr stays quiet (no traceback per abort)."""
+    import socket
+
+    s = Server(plain[1], tmp_path / "serve.log", "--body_timeout", "1")
+    try:
+        host, port = s.url.split("//")[1].split(":")
+        fds = lambda: len(os.listdir(f"/proc/{s.proc.pid}/fd"))  # noqa: E731
+        s.post({"prompt": "Hi", "max_tokens": 1})
+        baseline = fds()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 1000\r\n\r\n").encode() + b'{"prompt": "Hel'
+        stalled = []
+        for _ in range(200):
+            c = socket.create_connection((host, int(port)))
+            c.sendall(head)
+            stalled.append(c)
+        for _ in range(200):
+            c = socket.create_connection((host, int(port)))
+            c.sendall(head)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
+            c.close()
+        t0 = time.monotonic()
+        assert s.post({"prompt": "Hi", "max_tokens": 2}, timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 2.0
+        answers = []
+        for c in stalled:
+            c.settimeout(10)
+            answers.append(c.recv(100))
+            c.close()
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), {a[:20] for a in answers}
+        deadline = time.monotonic() + 10
+        while fds() > baseline + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert fds() <= baseline + 2, (fds(), baseline)
+    finally:
+        s.stop()
+    lines = open(s.log_path).read().splitlines()
+    assert len(lines) < 50 and not any("Traceback" in ln for ln in lines), "\n".join(lines[-60:])
