@@ -87,6 +87,28 @@ class CompletionRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
 
+# The request body as /openapi.json declares it (for schema-driven clients and fuzzers); the
+# checks themselves are parse_request's.
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+REQUEST_SCHEMA = {
+    "type": "object", "required": ["prompt"],
+    "properties": {
+        "model": {"type": "string"},
+        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                             _TOKENS, {"type": "array", "items": _TOKENS, "minItems": 1}]},
+        "max_tokens": {"type": "integer", "minimum": 1, "default": 16},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "top_k": {"type": "integer", "minimum": -1, "description": "vLLM's; 0 or -1: off"},
+        "n": {"type": "integer", "minimum": 1, "default": 1},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "seed": {"type": "integer"},
+        "stream": {"type": "boolean", "default": False},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    },
+}
+
+
 # Fields of OpenAI's completions API that this server does not implement, and the values that
 # mean "off" (a request that turns one on is refused rather than silently answered without it).
 UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "suffix": (None,), "best_of": (None, 1),
@@ -447,7 +469,8 @@ def create_app(model, model_id, limits):
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "gpt2-repro"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": REQUEST_SCHEMA}}}})
     async def completions(request: Request):
         try:
             req = parse_request(await read_body(request, limits.max_body_bytes, limits.body_timeout), enc, block_size, limits)

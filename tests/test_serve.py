@@ -481,3 +481,60 @@ def test_stalled_and_aborted_uploads_do_not_hold_or_flood_the_server(plain, tmp_
         s.stop()
     lines = open(s.log_path).read().splitlines()
     assert len(lines) < 50 and not any("Traceback" in ln for ln in lines), "\n".join(lines[-60:])
+
+
+def test_fuzzed_requests_get_4xx_never_500(limited):
+    """Bodies built from the declared OpenAPI schema's fields with any JSON values (and any JSON
+    at all): never a 500, the server keeps serving, its memory stays flat. Bounded: 150 examples."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    spec = httpx.get(limited.url + "/openapi.json", timeout=10).json()
+    schema = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["prompt"] and "max_tokens" in schema["properties"]
+    scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30)
+               | st.integers(min_value=-2, max_value=8) | st.sampled_from(["Hi", "", "<|endoftext|>", "\x00", "😀"]))
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=3),
+                          max_leaves=12)
+
+    def valid(sch):  # values of the declared type (small ones, so that requests stay quick)
+        if "anyOf" in sch:
+            return st.one_of([valid(x) for x in sch["anyOf"]])
+        t = sch.get("type")
+        if t == "integer":
+            return st.integers(min_value=sch.get("minimum", -3), max_value=sch.get("minimum", 0) + 6)
+        if t == "number":
+            return st.floats(min_value=sch.get("minimum", 0), max_value=sch.get("maximum", 2))
+        if t == "string":
+            return st.text(max_size=12)
+        if t == "boolean":
+            return st.booleans()
+        if t == "array":
+            return st.lists(valid(sch["items"]), min_size=sch.get("minItems", 0), max_size=3)
+        return st.fixed_dictionaries({}, optional={k: valid(v) | values for k, v in sch.get("properties", {}).items()})
+
+    props = schema["properties"]
+
+    def one_field_off(bad):  # every field of the declared type but one, which gets any JSON value
+        return st.fixed_dictionaries({bad: values, **({} if bad == "prompt" else {"prompt": valid(props["prompt"])})},
+                                     optional={k: valid(v) for k, v in props.items() if k not in (bad, "prompt")})
+
+    bodies = st.sampled_from(sorted(props)).flatmap(one_field_off) | values | st.fixed_dictionaries(
+        {"prompt": valid(props["prompt"]) | values},
+        optional={k: valid(v) | values for k, v in props.items() if k != "prompt"})
+    rss = lambda: int(next(ln.split()[1] for ln in open(f"/proc/{limited.proc.pid}/status") if ln.startswith("VmRSS")))  # noqa: E731
+    for _ in range(20):  # warm up allocations before the baseline
+        limited.post({"prompt": "Hello there", "max_tokens": 8})
+    before = rss()
+    statuses = set()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=bodies)
+    def post(body):
+        r = limited.post(body, timeout=60)
+        statuses.add(r.status_code)
+        assert r.status_code < 500, (body, r.text)
+
+    post()
+    assert statuses & {400, 413} and limited.post({"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    assert rss() - before < 64 * 1024, (before, rss())  # kB
