@@ -429,7 +429,25 @@ class Engine:
 # The HTTP side
 
 
-def create_app(model, model_id, limits):
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def check_origin(headers, loopback_only):
+    """403 unless the request is the server's own: a browser's Origin, when it sends one, must be
+    the host the request was sent to, and a server bound to this machine only answers to its own
+    names (a DNS-rebinding page, whose Host is its own domain, is refused)."""
+    from urllib.parse import urlsplit
+
+    host = headers.get("host", "")
+    name = urlsplit("//" + host).hostname or ""
+    if loopback_only and name not in LOOPBACK_NAMES:
+        raise APIError(403, f"this server answers to localhost only, not {host!r}", code="forbidden_host")
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != host:
+        raise APIError(403, f"cross-origin request from {origin!r} refused", code="forbidden_origin")
+
+
+def create_app(model, model_id, limits, loopback_only=True):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -473,6 +491,7 @@ def create_app(model, model_id, limits):
         "required": True, "content": {"application/json": {"schema": REQUEST_SCHEMA}}}})
     async def completions(request: Request):
         try:
+            check_origin(request.headers, loopback_only)
             req = parse_request(await read_body(request, limits.max_body_bytes, limits.body_timeout), enc, block_size, limits)
         except APIError as e:
             return error(e)
@@ -689,7 +708,8 @@ def main(argv=None):
         if args.compile:
             for block in model.transformer.h:
                 block.compile(dynamic=True)
-        app = create_app(model, os.path.basename(os.path.normpath(args.model)), limits)  # a name, not a path
+        app = create_app(model, os.path.basename(os.path.normpath(args.model)), limits,  # a name, not a path
+                         loopback_only=args.host in LOOPBACK_NAMES)
     except (ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

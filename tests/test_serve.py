@@ -281,6 +281,22 @@ def test_models_and_health(server):
         assert "/" not in server.health()["model"] and os.sep + "tmp" not in text and "pytest" not in text, text
 
 
+@pytest.mark.parametrize("headers,allowed", [
+    ({}, True),  # the openai client, curl: no Origin
+    ({"Origin": "SELF"}, True),  # the page itself
+    ({"Origin": "http://evil.example"}, False),  # another site's page
+    ({"Host": "evil.example", "Origin": "http://evil.example"}, False),  # DNS rebinding: its own name
+    ({"Host": "evil.example:8000"}, False),
+], ids=["no_origin", "same_origin", "other_origin", "rebinding", "other_host"])
+def test_only_the_servers_own_origin_and_names_are_answered(server, headers, allowed):
+    if headers.get("Origin") == "SELF":
+        headers = {"Origin": server.url}
+    body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 2}).encode()
+    r = httpx.post(server.url + "/v1/completions", content=body, timeout=30,
+                   headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == (200 if allowed else 403), r.text
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
 def test_only_json_bodies_are_accepted(server, content_type):
     """A web page can POST text/plain or a form to localhost without a preflight: such requests are
