@@ -69,19 +69,15 @@ def main(argv=None):
     a("--model", default="log", help="train.py run dir (its newest checkpoint), a step_NNNNNN/ or other "
       "HF-format dir, or gpt2[-medium|-large|-xl] (downloads once)")
     a("--prompt", default="Hello, I'm a language model,", help="text to continue ('': unconditional)")
-    a("--max_new_tokens", type=int, default=64, help="tokens to sample per sample, at most")
-    a("--temperature", type=float, default=1.0, help="0: greedy")
-    a("--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    a("--top_p", type=float, default=1.0, help="nucleus: the most likely tokens up to this probability (1: all)")
-    a("--num_samples", type=int, default=1, help="samples drawn together, as one batch")
-    a("--seed", type=int, default=42, help="the same seed, settings and model give the same samples")
+    a("--max_new_tokens", type=cli.positive_int, default=64, help="tokens to sample per sample, at most")
+    a("--temperature", type=cli.non_negative_float, default=1.0, help="0: greedy")
+    a("--top_k", type=cli.non_negative_int, default=50, help="sample among the k most likely tokens (0: all)")
+    a("--top_p", type=cli.float_range(0, 1, lo_open=True), default=1.0, help="nucleus: the most likely tokens up to this probability (1: all)")
+    a("--num_samples", type=cli.positive_int, default=1, help="samples drawn together, as one batch")
+    a("--seed", type=cli.int_range(0, 2**63 - 1), default=42, help="the same seed, settings and model give the same samples")
     a("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     a("--dtype", choices=list(DTYPES), default=None, help="weights' dtype (default: bf16 on CUDA, else fp32)")
     args = p.parse_args(argv)
-    if args.max_new_tokens <= 0 or args.num_samples <= 0:
-        p.error("--max_new_tokens and --num_samples must be positive")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        p.error("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
     device = args.device or best_device()
     dtype = args.dtype or default_dtype(device)
     try:
