@@ -201,11 +201,9 @@ def build(ctx):
     ctx.val_windows = args.val_tokens // T
     if ctx.val_windows == 0:
         raise TrainError(f"--val_tokens {args.val_tokens} is less than one sequence of {T} tokens")
-    if ctx.val_windows > ctx.val_loader.epoch_windows:
-        if ctx.rank == 0:
-            print(f"warning: --val_tokens {args.val_tokens:,} is more than the val shards hold; scoring all "
-                  f"{ctx.val_loader.epoch_windows * T:,} of them")
-        ctx.val_windows = ctx.val_loader.epoch_windows
+    if ctx.val_windows > ctx.val_loader.epoch_windows:  # never wrap around: the same tokens twice
+        raise TrainError(f"--val_tokens {args.val_tokens:,} is more than the val shards hold "
+                         f"({ctx.val_loader.epoch_windows * T:,} in whole windows of {T}); pass at most that")
     ctx.grad_accum = ctx.train_loader.grad_accum_steps
 
     # Rank 0 claims the run directory (one run per directory) and, on resume, finds the newest

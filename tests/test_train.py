@@ -345,6 +345,12 @@ def test_error_token_outside_the_vocabulary(data_dir, tmp_path):
     assert "edufineweb_train_00000" in line and "50300" in line, line
 
 
+def test_error_more_val_tokens_than_the_val_shards_hold(data_dir, tmp_path):
+    """Validation never wraps around to score the same tokens twice: one line with what they hold."""
+    line = error_line(run_train(*base_args(data_dir, tmp_path / "log", 2, val_tokens=10_000)))
+    assert "--val_tokens" in line and "7,968" in line, line  # 8,000 tokens: 249 whole windows of 32
+
+
 def test_error_log_dir_is_a_file(data_dir, tmp_path):
     (tmp_path / "log").write_text("not a directory")
     line = error_line(run_train(*base_args(data_dir, tmp_path / "log", 2)))
