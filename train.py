@@ -53,7 +53,11 @@ def parse_args(argv=None):
     a("--max_steps", type=cli.positive_int, default=19073, help="optimizer steps")
     a("--warmup_steps", type=cli.non_negative_int, default=715, help="linear learning-rate warm-up steps")
     a("--max_lr", type=cli.positive_float, default=6e-4, help="peak learning rate")
-    a("--min_lr", type=cli.non_negative_float, default=6e-5, help="final learning rate of the cosine decay")
+    a("--min_lr", type=cli.non_negative_float, default=6e-5, help="final learning rate of the decay")
+    a("--schedule", choices=["cosine", "wsd"], default="cosine",
+      help="after the warm-up: cosine decay, or wsd (warmup-stable-decay: constant, then a linear decay)")
+    a("--decay_frac", type=cli.float_range(0, 1, lo_open=True), default=0.2,
+      help="wsd: the final fraction of the steps that decays to --min_lr")
     a("--batch_size_per_device", type=cli.positive_int, default=64, help="sequences per process per micro-step")
     a("--total_batch_size", type=cli.positive_int, default=524288, help="tokens per optimizer step")
     a("--eval_step_interval", type=cli.positive_int, default=250, help="validate, HellaSwag and sample every N steps")
@@ -92,11 +96,19 @@ def parse_args(argv=None):
 
 
 def get_lr(step, args):
-    """Linear warm-up (step 0 already has lr > 0), then cosine decay to min_lr at max_steps."""
+    """Linear warm-up (step 0 already has lr > 0), then
+    cosine: a cosine decay to min_lr at max_steps;
+    wsd:    max_lr until the last decay_frac of the steps, then a linear decay whose last step
+            (max_steps - 1) runs at min_lr."""
     if step < args.warmup_steps:
         return args.max_lr * (step + 1) / args.warmup_steps
     if step >= args.max_steps:
         return args.min_lr
+    if args.schedule == "wsd":
+        decay_start = max(args.warmup_steps, args.max_steps - round(args.decay_frac * args.max_steps))
+        if step < decay_start:
+            return args.max_lr
+        return args.max_lr - (args.max_lr - args.min_lr) * (step - decay_start + 1) / (args.max_steps - decay_start)
     progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.max_lr - args.min_lr)
 
@@ -106,8 +118,8 @@ def get_lr(step, args):
 
 # The settings that define a run's numbers (with the model config): a --log_dir holds one run,
 # and --resume refuses to change any of them.
-RUN_SETTINGS = ("seed", "total_batch_size", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay",
-                "grad_clip", "dtype", "val_tokens")
+RUN_SETTINGS = ("seed", "total_batch_size", "max_steps", "warmup_steps", "max_lr", "min_lr", "schedule", "decay_frac",
+                "weight_decay", "grad_clip", "dtype", "val_tokens")
 
 
 def save_checkpoint(ctx, step):

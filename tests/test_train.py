@@ -706,3 +706,20 @@ def test_full_disk_is_one_line_and_resume_continues_exactly(data_dir, ref_run, t
     assert not checkpoints(log)
     check_ok(run_train(*args, "--resume"))
     assert_same_numbers(log, ref_run)
+
+
+def test_wsd_schedule_follows_its_formula():
+    """--schedule wsd: linear warm-up, max_lr until the last decay_frac of the steps, then linear to
+    min_lr, reached at the last step; cosine unchanged."""
+    import train
+
+    a = train.parse_args(["--schedule", "wsd", "--max_steps", "1000", "--warmup_steps", "100", "--max_lr", "1e-3",
+                          "--min_lr", "1e-4", "--decay_frac", "0.3"])
+    lr = lambda s: train.get_lr(s, a)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-5) and lr(99) == pytest.approx(1e-3)  # warm-up: (step + 1) / 100
+    assert lr(100) == lr(400) == lr(699) == 1e-3  # the plateau up to the decay start, 1000 - 300
+    assert lr(700) == pytest.approx(1e-3 - 9e-4 / 300) and lr(850) == pytest.approx(1e-3 - 9e-4 * 151 / 300)
+    assert lr(999) == pytest.approx(1e-4)  # the last step runs at min_lr
+    assert all(lr(s) >= lr(s + 1) for s in range(99, 999))
+    c = train.parse_args(["--max_steps", "1000", "--warmup_steps", "100", "--max_lr", "1e-3", "--min_lr", "1e-4"])
+    assert c.schedule == "cosine" and train.get_lr(550, c) == pytest.approx(5.5e-4)  # the cosine's midpoint
