@@ -30,17 +30,15 @@ import bisect
 import functools
 import json
 import os
-import re
 
 import numpy as np
 import torch
 
+from fineweb import SHARD_NAME, SPLIT_IN_PREFIX
+
 
 class DataError(ValueError):
     """Bad data or settings; the message names the file or the numbers."""
-
-
-SHARD_NAME = re.compile(r"(.*)_(train|val)_\d{6}\.npy")
 
 
 def open_shard(path, min_tokens=2, listed=None):
@@ -74,9 +72,9 @@ def find_shards(path, split):
     on_disk = []
     for name in sorted(os.listdir(path)):
         m = SHARD_NAME.fullmatch(name)
-        if not m or name.startswith("."):  # fineweb.py's .tmp-* shards are unfinished
+        if not m:
             continue
-        if re.search(r"_(train|val)(_|$)", m[1]):
+        if SPLIT_IN_PREFIX.search(m[1]):
             raise DataError(f"{name}: ambiguous shard name, its prefix {m[1]!r} holds a split name ({path}); rename it")
         if m[2] == split:
             on_disk.append(name)

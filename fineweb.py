@@ -49,7 +49,10 @@ import cli
 EOT = 50256
 TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model.get_tokenizer loads it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
-SHARD_NAME = re.compile(r"[^.].*_(train|val)_\d{6}\.npy")  # as data.py finds them (.tmp-* are unfinished)
+# The shard names, as data.py finds them too: <prefix>_<split>_NNNNNN.npy (.tmp-* are unfinished),
+# and a prefix that would make a shard's split ambiguous.
+SHARD_NAME = re.compile(r"([^.].*)_(train|val)_\d{6}\.npy")
+SPLIT_IN_PREFIX = re.compile(r"_(train|val)(_|$)")
 FORMATS = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
 BATCH_CHARS = 1 << 18  # text per task sent to a worker (~60k tokens)
 # Tasks in flight per worker. Results are taken in order, so while the oldest task runs the
@@ -332,7 +335,7 @@ def verify(path):
 
 
 def run(args):
-    if re.search(r"_(train|val)(_|$)", args.prefix):
+    if SPLIT_IN_PREFIX.search(args.prefix):
         raise InputError(f"--prefix {args.prefix!r} holds _train or _val as a word: its shards would read as the "
                          "wrong split; choose another")
     files = None if args.source == HF_DATASET else local_files(args.source)  # fail fast on a bad source

@@ -176,6 +176,7 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for whatever runs in fp32
         torch.backends.cudnn.allow_tf32 = True
     ctx.device, ctx.device_type = device, device.split(":")[0]
+    ctx.comm_device = device if ctx.device_type == "cuda" else "cpu"  # where collectives' tensors live (nccl, gloo)
     if args.dtype is None:
         args.dtype = default_dtype(ctx.device)
     if args.compile is None:
@@ -293,7 +294,7 @@ def val_loss(ctx):
         total[0] = torch.stack(losses).cpu().double() @ torch.tensor(counts, dtype=torch.float64)
         total[1] = sum(counts)
     if ctx.ddp:
-        total = total.to(ctx.device if ctx.device_type == "cuda" else "cpu")
+        total = total.to(ctx.comm_device)
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
@@ -335,7 +336,7 @@ def load_hellaswag(ctx):
     except hellaswag.HellaSwagError as e:
         examples, why = None, str(e)
     if ctx.ddp:
-        ok = torch.tensor(int(examples is not None), device=ctx.device if ctx.device_type == "cuda" else "cpu")
+        ok = torch.tensor(int(examples is not None), device=ctx.comm_device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if examples is not None and not ok.item():
             examples, why = None, "another rank could not load it"
