@@ -17,6 +17,11 @@ Sections:
   serve    serve.py (a subprocess; random weights at --n_layer/--n_embd): 1, 4 and 16 streaming
            clients at once against the same requests one at a time; total tokens/s and the
            median time to first token.
+  recipe   (only when asked for: it trains ~8 small models, ~40 min on 2 cores) train.py
+           --recipe modern against the classic recipe (gpt2, its --max_lr the best of
+           --recipe_lrs) on ../shared/corpus, same token budget, seeds and data order: val loss
+           at fixed points, step time, and the key ratio: the tokens modern needs to reach the
+           baseline's final val loss / the baseline's tokens (goal: at most 0.5).
 """
 
 import argparse
@@ -302,8 +307,109 @@ def bench_serve(args):
     return rows
 
 
+def _recipe_run(args, data, work, name, seed, flags):
+    """One train.py run (a subprocess, as users run it); returns {val step: loss} and the median step time."""
+    import json
+    import subprocess
+    import sys
+
+    steps = args.recipe_steps
+    log_dir = os.path.join(work, name)
+    argv = [sys.executable, "train.py", "--path", data, "--log_dir", log_dir, "--seed", str(seed),
+            "--n_layer", str(args.recipe_layers), "--n_embd", str(args.recipe_embd), "--n_head", str(args.recipe_embd // 64),
+            "--block_size", str(args.recipe_block), "--batch_size_per_device", str(args.recipe_batch),
+            "--total_batch_size", str(args.recipe_batch * args.recipe_block),
+            "--max_steps", str(steps), "--eval_step_interval", str(max(1, steps // 10)), "--val_tokens", str(args.recipe_val_tokens),
+            "--save_step", str(10 * steps), "--hellaswag_examples", "0", "--sample_tokens", "0", "--dtype", "fp32",
+            *args.recipe_train_flags.split(), *flags]
+    t0 = time.time()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: train.py failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    val, dts = {}, []
+    with open(os.path.join(log_dir, "log.jsonl")) as f:
+        for r in map(json.loads, f):
+            if "val_loss" in r:
+                val[r["step"]] = r["val_loss"]
+            if "tokens_per_sec" in r and r["step"] > 0:
+                dts.append(args.recipe_batch * args.recipe_block / r["tokens_per_sec"])
+    shutil.rmtree(log_dir)
+    print(f"  {name:<34} final val {val[steps]:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+    return val, statistics.median(dts)
+
+
+def _crossing(val, target, tokens_per_step):
+    """Tokens at which the val curve first reaches target (linear between evaluations), or None."""
+    pts = sorted(val.items())
+    for (s0, l0), (s1, l1) in zip(pts, pts[1:]):
+        if l1 <= target:
+            frac = 1.0 if l0 == l1 else min(1.0, max(0.0, (l0 - target) / (l0 - l1)))
+            return (s0 + frac * (s1 - s0)) * tokens_per_step
+    return None
+
+
+def bench_recipe(args):
+    """--recipe modern against the best classic (gpt2) recipe of an lr grid, at the same token budget."""
+    import subprocess
+    import sys
+
+    work = tempfile.mkdtemp(prefix="bench_recipe_")
+    data = args.recipe_data or os.path.join(work, "data")
+    try:
+        if not args.recipe_data:
+            subprocess.run([sys.executable, "fineweb.py", "--source", args.corpus, "--path", data, "--shard_size", "250000",
+                            "--workers", "1"], check=True, capture_output=True)
+        steps, tps = args.recipe_steps, args.recipe_batch * args.recipe_block
+        from train import RECIPES
+
+        # warm-ups: each recipe's fraction of the default 19,073 steps
+        warmup, modern_warmup = (str(max(1, round(steps * RECIPES[r]["warmup_steps"] / 19073))) for r in ("gpt2", "modern"))
+        seeds = list(range(args.recipe_seeds))
+        extra = args.recipe_flags.split()
+        print(f"recipe: {args.recipe_layers} layers x {args.recipe_embd}, T={args.recipe_block}, {tps:,} tokens/step, "
+              f"{steps} steps ({steps * tps:,} tokens), seeds {seeds}, data {args.recipe_data or args.corpus}, "
+              f"train.py flags: --dtype fp32 {args.recipe_train_flags}", flush=True)
+        grid = {}
+        for lr in args.recipe_lrs.split(","):
+            grid[lr] = _recipe_run(args, data, work, f"gpt2 max_lr {lr} seed 0", 0,
+                                   ["--recipe", "gpt2", "--max_lr", lr, "--min_lr", str(float(lr) / 10), "--warmup_steps", warmup])
+        best = min(grid, key=lambda lr: grid[lr][0][steps])
+        base_flags = ["--recipe", "gpt2", "--max_lr", best, "--min_lr", str(float(best) / 10), "--warmup_steps", warmup]
+        modern_flags = ["--recipe", "modern", "--warmup_steps", modern_warmup, *extra]
+        base, modern, half = {0: grid[best]}, {}, {}
+        for seed in seeds:
+            if seed not in base:
+                base[seed] = _recipe_run(args, data, work, f"gpt2 max_lr {best} seed {seed}", seed, base_flags)
+            modern[seed] = _recipe_run(args, data, work, f"modern seed {seed}", seed, modern_flags)
+        for seed in seeds:  # modern given half the tokens: does it reach the baseline's final loss?
+            half_args = argparse.Namespace(**{**vars(args), "recipe_steps": steps // 2})
+            half[seed] = _recipe_run(half_args, data, work, f"modern, half the steps, seed {seed}", seed, modern_flags)
+
+        print(f"\nval loss (mean over seeds {seeds}; baseline: gpt2 recipe at max_lr {best})")
+        print(f"{'step':>6} {'tokens':>10} {'gpt2':>8} {'modern':>8}")
+        for step in sorted(base[0][0]):
+            mean = lambda runs: statistics.mean(runs[s][0][step] for s in seeds)  # noqa: E731
+            print(f"{step:>6} {step * tps:>10,} {mean(base):>8.4f} {mean(modern):>8.4f}")
+        ratios = []
+        for seed in seeds:
+            target = base[seed][0][steps]
+            hit = _crossing(modern[seed][0], target, tps)
+            ratios.append(hit / (steps * tps) if hit is not None else float("inf"))
+            print(f"seed {seed}: gpt2 final {target:.4f} | modern reaches it at {ratios[-1]:.2f} of the tokens | "
+                  f"modern with half the tokens ends at {half[seed][0][steps // 2]:.4f}")
+        spread = f" (seeds: {', '.join(f'{r:.2f}' for r in ratios)})"
+        step_ratio = statistics.mean(modern[s][1] / base[s][1] for s in seeds)
+        return [(f"recipe: modern's tokens to gpt2's final val loss / gpt2's{spread}",
+                 statistics.mean(ratios), 1.0, "goal <= 0.5"),
+                ("recipe: step time, modern (Muon) / gpt2 (AdamW)", step_ratio, 1.0, "ms/ms")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # fineweb first: see the imports at the top
-SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve}
+SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve,
+            "recipe": bench_recipe}
+ON_REQUEST = ("recipe",)  # not in the default set: it trains models for ~40 minutes
 
 
 def main():
@@ -322,9 +428,20 @@ def main():
     p.add_argument("--hellaswag_examples", type=int, default=64,
                    help="examples per side (batches are sorted by length, as in a full evaluation)")
     p.add_argument("--hellaswag_batch", type=int, default=16)
-    p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"), help="text for the fineweb section")
+    p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"), help="text for the fineweb and recipe sections")
+    p.add_argument("--recipe_steps", type=int, default=100, help="recipe: optimizer steps per run (of --recipe_batch x --recipe_block tokens)")
+    p.add_argument("--recipe_seeds", type=int, default=2, help="recipe: seeds (initialisation and data order)")
+    p.add_argument("--recipe_lrs", default="6e-4,1.2e-3,2.4e-3", help="recipe: the baseline's --max_lr grid")
+    p.add_argument("--recipe_layers", type=int, default=4)
+    p.add_argument("--recipe_embd", type=int, default=256, help="recipe: width (heads of 64)")
+    p.add_argument("--recipe_block", type=int, default=256, help="recipe: sequence length")
+    p.add_argument("--recipe_batch", type=int, default=16, help="recipe: sequences per step (no accumulation)")
+    p.add_argument("--recipe_val_tokens", type=int, default=32768)
+    p.add_argument("--recipe_data", default=None, help="recipe: a shard directory (default: fineweb.py over --corpus)")
+    p.add_argument("--recipe_train_flags", default="", help="recipe: extra train.py flags for every run (GPU: --device cuda --dtype bf16)")
+    p.add_argument("--recipe_flags", default="", help="recipe: extra train.py flags for the modern runs")
     args = p.parse_args()
-    sections = args.section or list(SECTIONS)
+    sections = args.section or [s for s in SECTIONS if s not in ON_REQUEST]
     if set(sections) - {"fineweb"}:
         import torch
 

@@ -36,8 +36,8 @@ def int_range(lo, hi=None):
     return parse
 
 
-def float_range(lo, hi=None, lo_open=False):
-    """An argparse type: a finite number in [lo, hi] ((lo, hi] with lo_open)."""
+def float_range(lo, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite number in [lo, hi] (lo_open / hi_open: excluding that end)."""
     def parse(text):
         try:
             v = float(text)
@@ -45,8 +45,10 @@ def float_range(lo, hi=None, lo_open=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-            bound = f"{'above' if lo_open else 'at least'} {lo}" + (f" and at most {hi}" if hi is not None else "")
+        if v < lo or (lo_open and v == lo) or (hi is not None and (v > hi or (hi_open and v == hi))):
+            bound = f"{'above' if lo_open else 'at least'} {lo}"
+            if hi is not None:
+                bound += f" and {'below' if hi_open else 'at most'} {hi}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return v
     return parse

@@ -46,18 +46,56 @@ class TrainError(Exception):
     """Bad input: printed as one line, no traceback."""
 
 
+# A recipe is a set of defaults for the flags below; a flag given explicitly wins.
+#   gpt2:   the GPT-2 / GPT-3 paper recipe as build-nanogpt replicates it (AdamW, cosine).
+#   modern: measured on this repo (BENCHMARKS.md, bench.py --section recipe), the architecture
+#           and checkpoint format unchanged: Muon on the blocks' matrices, warmup-stable-decay.
+RECIPES = {
+    "gpt2": dict(optimizer="adamw", schedule="cosine", max_lr=6e-4, min_lr=6e-5, warmup_steps=715, decay_frac=0.2,
+                 weight_decay=0.1, muon_lr=None, muon_momentum=None, muon_weight_decay=None,
+                 decay_embeddings=True, zero_init_residual=False),
+    "modern": dict(optimizer="muon", schedule="wsd", max_lr=1.8e-3, min_lr=0.0, warmup_steps=250, decay_frac=0.4,
+                   weight_decay=0.1, muon_lr=3e-3, muon_momentum=0.95, muon_weight_decay=0.1,
+                   decay_embeddings=True, zero_init_residual=False),
+}
+MUON_FLAGS = ("muon_lr", "muon_momentum", "muon_weight_decay")
+
+
+def recipe_help(key):
+    return "(" + ", ".join(f"{name}: {r[key]}" for name, r in RECIPES.items() if r[key] is not None) + ")"
+
+
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--path", default="edu_fineweb10B", help="directory of token shards from fineweb.py")
+    a("--recipe", choices=list(RECIPES), default="gpt2",
+      help="defaults for the optimizer, schedule and learning-rate flags (the flags marked 'recipe')")
     a("--max_steps", type=cli.positive_int, default=19073, help="optimizer steps")
-    a("--warmup_steps", type=cli.non_negative_int, default=715, help="linear learning-rate warm-up steps")
-    a("--max_lr", type=cli.positive_float, default=6e-4, help="peak learning rate")
-    a("--min_lr", type=cli.non_negative_float, default=6e-5, help="final learning rate of the decay")
-    a("--schedule", choices=["cosine", "wsd"], default="cosine",
-      help="after the warm-up: cosine decay, or wsd (warmup-stable-decay: constant, then a linear decay)")
-    a("--decay_frac", type=cli.float_range(0, 1, lo_open=True), default=0.2,
-      help="wsd: the final fraction of the steps that decays to --min_lr")
+    a("--optimizer", choices=["adamw", "muon"], default=None,
+      help="adamw everywhere, or muon on the blocks' 2-D matrices and adamw on the rest; recipe " + recipe_help("optimizer"))
+    a("--warmup_steps", type=cli.non_negative_int, default=None,
+      help="linear learning-rate warm-up steps; recipe " + recipe_help("warmup_steps"))
+    a("--max_lr", type=cli.positive_float, default=None, help="peak learning rate of AdamW; recipe " + recipe_help("max_lr"))
+    a("--min_lr", type=cli.non_negative_float, default=None,
+      help="final learning rate of the decay (Muon's: scaled alike); recipe " + recipe_help("min_lr"))
+    a("--schedule", choices=["cosine", "wsd"], default=None,
+      help="after the warm-up: cosine decay, or wsd (warmup-stable-decay: constant, then a linear decay); recipe "
+      + recipe_help("schedule"))
+    a("--decay_frac", type=cli.float_range(0, 1, lo_open=True), default=None,
+      help="wsd: the final fraction of the steps that decays to --min_lr; recipe " + recipe_help("decay_frac"))
+    a("--weight_decay", type=cli.non_negative_float, default=None,
+      help="AdamW's decoupled weight decay of matrices and embeddings; recipe " + recipe_help("weight_decay"))
+    a("--decay_embeddings", action=argparse.BooleanOptionalAction, default=None,
+      help="weight decay on the token and position embeddings too; recipe " + recipe_help("decay_embeddings"))
+    a("--muon_lr", type=cli.positive_float, default=None,
+      help="muon: peak learning rate, AdamW-scale (update RMS matched to AdamW's); recipe " + recipe_help("muon_lr"))
+    a("--muon_momentum", type=cli.float_range(0, 1, hi_open=True), default=None,
+      help="muon: Nesterov momentum; recipe " + recipe_help("muon_momentum"))
+    a("--muon_weight_decay", type=cli.non_negative_float, default=None,
+      help="muon: decoupled weight decay; recipe " + recipe_help("muon_weight_decay"))
+    a("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
+      help="start the residual projections (attn.c_proj, mlp.c_proj) at zero; recipe " + recipe_help("zero_init_residual"))
     a("--batch_size_per_device", type=cli.positive_int, default=64, help="sequences per process per micro-step")
     a("--total_batch_size", type=cli.positive_int, default=524288, help="tokens per optimizer step")
     a("--eval_step_interval", type=cli.positive_int, default=250, help="validate, HellaSwag and sample every N steps")
@@ -80,7 +118,6 @@ def parse_args(argv=None):
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
     a("--hellaswag_examples", type=cli.int_range(-1), default=-1,
       help="HellaSwag val examples per evaluation (0: off, -1: all)")
-    a("--weight_decay", type=cli.non_negative_float, default=0.1)
     a("--grad_clip", type=cli.positive_float, default=1.0, help="clip the gradient norm to this")
     a("--sample_prompt", default="Hello, I'm a language model,")
     a("--sample_tokens", type=cli.non_negative_int, default=32, help="length of the sample at each evaluation (0: none)")
@@ -90,6 +127,19 @@ def parse_args(argv=None):
         args.dtype = "fp16"
     if args.val_tokens is None:
         args.val_tokens = args.eval_max_steps * args.total_batch_size if args.eval_max_steps else 20 * 524288
+    recipe = RECIPES[args.recipe]
+    optimizer = args.optimizer or recipe["optimizer"]
+    if optimizer == "adamw":
+        given = [f"--{k}" for k in MUON_FLAGS if getattr(args, k) is not None]
+        if given:
+            raise TrainError(f"{', '.join(given)} only apply to --optimizer muon")
+    elif not hasattr(torch.optim, "Muon"):
+        raise TrainError(f"--optimizer muon needs torch.optim.Muon, new in PyTorch 2.9; this is PyTorch {torch.__version__}")
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            if v is None and optimizer == "muon":  # --recipe gpt2 --optimizer muon: Muon's settings from modern
+                v = RECIPES["modern"][k]
+            setattr(args, k, v)
     if args.min_lr > args.max_lr:
         raise TrainError(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}")
     return args
@@ -114,20 +164,82 @@ def get_lr(step, args):
 
 
 # -----------------------------------------------------------------------------
+# Optimizers
+
+MUON_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
+
+
+def param_groups(model, args):
+    """Parameter names by optimizer group: {"muon": [...], "decay": [...], "no_decay": [...]}.
+    muon: the 2-D matrices inside the blocks (under --optimizer muon); decay: AdamW with weight
+    decay (the other 2-D tensors: the embeddings, one of them also the lm_head); no_decay:
+    biases and LayerNorm (and the embeddings under --no-decay_embeddings)."""
+    groups = {"muon": [], "decay": [], "no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if args.optimizer == "muon" and name.endswith(MUON_MATRICES) and p.dim() == 2:
+            groups["muon"].append(name)
+        elif p.dim() >= 2 and (args.decay_embeddings or name not in EMBEDDINGS):
+            groups["decay"].append(name)
+        else:
+            groups["no_decay"].append(name)
+    return groups
+
+
+def build_optimizers(model, args, device_type):
+    """[AdamW] or [AdamW, Muon], each group at its peak learning rate (the schedule scales them alike)."""
+    named = dict(model.named_parameters())
+    groups = param_groups(model, args)
+    adamw_groups = [{"params": [named[n] for n in groups["decay"]], "weight_decay": args.weight_decay},
+                    {"params": [named[n] for n in groups["no_decay"]], "weight_decay": 0.0}]
+    kw = dict(lr=args.max_lr, betas=(0.9, 0.95), eps=1e-8)
+    try:  # the fused kernel, where this PyTorch has one for the device
+        optimizers = [torch.optim.AdamW(adamw_groups, fused=device_type in ("cuda", "cpu", "mps", "xpu"), **kw)]
+    except (RuntimeError, TypeError):
+        optimizers = [torch.optim.AdamW(adamw_groups, **kw)]
+    if groups["muon"]:
+        # match_rms_adamw: the update's RMS is AdamW's, so AdamW-scale learning rates and decay carry over
+        optimizers.append(torch.optim.Muon([named[n] for n in groups["muon"]], lr=args.muon_lr, momentum=args.muon_momentum,
+                                           weight_decay=args.muon_weight_decay, nesterov=True, adjust_lr_fn="match_rms_adamw"))
+    return optimizers
+
+
+def set_lr(optimizers, base_lrs, factor):
+    for opt, lrs in zip(optimizers, base_lrs):
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr * factor
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints
 
 # The settings that define a run's numbers (with the model config): a --log_dir holds one run,
 # and --resume refuses to change any of them.
 RUN_SETTINGS = ("seed", "total_batch_size", "max_steps", "warmup_steps", "max_lr", "min_lr", "schedule", "decay_frac",
-                "weight_decay", "grad_clip", "dtype", "val_tokens")
+                "weight_decay", "grad_clip", "dtype", "val_tokens", "optimizer", "decay_embeddings", "zero_init_residual",
+                *MUON_FLAGS)
+# Settings added later are left out of run.json while they hold the value every older run had,
+# so those runs still resume; Muon's only count under muon.
+LATER_SETTINGS = {"optimizer": "adamw", "decay_embeddings": True, "zero_init_residual": False,
+                  **{k: None for k in MUON_FLAGS}}
+
+
+def run_settings(args, config):
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    settings = {k: v for k, v in settings.items() if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+    return {**settings, **dataclasses.asdict(config)}
 
 
 def save_checkpoint(ctx, step):
     """Rank 0 writes step_NNNNNN/ whole (see rundir.py); the others wait for it."""
     if ctx.rank == 0:
-        state = {"step": step, "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                 "loader": ctx.train_loader.state_dict(), "args": vars(ctx.args),
+        state = {"step": step, "optimizer": ctx.optimizers[0].state_dict(), "scaler": ctx.scaler.state_dict(),
+                 "loader": ctx.train_loader.state_dict(), "args": vars(ctx.args), "recipe": ctx.recipe,
                  "config": dataclasses.asdict(ctx.raw_model.config)}
+        if len(ctx.optimizers) > 1:
+            state["muon"] = ctx.optimizers[1].state_dict()
         ctx.run_dir.save(step, ctx.raw_model, state)
         if ctx.args.keep_checkpoints > 0:
             ctx.run_dir.prune(ctx.args.keep_checkpoints)
@@ -223,7 +335,7 @@ def build(ctx):
     # checkpoint that verifies; every rank then loads that one.
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0  # a torchrun restart resumes
     ctx.run_dir = RunDir(args.log_dir)
-    settings = {**{k: getattr(args, k) for k in RUN_SETTINGS}, **dataclasses.asdict(config)}
+    settings = run_settings(args, config)
 
     def claim():
         ctx.run_dir.claim(settings, resume)
@@ -242,14 +354,23 @@ def build(ctx):
     else:
         torch.manual_seed(args.seed)  # same initialisation on every rank
         model = GPT(config)
+        if args.zero_init_residual:
+            with torch.no_grad():
+                for block in model.transformer.h:
+                    block.attn.c_proj.weight.zero_()
+                    block.mlp.c_proj.weight.zero_()
     ctx.found = None
     model.to(ctx.device)
     ctx.raw_model = model
-    ctx.optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type=ctx.device_type)
+    ctx.recipe = {"name": args.recipe, **{k: getattr(args, k) for k in RECIPES[args.recipe]}}  # with the flags given
+    ctx.optimizers = build_optimizers(model, args, ctx.device_type)
+    ctx.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in ctx.optimizers]
     ctx.scaler = torch.amp.GradScaler(ctx.device_type, enabled=args.dtype == "fp16")
     ctx.start_step = 0
     if state is not None:
-        ctx.optimizer.load_state_dict(state["optimizer"])
+        ctx.optimizers[0].load_state_dict(state["optimizer"])
+        if len(ctx.optimizers) > 1:
+            ctx.optimizers[1].load_state_dict(state["muon"])
         ctx.scaler.load_state_dict(state["scaler"])
         ctx.train_loader.load_state_dict(state["loader"])
         ctx.start_step = state["step"]
@@ -352,7 +473,7 @@ def params_finite(model):
 
 
 def train(ctx):
-    args, model, opt = ctx.args, ctx.model, ctx.optimizer
+    args, model, optimizers = ctx.args, ctx.model, ctx.optimizers
     tokens_per_step = args.total_batch_size
     for step in range(ctx.start_step, args.max_steps + 1):
         # here the model has had `step` updates: evaluate it, checkpoint it, then train step `step`
@@ -381,17 +502,19 @@ def train(ctx):
         train_loss = loss_sum.item()
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"non-finite (NaN or inf) train loss {train_loss} at step {step}")
-        ctx.scaler.unscale_(opt)
+        for opt in optimizers:  # fp16: every optimizer's gradients unscaled before clipping
+            ctx.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(ctx.raw_model.parameters(), args.grad_clip).item()
         if not math.isfinite(grad_norm) and not ctx.scaler.is_enabled():  # (fp16: the scaler skips the step)
             raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {step}")
         lr = get_lr(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(optimizers, ctx.base_lrs, lr / args.max_lr)
         scale_before = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else None
-        ctx.scaler.step(opt)
+        for opt in optimizers:
+            ctx.scaler.step(opt)
         ctx.scaler.update()
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         if not params_finite(ctx.raw_model):
             raise FloatingPointError(f"the update of step {step} (lr {lr:.3e}) made weights non-finite")
         if ctx.device_type == "cuda":
@@ -400,6 +523,8 @@ def train(ctx):
         tok_s = tokens_per_step / dt
         mfu = tok_s * ctx.flops_per_token / (ctx.peak * ctx.world_size) if ctx.peak else None
         record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tok_s, "mfu": mfu}
+        if len(optimizers) > 1:
+            record["muon_lr"] = optimizers[1].param_groups[0]["lr"]
         if scale_before is not None and ctx.scaler.get_scale() < scale_before:
             record["skipped"] = True  # fp16: inf/NaN gradients, the scaler skipped this step
         log(ctx, record)
@@ -422,7 +547,10 @@ def main(argv=None):
         ctx.hellaswag = load_hellaswag(ctx)
         if args.sample_tokens > 0:
             get_tokenizer()  # fail now, not at the first evaluation, if the BPE cannot be had
+        log(ctx, {"step": ctx.start_step, "recipe": ctx.recipe})
         if ctx.rank == 0:
+            print(f"recipe {args.recipe}: " + ", ".join(f"{k} {v}" for k, v in ctx.recipe.items()
+                                        if v is not None and k != "name"))
             print(f"{ctx.raw_model.num_params():,} parameters | {ctx.world_size} process(es) on {ctx.device} | "
                   f"{args.dtype} | grad accumulation {ctx.grad_accum} | steps {ctx.start_step}..{args.max_steps}")
         train(ctx)

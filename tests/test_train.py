@@ -105,10 +105,13 @@ def val_losses(log_dir):
     return {r["step"]: r["val_loss"] for r in read_log(log_dir) if "val_loss" in r}
 
 
-def test_accumulation_and_ddp_give_same_losses(data_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["gpt2", "modern"])
+def test_accumulation_and_ddp_give_same_losses(data_dir, tmp_path, recipe):
     """Per-step train losses match for 2x2 accumulation, one micro-batch of 4, and 2 gloo ranks x 2;
-    val losses match too (rel 1e-6), at every evaluation, over a val set that no layout divides."""
-    common = dict(total_batch_size=4 * T, seed=1337, dtype="fp32", eval_step_interval=3, val_tokens=31 * T + 5)
+    val losses match too (rel 1e-6), at every evaluation, over a val set that no layout divides.
+    modern: Muon (every rank applies the same update to the all-reduced gradient) and wsd."""
+    common = dict(total_batch_size=4 * T, seed=1337, dtype="fp32", eval_step_interval=3, val_tokens=31 * T + 5,
+                  recipe=recipe)
     runs = {
         "accum": (1, base_args(data_dir, tmp_path / "accum", 10, batch_size_per_device=2, **common)),
         "single": (1, base_args(data_dir, tmp_path / "single", 10, batch_size_per_device=4, **common)),
@@ -134,10 +137,12 @@ def test_accumulation_and_ddp_give_same_losses(data_dir, tmp_path):
             assert abs(vals[name][step] - b) <= 1e-6 * b, (name, step, vals[name][step], b)
 
 
-def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
-    """SIGKILL after step 8's checkpoint, then --resume: every step's loss equals an uninterrupted run's."""
+@pytest.mark.parametrize("recipe", ["gpt2", "modern"])
+def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, recipe):
+    """SIGKILL after step 8's checkpoint, then --resume: every step's loss equals an uninterrupted run's
+    (modern: both optimizers' states, AdamW's and Muon's momentum, come back from trainer_state.pt)."""
     # 8 micro-steps per step so a step takes long enough to kill the run between checkpoints
-    kw = dict(batch_size_per_device=4, total_batch_size=8 * 4 * T, save_step=4, eval_step_interval=6)
+    kw = dict(batch_size_per_device=4, total_batch_size=8 * 4 * T, save_step=4, eval_step_interval=6, recipe=recipe)
     check_ok(run_train(*base_args(data_dir, tmp_path / "A", 12, **kw)))
     ref = train_losses(tmp_path / "A")
     assert len(ref) == 12, ref
@@ -179,9 +184,11 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
     assert sorted(c.name for c in checkpoints(logB)) == sorted(c.name for c in checkpoints(tmp_path / "A"))
 
 
-@pytest.mark.parametrize("flags", [["--fp16"], ["--dtype", "bf16"]], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("flags", [["--fp16"], ["--dtype", "bf16"], ["--dtype", "bf16", "--recipe", "modern"]],
+                         ids=["fp16", "bf16", "bf16_modern"])
 def test_mixed_precision_runs_on_cpu(data_dir, tmp_path, flags):
-    """--fp16 (with its GradScaler) and --dtype bf16 run 3 steps on CPU with finite losses."""
+    """--fp16 (with its GradScaler) and --dtype bf16 (with AdamW, and with Muon) run 3 steps on CPU
+    with finite losses."""
     args = base_args(data_dir, tmp_path / "log", 3)
     i = args.index("--dtype")
     del args[i : i + 2]  # let the flag under test pick the precision
@@ -194,9 +201,10 @@ def test_mixed_precision_runs_on_cpu(data_dir, tmp_path, flags):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="torch.compile on CPU is slow; set RUN_SLOW=1")
-def test_compile_runs_on_cpu(data_dir, tmp_path):
-    """--compile trains 2 steps on CPU."""
-    args = [a for a in base_args(data_dir, tmp_path / "log", 2) if a != "--no-compile"]
+@pytest.mark.parametrize("recipe", ["gpt2", "modern"])
+def test_compile_runs_on_cpu(data_dir, tmp_path, recipe):
+    """--compile trains 2 steps on CPU (modern: Muon beside the compiled model)."""
+    args = [a for a in base_args(data_dir, tmp_path / "log", 2, recipe=recipe) if a != "--no-compile"]
     check_ok(run_train(*args, "--compile", timeout=600))
     losses = train_losses(tmp_path / "log")
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values()), losses
@@ -228,12 +236,14 @@ def test_blow_up_stops_the_run_and_never_checkpoints_non_finite_values(data_dir,
             assert all(torch.isfinite(t).all() for t in s.values()), c.name
 
 
-def test_fp16_gradients_are_unscaled_before_clipping(data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fp16_gradients_are_unscaled_before_clipping(data_dir, tmp_path, optimizer):
     """--fp16 scales the loss by 2^16: the logged gradient norm, the clipping and hence the losses must
-    be those of the unscaled gradients, as in an fp32 run (to fp16 autocast's precision)."""
+    be those of the unscaled gradients, as in an fp32 run (to fp16 autocast's precision); with muon,
+    the gradients of both optimizers' parameters."""
     runs = {}
     for name, flags in [("fp32", []), ("fp16", ["--fp16"])]:
-        args = base_args(data_dir, tmp_path / name, 4)
+        args = base_args(data_dir, tmp_path / name, 4, optimizer=optimizer)
         if flags:
             i = args.index("--dtype")
             del args[i : i + 2]

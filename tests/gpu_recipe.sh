@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# --recipe modern against gpt2 at 124M on one GPU (bench.py --section recipe at GPU scale), about
+# 8 minutes on an H100/H200 (run from the repo root):   bash tests/gpu_recipe.sh
+# Data: GPT-2 tokens of ../shared/corpus (~3.3M train tokens: one pass of 100 steps x 32k), or
+# DATA=<shard dir from fineweb.py> for FineWebEdu shards. The printout ends with the key ratio:
+# the tokens modern needs to reach the gpt2 recipe's final val loss / gpt2's tokens.
+# (A dry run of the logic on a CPU: LAYERS=1 EMBD=64 BLOCK=64 BATCH=4 STEPS=4 FLAGS="--device cpu")
+set -euo pipefail
+PY=${PY:-python}
+$PY bench.py --section recipe --recipe_layers "${LAYERS:-12}" --recipe_embd "${EMBD:-768}" \
+    --recipe_block "${BLOCK:-1024}" --recipe_batch "${BATCH:-32}" --recipe_steps "${STEPS:-100}" \
+    --recipe_seeds "${SEEDS:-2}" --recipe_lrs "${LRS:-6e-4,1.8e-3}" --recipe_val_tokens "${VAL:-196608}" \
+    ${DATA:+--recipe_data "$DATA"} --recipe_train_flags "${FLAGS:---device cuda --dtype bf16 --no-compile}"
