@@ -3,9 +3,10 @@ Train GPT-2 on token shards from fineweb.py: one process, or DDP under torchrun.
 
     python train.py --path data/small --model gpt2 --n_layer 4 --n_embd 128 ...   # one process
     torchrun --standalone --nproc_per_node=8 train.py --path edu_fineweb10B ...    # 8 GPUs
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29500 train.py --resume ...                            # 2 nodes (README)
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py --resume ...  # fault tolerant
+    torchrun --standalone --nproc_per_node=8 train.py --recipe modern --max_steps 9537 ...  # Muon + wsd (RECIPES)
 
 Every optimizer step sees total_batch_size tokens: batch_size_per_device sequences of block_size
 tokens per process per micro-step, accumulated over total / (batch x block x world) micro-steps.
@@ -48,7 +49,7 @@ class TrainError(Exception):
 
 # A recipe is a set of defaults for the flags below; a flag given explicitly wins.
 #   gpt2:   the GPT-2 / GPT-3 paper recipe as build-nanogpt replicates it (AdamW, cosine).
-#   modern: measured on this repo (BENCHMARKS.md, bench.py --section recipe), the architecture
+#   modern: measured on this repo (README: the modern recipe; bench.py --section recipe), the architecture
 #           and checkpoint format unchanged: Muon on the blocks' matrices, warmup-stable-decay.
 RECIPES = {
     "gpt2": dict(optimizer="adamw", schedule="cosine", max_lr=6e-4, min_lr=6e-5, warmup_steps=715, decay_frac=0.2,
@@ -56,7 +57,7 @@ RECIPES = {
                  decay_embeddings=True, zero_init_residual=False),
     "modern": dict(optimizer="muon", schedule="wsd", max_lr=1.8e-3, min_lr=0.0, warmup_steps=250, decay_frac=0.4,
                    weight_decay=0.1, muon_lr=3e-3, muon_momentum=0.95, muon_weight_decay=0.1,
-                   decay_embeddings=True, zero_init_residual=False),
+                   decay_embeddings=True, zero_init_residual=True),
 }
 MUON_FLAGS = ("muon_lr", "muon_momentum", "muon_weight_decay")
 

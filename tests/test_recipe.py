@@ -169,3 +169,16 @@ def test_muon_on_a_pytorch_without_it_is_one_error_line(data_dir, tmp_path, monk
     assert rc == 2 and len(err) == 1 and "2.9" in err[0] and err[0].startswith("error:"), err
     assert not (tmp_path / "log").exists()
     assert train.main([str(a) for a in base_args(data_dir, tmp_path / "log", 2)]) == 0  # adamw needs no Muon
+
+
+def test_bench_crossing_interpolates_between_evaluations():
+    """bench.py's key figure: the tokens at which a val curve first reaches a target, linear between
+    evaluations (worked by hand), None when it never does."""
+    import bench
+
+    curve = {0: 10.0, 10: 6.0, 20: 5.0, 30: 4.0}
+    assert bench._crossing(curve, 5.5, 100) == pytest.approx(1500)  # halfway from step 10 to 20
+    assert bench._crossing(curve, 6.0, 100) == pytest.approx(1000)  # reached exactly at an evaluation
+    assert bench._crossing(curve, 9.0, 4) == pytest.approx(10)  # 1/4 of the way from 0 to 10, x4 tokens
+    assert bench._crossing({0: 10.0, 10: 6.0, 20: 7.0, 30: 5.0}, 6.5, 1) == pytest.approx(8.75)  # the first time
+    assert bench._crossing(curve, 3.9, 100) is None
