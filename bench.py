@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+import cli
 from fineweb import usable_cores
 
 # torch is imported by the sections that use it: the fineweb section runs first, in a process
@@ -410,9 +411,9 @@ def bench_recipe(args):
         grid = {}
         for lr in args.recipe_lrs.split(","):
             grid[lr] = _recipe_run(args, data, work, f"gpt2 max_lr {lr} seed 0", 0,
-                                   ["--recipe", "gpt2", "--max_lr", lr, "--min_lr", str(float(lr) / 10), "--warmup_steps", warmup])
+                                   ["--recipe", "gpt2", "--max_lr", lr, "--min_lr", f"{float(lr) / 10:g}", "--warmup_steps", warmup])
         best = min(grid, key=lambda lr: grid[lr][steps])
-        base_flags = ["--recipe", "gpt2", "--max_lr", best, "--min_lr", str(float(best) / 10), "--warmup_steps", warmup]
+        base_flags = ["--recipe", "gpt2", "--max_lr", best, "--min_lr", f"{float(best) / 10:g}", "--warmup_steps", warmup]
         modern_flags = ["--recipe", "modern", "--warmup_steps", modern_warmup, *extra]
         base, modern, half = {0: grid[best]}, {}, {}
         for seed in seeds:
@@ -449,31 +450,31 @@ ON_REQUEST = ("recipe",)  # not in the default set: it trains models for ~40 min
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--section", choices=list(SECTIONS), action="append", help="run only this section (repeatable)")
     p.add_argument("--quick", action="store_true", help="one timed call of each (smoke run)")
     p.add_argument("--repeat", type=int, default=9, help="timed calls of each side; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
-    p.add_argument("--n_layer", type=int, default=6)
-    p.add_argument("--n_head", type=int, default=6)
-    p.add_argument("--n_embd", type=int, default=384)
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--prompt_len", type=int, default=32)
-    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--n_layer", type=int, default=6, help="model and serve sections: layers")
+    p.add_argument("--n_head", type=int, default=6, help="model and serve sections: heads")
+    p.add_argument("--n_embd", type=int, default=384, help="model and serve sections: width")
+    p.add_argument("--seq_len", type=int, default=256, help="model section: training sequence length")
+    p.add_argument("--batch_size", type=int, default=4, help="model section: training sequences per step")
+    p.add_argument("--prompt_len", type=int, default=32, help="sampling: prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=128, help="sampling: new tokens")
     p.add_argument("--hellaswag_examples", type=int, default=64,
                    help="examples per side (batches are sorted by length, as in a full evaluation)")
-    p.add_argument("--hellaswag_batch", type=int, default=16)
+    p.add_argument("--hellaswag_batch", type=int, default=16, help="hellaswag section: examples per batch")
     p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"), help="text for the fineweb and recipe sections")
     p.add_argument("--recipe_steps", type=int, default=100,
                    help="recipe: optimizer steps per run (of --recipe_batch x --recipe_block tokens; 0: the step time only)")
     p.add_argument("--recipe_seeds", type=int, default=2, help="recipe: seeds (initialisation and data order)")
     p.add_argument("--recipe_lrs", default="6e-4,1.2e-3", help="recipe: the baseline's --max_lr grid")
-    p.add_argument("--recipe_layers", type=int, default=4)
+    p.add_argument("--recipe_layers", type=int, default=4, help="recipe: layers")
     p.add_argument("--recipe_embd", type=int, default=256, help="recipe: width (heads of 64)")
     p.add_argument("--recipe_block", type=int, default=256, help="recipe: sequence length")
     p.add_argument("--recipe_batch", type=int, default=16, help="recipe: sequences per step (no accumulation)")
-    p.add_argument("--recipe_val_tokens", type=int, default=32768)
+    p.add_argument("--recipe_val_tokens", type=int, default=32768, help="recipe: tokens of each validation")
     p.add_argument("--recipe_data", default=None, help="recipe: a shard directory (default: fineweb.py over --corpus)")
     p.add_argument("--recipe_train_flags", default="", help="recipe: extra train.py flags for every run (GPU: --device cuda --dtype bf16)")
     p.add_argument("--recipe_flags", default="", help="recipe: extra train.py flags for the modern runs")

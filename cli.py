@@ -12,8 +12,25 @@ import math
 import sys
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every flag's default at the end of its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = "(default" in text or "%(default)" in text
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not no_default and not shown:
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with an error printed as one line (no usage block) and exit status 2."""
+    """argparse, with an error printed as one line (no usage block) and exit status 2, and the
+    defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)

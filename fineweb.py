@@ -549,7 +549,7 @@ def usable_cores():
 
 
 def main(argv=None):
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--source", default=HF_DATASET,
                    help=f"{HF_DATASET} (streamed) or local data: a file, directory or glob of "
                         f"{', '.join(FORMATS)} (a .txt file is one document)")
@@ -558,7 +558,7 @@ def main(argv=None):
     p.add_argument("--path", default="edu_fineweb10B", help="output directory of shards and manifest.json")
     p.add_argument("--prefix", default="edufineweb", help="shard name prefix (no _train or _val in it)")
     p.add_argument("--shard_size", type=cli.positive_int, default=100_000_000, help="tokens per shard")
-    p.add_argument("--max_tokens", type=cli.positive_int, default=None, help="stop after this many tokens")
+    p.add_argument("--max_tokens", type=cli.positive_int, default=None, help="stop after this many tokens (default: all of the source)")
     p.add_argument("--workers", type=cli.positive_int, default=usable_cores(),
                    help="tokenizer processes (default: one per usable core)")
     p.add_argument("--start_method", choices=mp.get_all_start_methods(), default=None,

@@ -64,7 +64,7 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
 
 
 def main(argv=None):
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     a = p.add_argument
     a("--model", default="log", help="train.py run dir (its newest checkpoint), a step_NNNNNN/ or other "
       "HF-format dir, or gpt2[-medium|-large|-xl] (downloads once)")

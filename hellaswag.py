@@ -276,9 +276,9 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
 
 
 def main(argv=None):
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", default="gpt2", help="HF-format dir, train.py run dir (newest checkpoint), or gpt2[-medium|-large|-xl]")
-    p.add_argument("--split", default="val", choices=list(SIZES))
+    p.add_argument("--split", default="val", choices=list(SIZES), help="which HellaSwag file to score")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N examples")
     p.add_argument("--batch_size", type=cli.positive_int, default=16, help="examples per forward pass")
     p.add_argument("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")

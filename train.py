@@ -63,48 +63,48 @@ MUON_FLAGS = ("muon_lr", "muon_momentum", "muon_weight_decay")
 
 
 def recipe_help(key):
-    return "(" + ", ".join(f"{name}: {r[key]}" for name, r in RECIPES.items() if r[key] is not None) + ")"
+    return "(default: by --recipe, " + ", ".join(f"{name} {r[key]}" for name, r in RECIPES.items() if r[key] is not None) + ")"
 
 
 def parse_args(argv=None):
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     a = p.add_argument
     a("--path", default="edu_fineweb10B", help="directory of token shards from fineweb.py")
     a("--recipe", choices=list(RECIPES), default="gpt2",
-      help="defaults for the optimizer, schedule and learning-rate flags (the flags marked 'recipe')")
+      help="defaults for the optimizer, schedule and learning-rate flags (those whose default is 'by --recipe')")
     a("--max_steps", type=cli.positive_int, default=19073, help="optimizer steps")
     a("--optimizer", choices=["adamw", "muon"], default=None,
-      help="adamw everywhere, or muon on the blocks' 2-D matrices and adamw on the rest; recipe " + recipe_help("optimizer"))
+      help="adamw everywhere, or muon on the blocks' 2-D matrices and adamw on the rest " + recipe_help("optimizer"))
     a("--warmup_steps", type=cli.non_negative_int, default=None,
-      help="linear learning-rate warm-up steps; recipe " + recipe_help("warmup_steps"))
-    a("--max_lr", type=cli.positive_float, default=None, help="peak learning rate of AdamW; recipe " + recipe_help("max_lr"))
+      help="linear learning-rate warm-up steps " + recipe_help("warmup_steps"))
+    a("--max_lr", type=cli.positive_float, default=None, help="peak learning rate of AdamW " + recipe_help("max_lr"))
     a("--min_lr", type=cli.non_negative_float, default=None,
-      help="final learning rate of the decay (Muon's: scaled alike); recipe " + recipe_help("min_lr"))
+      help="final learning rate of the decay (Muon's: scaled alike) " + recipe_help("min_lr"))
     a("--schedule", choices=["cosine", "wsd"], default=None,
-      help="after the warm-up: cosine decay, or wsd (warmup-stable-decay: constant, then a linear decay); recipe "
+      help="after the warm-up: cosine decay, or wsd (warmup-stable-decay: constant, then a linear decay) "
       + recipe_help("schedule"))
     a("--decay_frac", type=cli.float_range(0, 1, lo_open=True), default=None,
-      help="wsd: the final fraction of the steps that decays to --min_lr; recipe " + recipe_help("decay_frac"))
+      help="wsd: the final fraction of the steps that decays to --min_lr " + recipe_help("decay_frac"))
     a("--weight_decay", type=cli.non_negative_float, default=None,
-      help="AdamW's decoupled weight decay of matrices and embeddings; recipe " + recipe_help("weight_decay"))
+      help="AdamW's decoupled weight decay of matrices and embeddings " + recipe_help("weight_decay"))
     a("--decay_embeddings", action=argparse.BooleanOptionalAction, default=None,
-      help="weight decay on the token and position embeddings too; recipe " + recipe_help("decay_embeddings"))
+      help="weight decay on the token and position embeddings too " + recipe_help("decay_embeddings"))
     a("--muon_lr", type=cli.positive_float, default=None,
-      help="muon: peak learning rate, AdamW-scale (update RMS matched to AdamW's); recipe " + recipe_help("muon_lr"))
+      help="muon: peak learning rate, AdamW-scale (update RMS matched to AdamW's) " + recipe_help("muon_lr"))
     a("--muon_momentum", type=cli.float_range(0, 1, hi_open=True), default=None,
-      help="muon: Nesterov momentum; recipe " + recipe_help("muon_momentum"))
+      help="muon: Nesterov momentum " + recipe_help("muon_momentum"))
     a("--muon_weight_decay", type=cli.non_negative_float, default=None,
-      help="muon: decoupled weight decay; recipe " + recipe_help("muon_weight_decay"))
+      help="muon: decoupled weight decay " + recipe_help("muon_weight_decay"))
     a("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
-      help="start the residual projections (attn.c_proj, mlp.c_proj) at zero; recipe " + recipe_help("zero_init_residual"))
+      help="start the residual projections (attn.c_proj, mlp.c_proj) at zero " + recipe_help("zero_init_residual"))
     a("--batch_size_per_device", type=cli.positive_int, default=64, help="sequences per process per micro-step")
     a("--total_batch_size", type=cli.positive_int, default=524288, help="tokens per optimizer step")
     a("--eval_step_interval", type=cli.positive_int, default=250, help="validate, HellaSwag and sample every N steps")
     a("--val_tokens", type=cli.positive_int, default=None,
       help="tokens scored at each validation, the same for any layout (default 10,485,760 = 20 x 0.5M)")
-    a("--eval_max_steps", type=cli.positive_int, default=None, help="old form of --val_tokens: N x --total_batch_size tokens")
+    a("--eval_max_steps", type=cli.positive_int, default=None, help="old form of --val_tokens: N x --total_batch_size tokens (default: unset)")
     a("--save_step", type=cli.positive_int, default=5000, help="checkpoint every N steps (and at the end)")
-    a("--seed", type=cli.non_negative_int, default=1337)
+    a("--seed", type=cli.non_negative_int, default=1337, help="seed of the initialisation and the data order")
     a("--fp16", action="store_true", help="fp16 autocast with a gradient scaler (same as --dtype fp16)")
     a("--model", default="gpt2", choices=list(PRESETS), help="architecture preset")
     a("--n_layer", type=cli.positive_int, default=None, help="override the preset's")
@@ -120,7 +120,7 @@ def parse_args(argv=None):
     a("--hellaswag_examples", type=cli.int_range(-1), default=-1,
       help="HellaSwag val examples per evaluation (0: off, -1: all)")
     a("--grad_clip", type=cli.positive_float, default=1.0, help="clip the gradient norm to this")
-    a("--sample_prompt", default="Hello, I'm a language model,")
+    a("--sample_prompt", default="Hello, I'm a language model,", help="prompt of the sample at each evaluation")
     a("--sample_tokens", type=cli.non_negative_int, default=32, help="length of the sample at each evaluation (0: none)")
     a("--keep_checkpoints", type=cli.non_negative_int, default=0, help="keep only this run's newest N checkpoints (0: all)")
     args = p.parse_args(argv)

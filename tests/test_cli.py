@@ -62,3 +62,43 @@ def test_train_accepts_the_numbers_people_write():
 def test_other_scripts_use_the_same_one_line_errors(main, argv, flag, capsys):
     rc, err = run_main(main, argv, capsys)
     assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and flag in err[0], (rc, err)
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script", ["train", "fineweb", "generate", "hellaswag", "serve", "bench"])
+def test_help_gives_every_flag_a_text_and_its_default(script, monkeypatch):
+    """--help: every flag has a help text, and every flag with a default names it ('default: ...'
+    or, for the recipe flags, 'default: by --recipe, gpt2 ..., modern ...')."""
+    import importlib
+
+    import cli
+
+    def capture(self, argv=None, namespace=None):
+        raise _Captured(self)
+
+    monkeypatch.setattr(cli.Parser, "parse_args", capture)
+    module = importlib.import_module(script)
+    with pytest.raises(_Captured) as got:
+        module.main([]) if script != "bench" else module.main()
+    parser = got.value.args[0]
+    parser.format_help()  # (formats without error)
+    checked = 0
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help and action.help.strip(), f"{script} {action.option_strings[0]} has no help"
+        entry = "".join(parser._get_formatter()._format_action(action).split())  # (no spaces: wrapping aside)
+        if action.default is None or action.default is False:
+            continue
+        checked += 1
+        assert "(default" in entry, f"{script} {action.option_strings[0]}: default {action.default!r} not shown: {entry}"
+        if "(default:" not in action.help:  # the formatter's: the value itself
+            assert f"(default:{action.default})".replace(" ", "") in entry, (script, action.option_strings[0], entry)
+    assert checked >= 3, (script, checked)
+    if script == "train":
+        for flag, value in (("--max_lr", "gpt20.0006,modern"), ("--optimizer", "gpt2adamw,modernmuon")):
+            action = next(a for a in parser._actions if flag in a.option_strings)
+            assert f"(default:by--recipe,{value}" in "".join(parser._get_formatter()._format_action(action).split())
