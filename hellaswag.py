@@ -1,7 +1,7 @@
 """
 HellaSwag for GPT-2: exact completion-style scoring, batched, and distributed.
 
-    python hellaswag.py --model gpt2                  # OpenAI's 124M (online): acc_norm ~0.2955
+    python hellaswag.py --model gpt2                  # OpenAI's 124M (online): acc_norm 0.2955 (README: reference numbers)
     python hellaswag.py --model log                   # the newest checkpoint of a train.py run
     torchrun --nproc_per_node=8 hellaswag.py --model log/step_019073 --json results.json
 
