@@ -472,11 +472,15 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 
 
 def _atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path over path (never a half-written file)."""
+    """Call write(tmp_path), then rename tmp_path over path (never a half-written file). The file
+    gets the mode any new file gets (mkstemp's is 0600)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -126,7 +126,7 @@ class RunDir:
                     f.truncate(keep)
                     print(f"warning: {self.log_path} ended in a torn record ({len(data) - keep} bytes of an "
                           f"interrupted write); cut it")
-        self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # (less the umask, as any new file)
 
     def log(self, record):
         line = (json.dumps(record) + "\n").encode()

@@ -80,6 +80,10 @@ def test_tiny_model_trains_logs_and_checkpoints(data_dir, tmp_path):
     assert last.name == "step_000030", [c.name for c in ckpts]
     for name in ("config.json", "model.safetensors", "trainer_state.pt"):
         assert (last / name).is_file(), (name, os.listdir(last))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(log)): oct(p.stat().st_mode & 0o777) for p in log.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # every file as any new file (not mkstemp's 0600)
     model = GPT.from_pretrained(last)
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size) == (2, 2, 32, T)
     assert all(torch.isfinite(p).all() for p in model.parameters())
