@@ -24,7 +24,7 @@ reqs=requirements.txt
 $PY -m pip install -q -r "$reqs" 2> >(grep -v "^WARNING: Location" >&2)
 # The GPT-2 tokenizer downloads once; offline machines use a cache beside the project.
 if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken_cache ]; then
-    export TIKTOKEN_CACHE_DIR="$PWD/../shared/tiktoken_cache"
+    export TIKTOKEN_CACHE_DIR="$(cd ../shared/tiktoken_cache && pwd)"
 fi
 
 # HellaSwag's data likewise, when it lies beside the project (else hellaswag.py downloads it)
@@ -62,7 +62,11 @@ main)
     else
         echo "(rendering benchmark.ipynb failed: see above; the run is in log/small/)"
     fi
-    echo "sample from it: $PY generate.py --model log/small --prompt \"Hello, I'm a language model,\" --num_samples 3"
+    # a command that works pasted into a fresh shell here: it names the venv's python and the tokenizer cache
+    env_prefix=""
+    [ -n "${TIKTOKEN_CACHE_DIR:-}" ] && env_prefix="TIKTOKEN_CACHE_DIR=$(printf %q "$TIKTOKEN_CACHE_DIR") "
+    echo "sample from it: ${env_prefix}$PY generate.py --model log/small --prompt \"Hello, I'm a language model,\" --num_samples 3"
+    echo "main job done in $((SECONDS / 60))m$(printf %02d $((SECONDS % 60)))s"
     ;;
 test)
     shift || true

@@ -476,6 +476,7 @@ def params_finite(model):
 def train(ctx):
     args, model, optimizers = ctx.args, ctx.model, ctx.optimizers
     tokens_per_step = args.total_batch_size
+    recent = []  # the last steps' times, for the ETA
     for step in range(ctx.start_step, args.max_steps + 1):
         # here the model has had `step` updates: evaluate it, checkpoint it, then train step `step`
         last = step == args.max_steps
@@ -521,6 +522,7 @@ def train(ctx):
         if ctx.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
+        recent = (recent + [dt])[-20:]
         tok_s = tokens_per_step / dt
         mfu = tok_s * ctx.flops_per_token / (ctx.peak * ctx.world_size) if ctx.peak else None
         record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tok_s, "mfu": mfu}
@@ -530,9 +532,16 @@ def train(ctx):
             record["skipped"] = True  # fp16: inf/NaN gradients, the scaler skipped this step
         log(ctx, record)
         if ctx.rank == 0:
+            eta = duration(sum(recent) / len(recent) * (args.max_steps - step - 1))  # (evaluations not counted)
             print(f"step {step:6d} | loss {train_loss:.6f} | lr {lr:.3e} | norm {grad_norm:.4f} | "
                   f"{dt * 1000:.0f} ms | {tok_s:,.0f} tok/s" + (f" | mfu {mfu * 100:.1f}%" if mfu else "")
-                  + (" | skipped (fp16 overflow)" if record.get("skipped") else ""))
+                  + f" | eta {eta}" + (" | skipped (fp16 overflow)" if record.get("skipped") else ""))
+
+
+def duration(seconds):
+    """1h02m, 3m05s, 42s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def main(argv=None):

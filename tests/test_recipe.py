@@ -83,6 +83,8 @@ def test_recipe_is_printed_logged_and_checkpointed(data_dir, tmp_path):
     for k, v in expected.items():
         if k != "name":
             assert f"{k} {v}" in line, (k, line)
+    steps = [ln for ln in proc.stdout.splitlines() if ln.startswith("step") and "| loss" in ln]
+    assert len(steps) == 8 and all(" | eta " in ln for ln in steps) and steps[-1].endswith("| eta 0s"), steps
     recs = read_log(log)
     assert recs[0]["recipe"] == expected and recs[0]["step"] == 0
     state = torch.load(log / "step_000008" / "trainer_state.pt", weights_only=True)
