@@ -79,9 +79,11 @@ def bench_model(args):
     data = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = data[:, :-1], data[:, 1:]
 
-    # Training step: each side as its users run it. Ours: the chunked fused loss and
-    # configure_optimizers (fused AdamW where available). Theirs: labels= and torch's AdamW.
-    opt_ours = ours.configure_optimizers(0.1, 6e-4)
+    # Training step: each side as its users run it. Ours: the chunked fused loss and train.py's
+    # optimizer (the gpt2 recipe: fused AdamW where available). Theirs: labels= and torch's AdamW.
+    import train
+
+    (opt_ours,) = train.build_optimizers(ours, train.parse_args([]), "cpu")
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95))
 
     def step_ours():

@@ -327,20 +327,6 @@ class GPT(nn.Module):
         matmul_weights = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
         return 6 * matmul_weights + 12 * c.n_layer * c.n_embd * T
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
-        """AdamW; weight decay on matrices and embeddings only (not biases or LayerNorm).
-        Uses the fused kernel where this PyTorch has one for the device."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type in ("cuda", "cpu", "mps", "xpu")
-        try:
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-        except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
-
     # -- Hugging Face interop ------------------------------------------------
 
     @classmethod

@@ -542,28 +542,6 @@ def test_top_k_and_temperature(fixed_logits_model):
 
 # ----------------------------------------------------------------------------- optimizer, flops, tokenizer
 
-def test_configure_optimizers_param_groups():
-    """AdamW groups: every >=2-D param decays, every 1-D param does not, each param exactly once."""
-    m = make_ours(seed=12)
-    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, betas=(0.9, 0.95), device_type="cpu")
-    assert isinstance(opt, torch.optim.AdamW)
-    assert len(opt.param_groups) == 2
-    decay = [g for g in opt.param_groups if g["weight_decay"] == 0.1]
-    no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
-    assert len(decay) == 1 and len(no_decay) == 1
-    for g in opt.param_groups:
-        assert g["lr"] == 3e-4
-        assert tuple(g["betas"]) == (0.9, 0.95)
-    decay_ids = [id(p) for p in decay[0]["params"]]
-    no_decay_ids = [id(p) for p in no_decay[0]["params"]]
-    all_ids = decay_ids + no_decay_ids
-    assert len(all_ids) == len(set(all_ids)), "a parameter appears twice"
-    params = {id(p): p for p in m.parameters() if p.requires_grad}
-    assert set(all_ids) == set(params)
-    assert all(params[i].dim() >= 2 for i in decay_ids)
-    assert all(params[i].dim() == 1 for i in no_decay_ids)
-
-
 def test_flops_per_token_and_peak_flops():
     """flops_per_token is in the 6N(+attention) range; peak_flops knows H100 and returns None otherwise."""
     cfg = GPTConfig.from_preset("gpt2")

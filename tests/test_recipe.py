@@ -35,6 +35,7 @@ def test_optimizer_groups_cover_every_parameter_exactly_once(flags):
     assert sorted(seen) == sorted(names), "a parameter is missing or in two groups"
     adamw = optimizers[0]
     assert isinstance(adamw, torch.optim.AdamW)
+    assert all(g["lr"] == args.max_lr and tuple(g["betas"]) == (0.9, 0.95) for g in adamw.param_groups)
     decayed = {names[id(p)] for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     not_decayed = {names[id(p)] for g in adamw.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     if args.optimizer == "muon":
