@@ -282,3 +282,72 @@ def test_committed_notebooks_have_no_outputs():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None, (name, cell.source[:60])
+
+
+# ----------------------------------------------------------------------------------------------
+# README.md and BENCHMARKS.md
+# ----------------------------------------------------------------------------------------------
+
+DOCS = ["README.md", "BENCHMARKS.md"]
+
+
+def prose_lines(text):
+    """The lines outside fenced code blocks."""
+    fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            yield line
+
+
+def anchors(path):
+    """GitHub's anchors for a Markdown file's headings: lower case, punctuation dropped, spaces
+    to hyphens, a repeated heading numbered -1, -2, ..."""
+    seen = {}
+    for line in prose_lines(path.read_text()):
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m[1].lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            yield slug if n == 0 else f"{slug}-{n}"
+
+
+def test_readme_is_a_short_front_door():
+    """README.md stays under 250 lines; the dated measurements live in BENCHMARKS.md."""
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 250, f"README.md has {len(lines)} lines: move details to BENCHMARKS.md or the scripts' docstrings"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_doc_links_point_to_files_and_headings_that_exist(doc):
+    """Every relative link in the doc names a file of the repository, and its #anchor (if any) a heading there."""
+    path = REPO_ROOT / doc
+    links = [t for line in prose_lines(path.read_text()) for t in re.findall(r"\]\(([^)\s]+)\)", line)]
+    assert links, f"{doc}: no links found"
+    bad = []
+    for target in links:
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.exists():
+            bad.append(f"{target}: no file {file}")
+        elif anchor and dest.suffix == ".md" and anchor not in set(anchors(dest)):
+            bad.append(f"{target}: no heading #{anchor} in {dest.name}")
+    assert not bad, f"{doc}: " + "; ".join(bad)
+
+
+def test_readme_reference_numbers_are_the_notebooks():
+    """README's reference table holds the figures benchmark.ipynb plots (GPT-2 124M 0.2955 and val
+    loss 3.2924, GPT-3 125M 0.337): one figure per quantity."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("## Reference numbers"):].split("\n## ", 1)[0]
+    rows = {cells[0]: cells[1:] for line in table.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert rows["GPT-2 124M (OpenAI)"][:2] == ["0.2955", "3.2924"], rows
+    assert rows["GPT-3 125M (paper)"][0] == "0.337", rows
+    notebook = "".join(c.source for c in nbformat.read(REPO_ROOT / "benchmark.ipynb", as_version=4).cells)
+    for figure in ("0.2955", "3.2924", "0.337"):
+        assert figure in notebook, figure
