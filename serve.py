@@ -8,7 +8,12 @@ in, and an OpenAI-compatible completions API (streaming or not) for tools that s
     #   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     #   client.completions.create(model="gpt2", prompt="Hello", max_tokens=32, stream=True)
 
-Endpoints: POST /v1/completions, GET /v1/models, GET /health, GET / (the page, serve.html).
+Endpoints: POST /v1/completions, GET /v1/models, GET /health, GET / (the page, serve.html),
+and vLLM's POST /tokenize. The model object in /v1/models carries the model's context length
+as vLLM names it, "max_model_len" (block_size: a prompt's tokens + max_tokens must fit in it).
+POST /tokenize {"prompt": "text"} answers {"count", "max_model_len", "tokens"}: the prompt's
+tokens exactly as /v1/completions counts them (an empty prompt is <|endoftext|>); the page
+uses it to fit its max tokens into the context left after the prompt.
 
 How it runs: one engine thread owns the model. Each turn of its loop it admits waiting
 sequences (one per choice of a request) into free rows of a KV cache allocated at start and
@@ -201,6 +206,22 @@ def parse_request(raw, enc, block_size, limits):
                        f"{longest + r.max_tokens} tokens ({longest} in your prompt; {r.max_tokens} for the completion). "
                        "Please reduce your prompt; or completion length.", "max_tokens", "context_length_exceeded")
     return r
+
+
+TOKENIZE_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {"model": {"type": "string"},
+                                                                       "prompt": {"type": "string"}}}
+
+
+def parse_tokenize(raw, enc):
+    """The body of POST /tokenize (vLLM's: {"prompt": text}) -> the prompt's token ids, as
+    parse_request tokenizes a string prompt; or APIError (400)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        raise APIError(400, "prompt must be a string", "prompt")
+    return _prompts(body["prompt"], enc, enc.n_vocab)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -485,7 +506,20 @@ def create_app(model, model_id, limits, loopback_only=True):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "gpt2-repro"}]}
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "gpt2-repro",
+                                            "max_model_len": block_size}]}  # vLLM's name for the context length
+
+    @app.post("/tokenize", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": TOKENIZE_SCHEMA}}}})
+    async def tokenize(request: Request):
+        try:
+            check_origin(request.headers, loopback_only)
+            ids = parse_tokenize(await read_body(request, limits.max_body_bytes, limits.body_timeout), enc)
+        except APIError as e:
+            return error(e)
+        except Disconnected:
+            return Response(status_code=400)
+        return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
 
     @app.post("/v1/completions", openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": REQUEST_SCHEMA}}}})

@@ -4,6 +4,7 @@ answer is checked against model.generate() run here with the same seed."""
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,10 +30,10 @@ PROMPTS = ["Hello, I'm a language model,", "The quick brown fox", "Once upon a t
 
 # ----------------------------------------------------------------------------- fixtures
 
-def checkpoint(path, eot_boost):
-    """A tiny GPT-2 (context 1024) saved as a checkpoint dir, and the model as loaded from it."""
+def checkpoint(path, eot_boost, block_size=1024):
+    """A tiny GPT-2 (context block_size) saved as a checkpoint dir, and the model as loaded from it."""
     torch.manual_seed(0)
-    m = perturb_(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=1024)), 1, scale=0.5)
+    m = perturb_(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)), 1, scale=0.5)
     with torch.no_grad():
         m.transformer.wte.weight[EOT_TOKEN] += eot_boost * m.transformer.ln_f.bias
     m.save_pretrained(path)
@@ -275,6 +276,7 @@ def test_stop_strings(server, tiny):
 def test_models_and_health(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == [server.health()["model"]]
+    assert models.data[0].max_model_len == 1024  # the context, as vLLM names it
     assert server.health()["status"] == "ok"
     for path in ("/health", "/v1/models"):  # the model's name, never where it lies on the server's disk
         text = httpx.get(server.url + path, timeout=10).text
@@ -353,6 +355,19 @@ def test_disconnect_stops_compute(limited):
     assert after["decoded_tokens"] - mid["decoded_tokens"] < LONG["max_tokens"] / 2
 
 
+def test_tokenize_counts_as_completions_do(server):
+    """vLLM's POST /tokenize: the page fits max tokens into the context with its count."""
+    tokenize = lambda body, **headers: httpx.post(server.url + "/tokenize", content=json.dumps(body), timeout=10,  # noqa: E731
+                                                  headers={"Content-Type": "application/json", **headers})
+    for prompt in PROMPTS + ["", "<|endoftext|>"]:
+        r = tokenize({"prompt": prompt}).json()
+        usage = server.post({"prompt": prompt, "max_tokens": 1}).json()["usage"]
+        assert r["count"] == len(r["tokens"]) == usage["prompt_tokens"] and r["max_model_len"] == 1024, (prompt, r)
+    for bad in ({"prompt": [1, 2]}, {}, [1]):
+        assert tokenize(bad).status_code == 400
+    assert tokenize({"prompt": "Hi"}, Origin="http://evil.example").status_code == 403
+
+
 def test_page_is_self_contained(server):
     r = httpx.get(server.url + "/", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -419,7 +434,8 @@ def test_bad_model_is_one_error_line(tmp_path):
 
 # ----------------------------------------------------------------------------- the page in a browser
 
-def test_page_streams_in_headless_chromium(limited, plain):
+def chromium_or_skip():
+    """(Debian's chromium, playwright's sync_playwright), or skip the test (fail it on CI)."""
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     try:
         from playwright.sync_api import sync_playwright
@@ -430,6 +446,34 @@ def test_page_streams_in_headless_chromium(limited, plain):
         if os.environ.get("CI") == "true":
             pytest.fail(f"{why}: CI must run the browser test (.ci/run installs chromium)")
         pytest.skip(f"{why} (apt-get install chromium)")
+    return chromium, sync_playwright
+
+
+def watch_lengths(page):
+    """Record the generated text's length at every change (window.lengths), to see it grow token by token."""
+    page.evaluate("""() => { window.lengths = [];
+        new MutationObserver(() => window.lengths.push(document.querySelector('#out .gen').textContent.length))
+            .observe(document.querySelector('#out .gen'), {childList: true, characterData: true, subtree: true}); }""")
+
+
+def generate_on_page(page):
+    """Press Generate and wait for the answer; returns (generated text, stats line, whether it is an error)."""
+    page.click("#go")
+    page.wait_for_function("document.querySelector('#out .gen').textContent.length > 0 || "
+                           "document.querySelector('#stats').classList.contains('error')", timeout=30000)
+    page.wait_for_function("!document.querySelector('#go').disabled", timeout=60000)
+    return page.text_content("#out .gen"), page.text_content("#stats"), page.evaluate(
+        "document.querySelector('#stats').classList.contains('error')")
+
+
+def tokens_per_s(stats):
+    m = re.search(r"(\S+) tokens/s", stats)
+    assert m, stats
+    return float(m.group(1))  # "Infinity" and "NaN" parse too, and fail the bounds below
+
+
+def test_page_streams_in_headless_chromium(limited, plain):
+    chromium, sync_playwright = chromium_or_skip()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         try:
@@ -439,10 +483,7 @@ def test_page_streams_in_headless_chromium(limited, plain):
             for field, value in [("max_tokens", "300"), ("temperature", "0.8"), ("top_p", "0.95"), ("top_k", "50"),
                                  ("seed", "7")]:
                 page.fill(f"#{field}", value)
-            # record the generated text's length at every change, to see it grow token by token
-            page.evaluate("""() => { window.lengths = [];
-                new MutationObserver(() => window.lengths.push(document.querySelector('#out .gen').textContent.length))
-                    .observe(document.querySelector('#out .gen'), {childList: true, characterData: true, subtree: true}); }""")
+            watch_lengths(page)
             page.click("#go")
             page.wait_for_function("document.querySelector('#out .gen').textContent.length > 0", timeout=30000)
             page.wait_for_function("!document.querySelector('#out').classList.contains('running')", timeout=60000)
@@ -454,6 +495,66 @@ def test_page_streams_in_headless_chromium(limited, plain):
     assert text == reference(plain[0], PROMPTS[0], 300, 7, temperature=0.8, top_p=0.95, top_k=50)[0]
     assert len(set(lengths)) >= 5, f"the text did not stream in: {lengths}"
     assert "tokens/s" in stats and "first token" in stats, stats
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    """A server whose model's context is 64 tokens (rarely ends at <|endoftext|>)."""
+    _, path = checkpoint(tmp_path_factory.mktemp("short"), eot_boost=0.0, block_size=64)
+    s = Server(path, tmp_path_factory.mktemp("logs") / "short.log")
+    yield s
+    s.stop()
+    log = open(s.log_path).read()
+    assert "Traceback" not in log, log
+
+
+def test_page_defaults_fit_a_64_token_context(short):
+    """Issue #15: with the page's defaults (max tokens was 128), a 64-token model answered 400
+    context_length_exceeded; and tokens/s, timed from the first token, read ~1e5 when the stream
+    came in one read. Generate with the defaults must stream, show no error, show the context,
+    and report a sane tokens/s, also when the whole answer arrives at once (a buffering proxy)."""
+    chromium, sync_playwright = chromium_or_skip()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 720})
+            page.goto(short.url + "/")
+            prompt = page.input_value("#prompt")  # the page's default prompt
+            assert prompt, "the page has no default prompt"
+            n = httpx.post(short.url + "/tokenize", json={"prompt": prompt}, timeout=10).json()["count"]
+            page.wait_for_function(f"document.querySelector('#context').textContent.includes('prompt {n}')", timeout=10000)
+            context = page.text_content("#context")
+            watch_lengths(page)
+            text, stats, is_error = generate_on_page(page)
+            max_tokens, lengths = page.input_value("#max_tokens"), page.evaluate("window.lengths")
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            page.screenshot(path=os.path.join(ARTIFACTS, "serve_page_context64.png"), full_page=True)
+            # The same with the whole answer held back (0.3 s more), then delivered in one piece, as a
+            # buffering proxy does: the page's request lasts at least `held`, so a rate timed from
+            # its start is at most tokens / held, where one timed from the first token is ~infinite.
+            held = []
+
+            def buffer(route):
+                start = time.monotonic()
+                response = route.fetch()
+                time.sleep(0.3)
+                held.append(time.monotonic() - start)
+                route.fulfill(response=response)
+
+            page.route("**/v1/completions", buffer)
+            text2, stats2, is_error2 = generate_on_page(page)
+        finally:
+            browser.close()
+    assert "context 64" in context, context
+    assert not is_error and "400" not in stats and text, stats
+    assert len(set(lengths)) >= 5, f"the text did not stream in: {lengths}"
+    assert max_tokens == str(64 - n), (max_tokens, n)  # min(128, the room the prompt leaves)
+    done = int(re.match(r"(\d+) tokens", stats).group(1))
+    assert 0 < done <= 64 - n and "first token" in stats, stats
+    assert 0 < tokens_per_s(stats) < 1e5, stats
+    assert not is_error2 and text2 and len(held) == 1, stats2
+    done2 = int(re.match(r"(\d+) tokens", stats2).group(1))
+    assert 0 < tokens_per_s(stats2) <= done2 / held[0] * 1.01, (stats2, held)  # 1%: the page rounds to 0.1
 
 
 def test_stalled_and_aborted_uploads_do_not_hold_or_flood_the_server(plain, tmp_path):
