@@ -8,7 +8,13 @@ FineWebEdu (or your own text) -> GPT-2 token shards for train.py.
 
 Every document is preceded by <|endoftext|> and tokenized with GPT-2's BPE; the token stream
 is cut into shards of --shard_size tokens saved as uint16 .npy: <prefix>_val_000000.npy first,
-then <prefix>_train_000001.npy, ... Tokenization runs in --workers processes (fork or spawn).
+then <prefix>_train_000001.npy, ... The prefix follows the source: edufineweb for FineWebEdu,
+the source's name for local data (../shared/corpus gives corpus_val_000000.npy, ...), unless
+--prefix says otherwise; a dataset being resumed keeps the prefix it was made with.
+Tokenization runs in --workers processes (fork or spawn).
+
+FineWebEdu streams from the Hugging Face Hub. A Hub that cannot be reached is one error line
+within seconds (not half a minute of retries), and a failed run leaves no empty directory.
 
 Resumable: each shard is written under a temporary name and renamed when complete, and
 manifest.json (source, settings, tokenizer, shards with token counts and sha256) records
@@ -49,6 +55,8 @@ import cli
 EOT = 50256
 TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model.get_tokenizer loads it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
+HF_PREFIX = "edufineweb"  # the shard prefix of FineWebEdu; local text is named after its source (default_prefix)
+HUB_PROBE_TIMEOUT = 5  # seconds the Hub has to answer before streaming starts
 # The shard names, as data.py finds them too: <prefix>_<split>_NNNNNN.npy (.tmp-* are unfinished),
 # and a prefix that would make a shard's split ambiguous.
 SHARD_NAME = re.compile(r"([^.].*)_(train|val)_\d{6}\.npy")
@@ -122,9 +130,32 @@ def read_file(path, text_field):
         raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
+def check_hub():
+    """Fail fast, with one line, when the Hub cannot be reached: load_dataset would retry each
+    request for ~25 s (its backoff is not a setting), printing a line per try. Any HTTP answer
+    within HUB_PROBE_TIMEOUT seconds will do. In offline mode (HF_HUB_OFFLINE, or datasets'
+    HF_DATASETS_OFFLINE) nothing is asked of the network, and load_dataset answers at once."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+    except ImportError as e:
+        raise InputError(f"streaming {HF_DATASET} needs the datasets package ({e}); pip install datasets, "
+                         "or pass local files with --source") from None
+    offline = os.environ.get("HF_DATASETS_OFFLINE")  # datasets' switch, before HF_HUB_OFFLINE where set
+    if constants.is_offline_mode() if offline is None else offline.upper() in ("1", "ON", "YES", "TRUE"):
+        return
+    try:
+        get_session().head(f"{constants.ENDPOINT}/api/datasets/{HF_DATASET}", timeout=HUB_PROBE_TIMEOUT)
+    except Exception as e:
+        raise InputError(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to stream {HF_DATASET}: "
+                         f"{type(e).__name__}: {str(e) or 'no answer'}. Offline? Pass local files with --source") from None
+
+
 def documents(args, files):
-    """The document stream of --source (streamed from the Hub, or the local files), in a fixed order."""
+    """The document stream of --source (streamed from the Hub, or the local files), in a fixed
+    order. The Hub's dataset is opened here, at once: an InputError if it cannot be."""
     if files is None:
+        check_hub()
         try:
             from datasets import load_dataset
 
@@ -132,20 +163,23 @@ def documents(args, files):
         except Exception as e:
             raise InputError(f"cannot stream {HF_DATASET} ({args.hf_config}): {type(e).__name__}: {e}. "
                              "Offline? Pass local files with --source") from None
-        i = 0
-        try:
-            for i, record in enumerate(ds):
-                if not isinstance(record.get(args.text_field), str):
-                    raise InputError(f"{HF_DATASET} record {i} has no text field {args.text_field!r}; set --text_field")
-                yield record[args.text_field]
-        except InputError:
-            raise
-        except Exception as e:  # a dropped connection mid-stream
-            raise InputError(f"streaming {HF_DATASET} failed at record {i}: {type(e).__name__}: {e}. "
-                             "The finished shards are kept: run the same command again to continue") from None
-    else:
-        for path in files:
-            yield from read_file(path, args.text_field)
+        return _records(args, ds)
+    return (doc for path in files for doc in read_file(path, args.text_field))
+
+
+def _records(args, ds):
+    """The texts of the Hub dataset's records."""
+    i = 0
+    try:
+        for i, record in enumerate(ds):
+            if not isinstance(record.get(args.text_field), str):
+                raise InputError(f"{HF_DATASET} record {i} has no text field {args.text_field!r}; set --text_field")
+            yield record[args.text_field]
+    except InputError:
+        raise
+    except Exception as e:  # a dropped connection mid-stream
+        raise InputError(f"streaming {HF_DATASET} failed at record {i}: {type(e).__name__}: {e}. "
+                         "The finished shards are kept: run the same command again to continue") from None
 
 
 def batches(docs):
@@ -334,19 +368,70 @@ def verify(path):
     return 1 if bad or not manifest["complete"] else 0
 
 
+def default_prefix(source):
+    """--prefix when none is given: edufineweb for FineWebEdu; for local text the name of its
+    source (a directory's name, a file's without its extension, a glob's last directory before
+    the pattern), letters, digits, '.' and '-' kept and any other run of characters made '-'
+    (so never _train or _val), or 'text' when nothing is left."""
+    if source == HF_DATASET:
+        return HF_PREFIX
+    path = source
+    while glob.has_magic(path):  # a glob: the directory its pattern starts in
+        path = os.path.dirname(path)
+    name = os.path.basename(os.path.abspath(path)) if path else ""
+    if path == source and os.path.isfile(source):
+        name = next((name[: -len(f)] for f in sorted(FORMATS, key=len, reverse=True) if name.endswith(f)), name)
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip(".-") or "text"
+
+
+def make_dirs(path):
+    """os.makedirs(path); returns the directories it created, deepest first."""
+    created, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return created
+
+
+def remove_empty(created):
+    """Remove the directories make_dirs created, deepest first, while they are empty."""
+    for d in created:
+        try:
+            os.rmdir(d)  # only ever removes an empty directory
+        except OSError:
+            return
+
+
 def run(args):
+    if os.path.exists(args.path) and not os.path.isdir(args.path):
+        raise InputError(f"output path {args.path!r} exists and is not a directory")
+    if args.prefix is None:  # a dataset being resumed or checked keeps the prefix it was made with
+        recorded = read_manifest(args.path)
+        args.prefix = recorded.get("prefix") if recorded and recorded.get("prefix") else default_prefix(args.source)
     if SPLIT_IN_PREFIX.search(args.prefix):
         raise InputError(f"--prefix {args.prefix!r} holds _train or _val as a word: its shards would read as the "
                          "wrong split; choose another")
     files = None if args.source == HF_DATASET else local_files(args.source)  # fail fast on a bad source
-    if os.path.exists(args.path) and not os.path.isdir(args.path):
-        raise InputError(f"output path {args.path!r} exists and is not a directory")
-    os.makedirs(args.path, exist_ok=True)
     manifest = load_manifest(args)
     if manifest["complete"]:
         print(f"{args.path}: already complete ({manifest['tokens']:,} tokens in {len(manifest['shards'])} shards)")
         return
-    _init_worker()  # fails here, with a clear message, if the BPE cannot be had; forked workers inherit it
+    # What can fail at once does so before the output directory is made: the Hub (unreachable,
+    # or no such config) and the BPE (forked workers inherit it). A failure after that removes
+    # the directory made here if it is still empty.
+    docs = documents(args, files)
+    _init_worker()
+    created = make_dirs(args.path)
+    try:
+        build(args, docs, manifest)
+    except BaseException:
+        remove_empty(created)  # a failed first run leaves no empty directory behind
+        raise
+
+
+def build(args, docs, manifest):
+    """Tokenize the documents of --source into args.path, which exists."""
     for f in glob.glob(os.path.join(args.path, ".tmp-*")):  # left by a crash
         os.remove(f)
     from tqdm import tqdm
@@ -354,7 +439,7 @@ def run(args):
     written = sum(s["tokens"] for s in manifest["shards"])
     bar = tqdm(total=args.max_tokens, initial=written, unit="tok", unit_scale=True, desc="tokenizing", smoothing=0.1)
     try:
-        written = tokenize_into_shards(args, files, manifest, bar)
+        written = tokenize_into_shards(args, docs, manifest, bar)
     finally:
         bar.close()  # before any error message, so that it stands on a line of its own
     shards = manifest["shards"]
@@ -470,9 +555,9 @@ class Workers:
         self._outbox.put(StopIteration)
 
 
-def tokenize_into_shards(args, files, manifest, bar):
-    """Tokenize the documents after the manifest's finished shards into new shards, recording
-    each in the manifest; returns the total tokens written."""
+def tokenize_into_shards(args, docs_iter, manifest, bar):
+    """Tokenize the documents of docs_iter after the manifest's finished shards into new shards,
+    recording each in the manifest; returns the total tokens written."""
     shards = manifest["shards"]
     # where the finished shards end: documents wholly written, and tokens of the next one
     doc, skip = (shards[-1]["end_doc"], shards[-1]["end_skip"]) if shards else (0, 0)
@@ -502,7 +587,6 @@ def tokenize_into_shards(args, files, manifest, bar):
             buffers[1] = np.empty(args.shard_size, dtype=np.uint16)
         buf = buffers[1] if buf is buffers[0] else buffers[0]
 
-    docs_iter = documents(args, files)
     for i in range(doc):  # documents already in finished shards
         if next(docs_iter, None) is None:
             raise InputError(f"--source now holds {i:,} documents, fewer than the {doc:,} in the finished shards "
@@ -556,7 +640,11 @@ def main(argv=None):
     p.add_argument("--hf_config", default=HF_CONFIG, help="dataset config when streaming FineWebEdu")
     p.add_argument("--text_field", default="text", help="the text field of parquet/JSON records")
     p.add_argument("--path", default="edu_fineweb10B", help="output directory of shards and manifest.json")
-    p.add_argument("--prefix", default="edufineweb", help="shard name prefix (no _train or _val in it)")
+    p.add_argument("--prefix", default=None,
+                   help=f"shard name prefix, no _train or _val in it (default: {HF_PREFIX} for {HF_DATASET}; for local "
+                        "data the source's name: a directory's name, a file's without its extension, a glob's last "
+                        "directory before the pattern, with characters other than letters, digits, '.' and '-' made "
+                        "'-', or 'text' if none is left; a --path holding a dataset keeps the prefix it was made with)")
     p.add_argument("--shard_size", type=cli.positive_int, default=100_000_000, help="tokens per shard")
     p.add_argument("--max_tokens", type=cli.positive_int, default=None, help="stop after this many tokens (default: all of the source)")
     p.add_argument("--workers", type=cli.positive_int, default=usable_cores(),

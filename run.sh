@@ -3,15 +3,36 @@
 #   ./run.sh          the main job, end to end on a small default
 #   ./run.sh test     the test suite (what CI runs)
 #   ./run.sh bench    the benchmarks (bench.py), printed as ratios
+#   ./run.sh sample-command   print the command that samples from the main job's model (no set-up)
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-main}"
+PY=.venv/bin/python
+
+# The GPT-2 tokenizer downloads once; offline machines use a cache beside the project.
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken_cache ]; then
+    export TIKTOKEN_CACHE_DIR="$(cd ../shared/tiktoken_cache && pwd)"
+fi
+
+# The command that samples from the main job's model, as the main job prints it at its end: it
+# works pasted into a fresh shell here, for it names the venv's python and the tokenizer cache.
+# (tests/test_run_sh.py runs exactly what this prints.)
+sample_command() {
+    local env_prefix=""
+    if [ -n "${TIKTOKEN_CACHE_DIR:-}" ]; then
+        env_prefix="TIKTOKEN_CACHE_DIR=$(printf %q "$TIKTOKEN_CACHE_DIR") "
+    fi
+    echo "${env_prefix}$PY generate.py --model log/small --prompt \"Hello, I'm a language model,\" --num_samples 3"
+}
+if [ "$mode" = sample-command ]; then
+    sample_command
+    exit 0
+fi
 
 # --- set-up: a local virtual environment with pinned torch, then the requirements ----------
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-PY=.venv/bin/python
 # torch==2.13.0: a CPU wheel where one lies on local disk (our CI), a CUDA build from PyPI on Linux
 # GPU machines. Set TORCH_SPEC to install another build (e.g. TORCH_SPEC="torch==2.13.0+cu126").
 if ! $PY -c "import torch" 2>/dev/null; then
@@ -22,12 +43,7 @@ reqs=requirements.txt
 [ "$mode" = main ] || reqs=requirements-test.txt
 # (grep drops the pip warnings about this machine's unused local package index)
 $PY -m pip install -q -r "$reqs" 2> >(grep -v "^WARNING: Location" >&2)
-# The GPT-2 tokenizer downloads once; offline machines use a cache beside the project.
-if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken_cache ]; then
-    export TIKTOKEN_CACHE_DIR="$(cd ../shared/tiktoken_cache && pwd)"
-fi
-
-# HellaSwag's data likewise, when it lies beside the project (else hellaswag.py downloads it)
+# HellaSwag's data, when it lies beside the project (else hellaswag.py downloads it)
 if [ -z "${HELLASWAG_DIR:-}" ] && [ -d ../shared/hellaswag ]; then
     export HELLASWAG_DIR="$PWD/../shared/hellaswag"
 fi
@@ -36,11 +52,17 @@ fi
 case "$mode" in
 main)
     # 1. a small dataset: the local corpus beside the project if there is one (offline CI and
-    #    development machines), else the first 2M tokens of FineWebEdu, streamed
+    #    development machines), else the first 2M tokens of FineWebEdu, streamed (an unreachable
+    #    Hub is one error line at once, and leaves no data/small behind)
     if [ -d ../shared/corpus ]; then
         $PY fineweb.py --source ../shared/corpus --path data/small --shard_size 1_000_000
     else
-        $PY fineweb.py --path data/small --max_tokens 2_000_000 --shard_size 1_000_000
+        $PY fineweb.py --path data/small --max_tokens 2_000_000 --shard_size 1_000_000 || {
+            status=$?
+            echo "(run.sh streams FineWebEdu when no ../shared/corpus lies beside the project: offline, put" \
+                 "text there, one document per .txt file, and run it again)" >&2
+            exit $status
+        }
     fi
     # 2. train a tiny GPT-2 (4 layers, 128 wide) for a few minutes on the CPU; --resume makes a
     #    second run continue (or do nothing if finished). Validation loss, HellaSwag (when its data
@@ -66,10 +88,7 @@ main)
     else
         echo "(rendering benchmark.ipynb failed: see above; the run is in log/small/)"
     fi
-    # a command that works pasted into a fresh shell here: it names the venv's python and the tokenizer cache
-    env_prefix=""
-    [ -n "${TIKTOKEN_CACHE_DIR:-}" ] && env_prefix="TIKTOKEN_CACHE_DIR=$(printf %q "$TIKTOKEN_CACHE_DIR") "
-    echo "sample from it: ${env_prefix}$PY generate.py --model log/small --prompt \"Hello, I'm a language model,\" --num_samples 3"
+    echo "sample from it: $(sample_command)"
     echo "main job done in $((SECONDS / 60))m$(printf %02d $((SECONDS % 60)))s"
     ;;
 test)
@@ -81,7 +100,7 @@ bench)
     $PY bench.py "$@"
     ;;
 *)
-    echo "usage: ./run.sh [main|test|bench] [args...]" >&2
+    echo "usage: ./run.sh [main|test|bench|sample-command] [args...]" >&2
     exit 2
     ;;
 esac

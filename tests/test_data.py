@@ -46,9 +46,13 @@ def check_ok(proc):
     assert proc.returncode == 0, f"fineweb failed rc={proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}"
 
 
-def final_shards(out, prefix="edufineweb"):
-    """Final-named shard files in `out`, sorted by index."""
-    pat = re.compile(SHARD_RE.format(prefix=re.escape(prefix)))
+def final_shards(out, prefix=None):
+    """Final-named shard files in `out`, sorted by index: those of `prefix`, by default of the
+    prefix manifest.json records (of any prefix where there is none)."""
+    if prefix is None:
+        m = load_manifest(out)
+        prefix = m["prefix"] if m else None
+    pat = re.compile(SHARD_RE.format(prefix=re.escape(prefix) if prefix else "[^.].*"))
     names = [n for n in os.listdir(out) if pat.match(n)]
     return sorted(names, key=lambda n: int(pat.match(n).group(2)))
 
@@ -58,7 +62,7 @@ def load_manifest(out):
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def all_tokens(out, prefix="edufineweb"):
+def all_tokens(out, prefix=None):
     return np.concatenate([np.load(Path(out) / n, allow_pickle=False) for n in final_shards(out, prefix)])
 
 
@@ -77,8 +81,9 @@ def decode_docs(enc, tokens):
     return [enc.decode(d) for d in docs]
 
 
-def check_output(enc, out, docs, shard_size, prefix="edufineweb", source=None):
-    """Shards decode to `docs` in order; sizes, names, dtype and manifest are consistent."""
+def check_output(enc, out, docs, shard_size, prefix="src", source=None):
+    """Shards decode to `docs` in order; sizes, names, dtype and manifest are consistent. The
+    default prefix is that of local text in a directory named src, as most tests' sources are."""
     names = final_shards(out, prefix)
     assert names, f"no shards in {out}: {os.listdir(out)}"
     # names: first is val_000000, then train_000001, train_000002, ...
@@ -105,6 +110,7 @@ def check_output(enc, out, docs, shard_size, prefix="edufineweb", source=None):
     assert m is not None
     assert m["complete"] is True
     assert m["tokenizer"] == "r50k_base"
+    assert m["prefix"] == prefix
     assert m["shard_size"] == shard_size
     assert m["tokens"] == len(stream)
     assert m["documents"] == len(docs)
@@ -177,7 +183,7 @@ def test_fineweb_jsonl_roundtrip_and_prefix(tmp_path, enc):
     check_ok(run_fineweb("--source", str(src / "*.jsonl"), "--path", out, "--shard_size", 777,
                          "--prefix", "mydata"))
     check_output(enc, out, docs, 777, prefix="mydata")
-    assert not final_shards(out)  # nothing named with the default prefix
+    assert not final_shards(out, "src")  # nothing named with the default prefix
 
 
 def test_fineweb_jsonl_gz_and_json_with_text_field(tmp_path, enc):
@@ -213,7 +219,7 @@ def test_fineweb_parquet_roundtrip(tmp_path, enc):
     # a single parquet file as the source works too
     out2 = tmp_path / "out2"
     check_ok(run_fineweb("--source", src / "train-00001.parquet", "--path", out2, "--shard_size", 1024))
-    check_output(enc, out2, docs[25:], 1024)
+    check_output(enc, out2, docs[25:], 1024, prefix="train-00001")  # named after the file
 
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason="shared python-docs corpus not present")
@@ -416,7 +422,7 @@ KILL_WORKER = """
 import os, signal, sys, time
 import fineweb
 tokenize = fineweb.tokenize
-first_shard = os.path.join(sys.argv[sys.argv.index("--path") + 1], "edufineweb_val_000000.npy")
+first_shard = os.path.join(sys.argv[sys.argv.index("--path") + 1], "src_val_000000.npy")
 def tokenize_or_die(batch):  # a worker killed (as the kernel's OOM killer would) at one document
     if any("KILL THIS WORKER" in d for d in batch):
         t0 = time.time()
@@ -477,14 +483,245 @@ def test_fineweb_error_missing_source(tmp_path):
     assert_clean_error(proc, "does_not_exist_xyz")
 
 
-def test_fineweb_error_empty_source(tmp_path):
-    """A source that holds no text (an empty .jsonl) exits 2 with one line, and marks nothing complete."""
+@pytest.mark.parametrize("existing", [False, True])
+def test_fineweb_error_empty_source(tmp_path, existing):
+    """A source that holds no text (an empty .jsonl) exits 2 with one line, and marks nothing complete;
+    the output directory (and its parent) it made are gone again, one that was there is kept."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "empty.jsonl").write_text("")
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
+    if existing:
+        out.mkdir(parents=True)
     assert_clean_error(run_fineweb("--source", src, "--path", out, "--shard_size", 100), "no text")
     assert not (out / "manifest.json").exists()
+    if existing:
+        assert out.is_dir() and not list(out.iterdir())
+    else:
+        assert not (tmp_path / "data").exists()
+
+
+# FineWebEdu from a Hub that cannot be reached (this machine may be offline or not: each case
+# makes its own unreachable Hub with HF_ENDPOINT, and HF_HOME is empty, so nothing is cached)
+
+class _Hub:
+    """A Hub endpoint for one test: a closed port, a host that never resolves, a server that
+    accepts connections and never answers, or one that answers every request with 404."""
+
+    def __init__(self, kind):
+        import socket
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.kind, self.requests, self._close = kind, [], lambda: None
+        if kind == "unresolvable":
+            self.url = "http://hub.invalid"  # .invalid never resolves (RFC 6761)
+        elif kind in ("refused", "silent"):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+            if kind == "refused":
+                sock.close()
+            else:
+                sock.listen(16)  # the kernel completes the handshakes; nothing ever answers
+                self._close = sock.close
+        elif kind == "answers_404":
+            requests = self.requests
+
+            class NotFound(BaseHTTPRequestHandler):
+                def do_HEAD(self):
+                    requests.append(f"{self.command} {self.path}")
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+                do_GET = do_HEAD
+
+                def log_message(self, *args):
+                    pass
+
+            server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.url = f"http://127.0.0.1:{server.server_address[1]}"
+            self._close = lambda: (server.shutdown(), server.server_close())
+        else:  # the real Hub, for a machine that cannot reach it (this one)
+            self.url = None
+
+    def close(self):
+        self._close()
+
+
+def run_fineweb_from_hub(tmp_path, hub, *args, offline=False):
+    """fineweb.py streaming FineWebEdu (its default source) from `hub`, with an empty HF cache and
+    no offline mode (conftest sets HF_HUB_OFFLINE for the tests) unless `offline`; (proc, seconds)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE",
+                        "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env["HF_HOME"] = str(tmp_path / "empty_hf_home")
+    if hub.url:
+        env["HF_ENDPOINT"] = hub.url
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "fineweb.py", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+def _hub_reachable():
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("kind", ["unresolvable", "refused", "silent", "offline_mode", "this_machine"])
+def test_fineweb_unreachable_hub_is_one_line_at_once_and_leaves_nothing(tmp_path, kind):
+    """Streaming FineWebEdu from a Hub that cannot be reached (no DNS, connection refused, no
+    answer, HF_HUB_OFFLINE set, or this offline machine) ends within seconds, not after ~25 s of
+    `datasets` retry lines: exit 2, one 'error:' line and nothing else on stderr, and no output
+    directory (nor its parent) left behind."""
+    if kind == "this_machine" and _hub_reachable():
+        pytest.skip("this machine reaches the Hub (the other cases make their own unreachable one)")
+    hub = _Hub(kind)
+    try:
+        out = tmp_path / "data" / "small"
+        proc, seconds = run_fineweb_from_hub(tmp_path, hub, "--path", out, "--max_tokens", 1000,
+                                             "--shard_size", 500, offline=kind == "offline_mode")
+    finally:
+        hub.close()
+    line = assert_clean_error(proc, "HuggingFaceFW/fineweb-edu", "--source")
+    assert proc.stderr.strip().splitlines() == [line], proc.stderr  # no retry lines, no progress bar
+    assert seconds < 15, f"took {seconds:.1f} s"
+    assert not (tmp_path / "data").exists(), os.listdir(tmp_path / "data")
+
+
+def test_fineweb_unreachable_hub_keeps_an_existing_output_dir(tmp_path):
+    """An output directory that was there before a failed run is kept, with what it holds."""
+    hub = _Hub("refused")
+    empty, used = tmp_path / "empty", tmp_path / "used"
+    empty.mkdir()
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    for out in (empty, used):
+        proc, _ = run_fineweb_from_hub(tmp_path, hub, "--path", out, "--max_tokens", 1000)
+        assert_clean_error(proc, "cannot reach")
+    assert empty.is_dir() and not list(empty.iterdir())
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+
+
+def test_fineweb_reachable_hub_is_streamed_from(tmp_path):
+    """The quick look at the Hub lets a Hub that answers through: here one that answers 404 to
+    everything, so load_dataset itself is what fails (at once: a 404 is not retried)."""
+    hub = _Hub("answers_404")
+    try:
+        proc, seconds = run_fineweb_from_hub(tmp_path, hub, "--path", tmp_path / "out", "--max_tokens", 1000)
+    finally:
+        hub.close()
+    line = assert_clean_error(proc, "cannot stream HuggingFaceFW/fineweb-edu")
+    assert "cannot reach" not in line
+    assert "HEAD /api/datasets/HuggingFaceFW/fineweb-edu" in hub.requests, hub.requests  # the probe
+    assert len(hub.requests) > 1, hub.requests  # and load_dataset's own requests after it
+    assert not (tmp_path / "out").exists()
+
+
+def test_fineweb_complete_hub_dataset_reruns_offline(tmp_path):
+    """Re-running the command of a finished FineWebEdu dataset asks nothing of the Hub: offline it
+    is 'already complete' (exit 0), as before the Hub was looked at first."""
+    src = write_txt_dir(tmp_path / "src", synth_docs(8, 100, seed=14))
+    out = tmp_path / "data" / "small"
+    check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 500, "--max_tokens", 1000,
+                         "--prefix", "edufineweb"))
+    m = load_manifest(out)  # made as if streamed: the Hub's settings
+    m.update(source="HuggingFaceFW/fineweb-edu", hf_config="sample-10BT")
+    (out / "manifest.json").write_text(json.dumps(m))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    hub = _Hub("refused")
+    proc, _ = run_fineweb_from_hub(tmp_path, hub, "--path", out, "--shard_size", 500, "--max_tokens", 1000)
+    check_ok(proc)
+    assert "already complete" in proc.stdout, proc.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# The shards' prefix follows the source
+
+def test_fineweb_default_prefix_names():
+    """edufineweb for FineWebEdu; local data is named after its source, in characters a shard
+    name can hold and never with a split name as a word."""
+    from fineweb import HF_DATASET, SPLIT_IN_PREFIX, default_prefix
+
+    assert default_prefix(HF_DATASET) == "edufineweb"
+    assert default_prefix(str(REPO_ROOT.parent / "shared" / "corpus")) == "corpus"
+    assert default_prefix("../shared/corpus/") == "corpus"
+    assert default_prefix("data/my_train set/*.jsonl") == "my-train-set"
+    assert default_prefix("data/**/*.parquet") == "data"
+    assert default_prefix("*.txt") == "text"
+    assert default_prefix(".hidden_val") == "hidden-val"
+    assert default_prefix(str(REPO_ROOT / "requirements.txt")) == "requirements"  # a file: its extension dropped
+    for name in ["my_train data", "x_val", "..", "/", "日本語", "a_train_b_val"]:
+        prefix = default_prefix(name)
+        assert prefix and not SPLIT_IN_PREFIX.search(prefix) and not prefix.startswith("."), (name, prefix)
+
+
+def test_fineweb_prefix_follows_a_local_source(tmp_path):
+    """Local text is not named edufineweb: a directory named notes gives notes_*.npy (a glob in it
+    or a .jsonl named after it too), recorded in manifest.json, and data.py loads them."""
+    from data import DataLoader
+
+    docs = synth_docs(12, 150, seed=12)
+    notes = write_txt_dir(tmp_path / "notes", docs)
+    (tmp_path / "notes.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    outs = {source: tmp_path / f"out{i}" for i, source in enumerate([notes, notes / "*.txt", tmp_path / "notes.jsonl"])}
+    for source, out in outs.items():
+        check_ok(run_fineweb("--source", source, "--path", out, "--shard_size", 512))
+        names = sorted(os.listdir(out))
+        assert names[-1] == "notes_val_000000.npy" and len(names) >= 4, names
+        assert all(n.startswith("notes_") for n in names if n.endswith(".npy")), names
+        assert load_manifest(out)["prefix"] == "notes"
+        train = DataLoader(str(out), "train", 64, 2, 128)
+        assert [os.path.basename(f) for f in train.files] == [n for n in names if "_train_" in n]
+        assert train.next_batch()[0].shape == (2, 64)
+        assert DataLoader(str(out), "val", 64, 1, 64).num_tokens == 512
+    first = {n: (outs[notes] / n).read_bytes() for n in os.listdir(outs[notes])}
+    assert all((out / n).read_bytes() == b for out in outs.values() for n, b in first.items() if n.endswith(".npy"))
+
+
+def test_fineweb_dataset_made_with_another_prefix_keeps_it(tmp_path):
+    """A dataset of local text made before the prefix followed the source (named edufineweb_*):
+    re-running its command, now without --prefix, resumes it, rebuilds it and finds it complete
+    under its own names, byte-identical, never as another dataset."""
+    from data import DataLoader
+
+    src = write_txt_dir(tmp_path / "src", synth_docs(12, 150, seed=13))
+    ref = tmp_path / "ref"
+    check_ok(run_fineweb("--source", src, "--path", ref, "--shard_size", 512, "--prefix", "edufineweb"))
+    names = final_shards(ref, "edufineweb")
+    assert len(names) >= 5 and load_manifest(ref)["prefix"] == "edufineweb"
+
+    interrupted = Path(shutil.copytree(ref, tmp_path / "interrupted"))  # as if stopped after 3 shards
+    m = load_manifest(interrupted)
+    m.update(complete=False, shards=m["shards"][:3])
+    (interrupted / "manifest.json").write_text(json.dumps(m))
+    for n in names[3:]:
+        (interrupted / n).unlink()
+    damaged = Path(shutil.copytree(ref, tmp_path / "damaged"))  # complete, one shard deleted since
+    (damaged / names[2]).unlink()
+    complete = Path(shutil.copytree(ref, tmp_path / "complete"))
+
+    for out in (interrupted, damaged, complete):
+        proc = run_fineweb("--source", src, "--path", out, "--shard_size", 512)
+        check_ok(proc)
+        assert ("already complete" in proc.stdout) == (out == complete), proc.stdout
+        assert sorted(os.listdir(out)) == sorted(os.listdir(ref)), os.listdir(out)
+        for n in os.listdir(ref):
+            assert (out / n).read_bytes() == (ref / n).read_bytes(), (out, n)
+        assert DataLoader(str(out), "train", 64, 2, 128).num_tokens == load_manifest(ref)["tokens"] - 512
+    # an explicit --prefix that is not the dataset's is another dataset, as before
+    assert_clean_error(run_fineweb("--source", src, "--path", complete, "--shard_size", 512, "--prefix", "src"),
+                       "prefix")
 
 
 def test_fineweb_error_source_shrunk_before_a_resume(tmp_path):
@@ -789,7 +1026,7 @@ def test_loader_on_fineweb_output(tmp_path, enc):
     src = write_txt_dir(tmp_path / "src", synth_docs(12, 150, seed=11))
     out = tmp_path / "out"
     check_ok(run_fineweb("--source", src, "--path", out, "--shard_size", 512))
-    val = np.load(out / "edufineweb_val_000000.npy").astype(np.int64)
+    val = np.load(out / "src_val_000000.npy").astype(np.int64)
     ld = DataLoader(str(out), "val", 64, 2, 128)
     x, y = ld.next_batch()
     assert x.flatten()[:64].tolist() == val[:64].tolist()
@@ -970,7 +1207,7 @@ def test_loader_complete_manifest_lists_every_shard(dataset):
     from data import DataError, DataLoader
 
     m = load_manifest(dataset)
-    stray = "edufineweb_train_000099.npy"
+    stray = "src_train_000099.npy"
     np.save(dataset / stray, shard_values(0, 4 * T + 1))
     with pytest.raises(DataError, match=stray):
         DataLoader(str(dataset), "train", T, 1, T)
@@ -1047,13 +1284,13 @@ def test_fineweb_verify(built, dataset):
     check_ok(rebuild(built, dataset))
     assert not np.load(zeroed).any()
     (dataset / names[3]).unlink()
-    np.save(dataset / "edufineweb_train_000099.npy", np.zeros(600, dtype=np.uint16))
+    np.save(dataset / "src_train_000099.npy", np.zeros(600, dtype=np.uint16))
     proc = verify(dataset)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     bad = [l for l in proc.stdout.splitlines() if l.startswith(str(dataset) + os.sep)]
     assert len(bad) == 3, proc.stdout
     assert names[1] in bad[1] and "sha256" in bad[1], bad
-    assert "edufineweb_train_000099.npy" in bad[0] and names[3] in bad[2] and "missing" in bad[2], bad
+    assert "src_train_000099.npy" in bad[0] and names[3] in bad[2] and "missing" in bad[2], bad
     assert "3 bad" in proc.stdout.splitlines()[-1]
 
     # no manifest: not a dataset of fineweb.py
