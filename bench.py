@@ -67,6 +67,8 @@ def bench_model(args):
 
     from model import GPT, GPTConfig
 
+    from model_io import hf_state_dict
+
     transformers.logging.set_verbosity_error()
     L, H, C, T, B = args.n_layer, args.n_head, args.n_embd, args.seq_len, args.batch_size
     torch.manual_seed(0)
@@ -75,7 +77,7 @@ def bench_model(args):
     hf_cfg = transformers.GPT2Config(n_layer=L, n_head=H, n_embd=C, n_positions=T, vocab_size=cfg.vocab_size,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     theirs = transformers.GPT2LMHeadModel(hf_cfg)
-    theirs.load_state_dict(ours.hf_state_dict(), strict=False)  # same weights (lm_head is tied)
+    theirs.load_state_dict(hf_state_dict(ours), strict=False)  # same weights (lm_head is tied)
     data = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = data[:, :-1], data[:, 1:]
 
@@ -106,7 +108,7 @@ def bench_model(args):
     # Sampling: greedy decoding of N new tokens after a P-token prompt, batch 1, KV cache on both.
     ours.eval()
     theirs.eval()
-    theirs.load_state_dict(ours.hf_state_dict(), strict=False)  # training moved them apart
+    theirs.load_state_dict(hf_state_dict(ours), strict=False)  # training moved them apart
     P, N = args.prompt_len, args.new_tokens
     prompt = data[:1, :P]
 
@@ -161,8 +163,7 @@ def bench_fineweb(args):
     os.environ.setdefault("TQDM_DISABLE", "1")
     corpus = args.corpus
     files = fineweb.local_files(corpus)
-    fineweb._init_worker()
-    enc = _bn_encoder = fineweb._encoder
+    enc = _bn_encoder = fineweb.init_worker()
     texts = [d for f in files for d in fineweb.read_file(f, "text")]
     n_tokens = sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
     work = tempfile.mkdtemp(prefix="bench-fineweb-")
@@ -218,7 +219,8 @@ def bench_hellaswag(args):
     import torch
 
     import hellaswag
-    from model import GPT, GPTConfig, get_tokenizer
+    from model import GPT, GPTConfig
+    from model_io import get_tokenizer
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2")).eval()
@@ -261,10 +263,11 @@ def bench_serve(args):
 
     import serve
     from model import GPT, GPTConfig
+    from model_io import save_pretrained
 
     torch.manual_seed(0)
     work = tempfile.mkdtemp(prefix="bench-serve-")
-    GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).save_pretrained(work)
+    save_pretrained(GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)), work)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     proc, url = serve.launch(work, "--max_batch", "16", stderr=subprocess.DEVNULL, env=env)
     P, N = args.prompt_len, 32 if args.quick else args.new_tokens

@@ -1,15 +1,72 @@
 """
-Command-line input for the scripts: a bad value is one line, `error: ...`, and exit status 2,
-refused when the arguments are parsed, before anything is loaded or written.
+What every script shares: its command line, its one-line errors, and how it writes a file.
+
+A bad value is one line, `error: ...`, and exit status 2: a flag's value is refused when the
+arguments are parsed, before anything is loaded or written; bad input found later (a missing
+file, a corrupt checkpoint) is a cli.Error, which the script's main prints the same way.
 
     p = cli.Parser(description=__doc__)
     p.add_argument("--max_steps", type=cli.positive_int, default=19073)
     p.add_argument("--max_lr", type=cli.positive_float, default=6e-4)
+    ...
+    raise cli.Error(f"{path} not found")      # main: `except cli.Error as e: return cli.fail(e)`
+    cli.atomic_write("out/config.json", text)  # whole or not at all
 """
 
 import argparse
 import math
+import os
 import sys
+import tempfile
+
+
+class Error(ValueError):
+    """Bad input (a flag, a file, a model, a dataset): the message says what and what to do.
+    Scripts print it as one line, `error: <message>`, and exit with status 2 (cli.fail)."""
+
+
+def fail(e, status=2):
+    """Print e as the one line `error: ...` on stderr; returns the exit status for main()."""
+    print(f"error: {e}", file=sys.stderr)
+    return status
+
+
+def atomic_write(path, data, fsync=True):
+    """Write path whole or not at all: into a private temporary file beside it (concurrent writers
+    never share one), flushed to disk, then renamed over path. data is str (text), bytes, or a
+    function that writes the temporary file given its path. The file gets the mode any new file
+    gets (0666 less the umask; mkstemp's own is 0600). A failed write leaves path as it was."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-" + os.path.basename(path) + "-")
+    try:
+        if callable(data):
+            os.close(fd)
+            fd = None
+            data(tmp)
+        else:
+            with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as f:
+                fd = None
+                f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if fsync:
+            sync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def sync(path):
+    """fsync a file or a directory (a directory: so that the renames in it are on disk too)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

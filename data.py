@@ -34,11 +34,8 @@ import os
 import numpy as np
 import torch
 
+import cli
 from fineweb import SHARD_NAME, SPLIT_IN_PREFIX
-
-
-class DataError(ValueError):
-    """Bad data or settings; the message names the file or the numbers."""
 
 
 def open_shard(path, min_tokens=2, listed=None):
@@ -46,55 +43,55 @@ def open_shard(path, min_tokens=2, listed=None):
     (and of exactly `listed` tokens, when manifest.json lists it)."""
     name = os.path.basename(path)
     if listed is not None and not os.path.isfile(path):
-        raise DataError(f"{name}: missing, though manifest.json lists it ({path}); run the fineweb.py command "
+        raise cli.Error(f"{name}: missing, though manifest.json lists it ({path}); run the fineweb.py command "
                         "that made the dataset again to rebuild it")
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle
     except Exception as e:  # truncated file, pickled objects, not an .npy at all
-        raise DataError(f"{path}: not a valid token shard ({type(e).__name__}: {e})") from None
+        raise cli.Error(f"{path}: not a valid token shard ({type(e).__name__}: {e})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise DataError(f"{name}: expected a 1-D uint16 token array, found {tokens.ndim}-D {tokens.dtype} ({path})")
+        raise cli.Error(f"{name}: expected a 1-D uint16 token array, found {tokens.ndim}-D {tokens.dtype} ({path})")
     if os.path.getsize(path) != tokens.offset + tokens.nbytes:
-        raise DataError(f"{name}: {os.path.getsize(path) - tokens.offset - tokens.nbytes:,} bytes after the "
+        raise cli.Error(f"{name}: {os.path.getsize(path) - tokens.offset - tokens.nbytes:,} bytes after the "
                         f"{len(tokens):,} tokens its header announces ({path})")
     if listed is not None and len(tokens) != listed:
-        raise DataError(f"{name}: {len(tokens):,} tokens, but manifest.json lists {listed:,} ({path}); run the "
+        raise cli.Error(f"{name}: {len(tokens):,} tokens, but manifest.json lists {listed:,} ({path}); run the "
                         "fineweb.py command that made the dataset again to rebuild it")
     if len(tokens) < min_tokens:
-        raise DataError(f"{name}: {len(tokens)} tokens, too short for one sequence of {min_tokens - 1} ({path})")
+        raise cli.Error(f"{name}: {len(tokens)} tokens, too short for one sequence of {min_tokens - 1} ({path})")
     return tokens
 
 
 def find_shards(path, split):
     """[(file, token count manifest.json lists or None)] of split's shards, in name order."""
     if not os.path.isdir(path):
-        raise DataError(f"data directory {path!r} does not exist (make one with fineweb.py)")
+        raise cli.Error(f"data directory {path!r} does not exist (make one with fineweb.py)")
     on_disk = []
     for name in sorted(os.listdir(path)):
         m = SHARD_NAME.fullmatch(name)
         if not m:
             continue
         if SPLIT_IN_PREFIX.search(m[1]):
-            raise DataError(f"{name}: ambiguous shard name, its prefix {m[1]!r} holds a split name ({path}); rename it")
+            raise cli.Error(f"{name}: ambiguous shard name, its prefix {m[1]!r} holds a split name ({path}); rename it")
         if m[2] == split:
             on_disk.append(name)
     manifest = os.path.join(path, "manifest.json")
     if not os.path.exists(manifest):  # hand-made shards
         if not on_disk:
-            raise DataError(f"no '<prefix>_{split}_NNNNNN.npy' shards in {path!r} (make them with fineweb.py)")
+            raise cli.Error(f"no '<prefix>_{split}_NNNNNN.npy' shards in {path!r} (make them with fineweb.py)")
         return [(os.path.join(path, name), None) for name in on_disk]
     try:
         with open(manifest) as f:
             info = json.load(f)
         listed = {s["name"]: s["tokens"] for s in info["shards"] if s["split"] == split}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
+        raise cli.Error(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
     if info.get("complete"):
         for name in on_disk:
             if name not in listed:
-                raise DataError(f"{name}: a {split} shard that {manifest} does not list; move it out of {path!r}")
+                raise cli.Error(f"{name}: a {split} shard that {manifest} does not list; move it out of {path!r}")
     if not listed:
-        raise DataError(f"{manifest} lists no {split} shards (make them with fineweb.py)")
+        raise cli.Error(f"{manifest} lists no {split} shards (make them with fineweb.py)")
     return [(os.path.join(path, name), listed[name]) for name in sorted(listed)]
 
 
@@ -102,19 +99,19 @@ class DataLoader:
     def __init__(self, path, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0,
                  vocab_size=50257):
         if split not in ("train", "val"):
-            raise DataError(f"split must be 'train' or 'val', not {split!r}")
+            raise cli.Error(f"split must be 'train' or 'val', not {split!r}")
         for name, v in [("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                         ("total_batch_size", total_batch_size), ("world_size", world_size),
                         ("vocab_size", vocab_size)]:
             if v <= 0:
-                raise DataError(f"{name} must be positive, got {v}")
+                raise cli.Error(f"{name} must be positive, got {v}")
         if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+            raise cli.Error(f"rank {rank} is outside 0..{world_size - 1}")
         if not isinstance(seed, int) or seed < 0:
-            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+            raise cli.Error(f"seed must be a non-negative integer, got {seed!r}")
         per_micro_step = seq_len * micro_batch_size * world_size
         if total_batch_size % per_micro_step:
-            raise DataError(
+            raise cli.Error(
                 f"total_batch_size {total_batch_size} is not divisible by seq_len {seq_len} x micro-batch "
                 f"{micro_batch_size} x world size {world_size} = {per_micro_step} tokens per micro-step")
         self.split, self.seq_len, self.B = split, seq_len, micro_batch_size
@@ -175,7 +172,7 @@ class DataLoader:
         if buf.max() >= self.vocab_size:
             b, t = np.argwhere(buf >= self.vocab_size)[0]
             shard, start = self.locate(first + int(b))
-            raise DataError(f"{os.path.basename(self.files[shard])}: token {buf[b, t]} at position {start + t:,} is "
+            raise cli.Error(f"{os.path.basename(self.files[shard])}: token {buf[b, t]} at position {start + t:,} is "
                             f"not below vocab_size {self.vocab_size} ({self.files[shard]})")
         buf = buf.astype(np.int64)
         self.micro_step += 1
@@ -194,9 +191,9 @@ class DataLoader:
     def load_state_dict(self, state):
         for key in ("seed", "split", "seq_len", "total_batch_size", "epoch_windows"):
             if state[key] != getattr(self, key):
-                raise DataError(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
+                raise cli.Error(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
                                 + (" (the shards differ)" if key == "epoch_windows" else ""))
         if state["micro_step"] >= self.grad_accum_steps:
-            raise DataError(f"loader state is at micro-step {state['micro_step']}, but a step has only "
+            raise cli.Error(f"loader state is at micro-step {state['micro_step']}, but a step has only "
                             f"{self.grad_accum_steps} here")
         self.step, self.micro_step = state["step"], state["micro_step"]

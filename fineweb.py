@@ -32,7 +32,6 @@ the command that made the dataset to rebuild it. A --prefix holding _train or _v
 refused: data.py could not tell the splits apart by name.
 """
 
-import argparse
 import glob
 import gzip
 import hashlib
@@ -53,7 +52,7 @@ import numpy as np
 import cli
 
 EOT = 50256
-TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model.get_tokenizer loads it
+TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model_io.get_tokenizer loads it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 HF_PREFIX = "edufineweb"  # the shard prefix of FineWebEdu; local text is named after its source (default_prefix)
 HUB_PROBE_TIMEOUT = 5  # seconds the Hub has to answer before streaming starts
@@ -66,10 +65,6 @@ BATCH_CHARS = 1 << 18  # text per task sent to a worker (~60k tokens)
 # Tasks in flight per worker. Results are taken in order, so while the oldest task runs the
 # others must have work queued (with 2 per worker they sat idle).
 TASKS_PER_WORKER = 8
-
-
-class InputError(Exception):
-    """Bad input: printed as one line, no traceback."""
 
 
 # -----------------------------------------------------------------------------
@@ -85,10 +80,10 @@ def local_files(source):
     else:
         files = glob.glob(source, recursive=True)
         if not files:
-            raise InputError(f"source {source!r} not found (no such file, directory or glob match)")
+            raise cli.Error(f"source {source!r} not found (no such file, directory or glob match)")
     files = sorted(f for f in files if f.endswith(FORMATS) and os.path.isfile(f))
     if not files:
-        raise InputError(f"source {source!r} holds no {', '.join(FORMATS)} files")
+        raise cli.Error(f"source {source!r} holds no {', '.join(FORMATS)} files")
     return files
 
 
@@ -103,11 +98,11 @@ def read_file(path, text_field):
 
             pf = pq.ParquetFile(path)
             if text_field not in pf.schema_arrow.names:
-                raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text_field")
+                raise cli.Error(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text_field")
             for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
                 for row, text in enumerate(batch.column(0).to_pylist()):
                     if not isinstance(text, str):
-                        raise InputError(f"{path}: a row's {text_field!r} is {type(text).__name__}, not text")
+                        raise cli.Error(f"{path}: a row's {text_field!r} is {type(text).__name__}, not text")
                     yield text
         else:  # JSON lines, optionally gzipped
             opener = gzip.open if path.endswith(".gz") else open
@@ -118,19 +113,19 @@ def read_file(path, text_field):
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise InputError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+                        raise cli.Error(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise InputError(f"{path}, line {lineno}: record has no text field {text_field!r}; set --text_field")
+                        raise cli.Error(f"{path}, line {lineno}: record has no text field {text_field!r}; set --text_field")
                     yield record[text_field]
     except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
-    except InputError:
+        raise cli.Error(f"cannot read {path}: {e}") from None
+    except cli.Error:
         raise
     except Exception as e:  # e.g. a corrupt parquet file
-        raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise cli.Error(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
-def check_hub():
+def check_hub(dataset=HF_DATASET, instead="pass local files with --source"):
     """Fail fast, with one line, when the Hub cannot be reached: load_dataset would retry each
     request for ~25 s (its backoff is not a setting), printing a line per try. Any HTTP answer
     within HUB_PROBE_TIMEOUT seconds will do. In offline mode (HF_HUB_OFFLINE, or datasets'
@@ -139,21 +134,21 @@ def check_hub():
         from huggingface_hub import constants
         from huggingface_hub.utils import get_session
     except ImportError as e:
-        raise InputError(f"streaming {HF_DATASET} needs the datasets package ({e}); pip install datasets, "
-                         "or pass local files with --source") from None
+        raise cli.Error(f"reading {dataset} needs the datasets package ({e}); pip install datasets, "
+                        f"or {instead}") from None
     offline = os.environ.get("HF_DATASETS_OFFLINE")  # datasets' switch, before HF_HUB_OFFLINE where set
     if constants.is_offline_mode() if offline is None else offline.upper() in ("1", "ON", "YES", "TRUE"):
         return
     try:
-        get_session().head(f"{constants.ENDPOINT}/api/datasets/{HF_DATASET}", timeout=HUB_PROBE_TIMEOUT)
+        get_session().head(f"{constants.ENDPOINT}/api/datasets/{dataset}", timeout=HUB_PROBE_TIMEOUT)
     except Exception as e:
-        raise InputError(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to stream {HF_DATASET}: "
-                         f"{type(e).__name__}: {str(e) or 'no answer'}. Offline? Pass local files with --source") from None
+        raise cli.Error(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to read {dataset}: "
+                        f"{type(e).__name__}: {str(e) or 'no answer'}. Offline? {instead[0].upper() + instead[1:]}") from None
 
 
 def documents(args, files):
     """The document stream of --source (streamed from the Hub, or the local files), in a fixed
-    order. The Hub's dataset is opened here, at once: an InputError if it cannot be."""
+    order. The Hub's dataset is opened here, at once: an cli.Error if it cannot be."""
     if files is None:
         check_hub()
         try:
@@ -161,7 +156,7 @@ def documents(args, files):
 
             ds = iter(load_dataset(HF_DATASET, name=args.hf_config, split="train", streaming=True))
         except Exception as e:
-            raise InputError(f"cannot stream {HF_DATASET} ({args.hf_config}): {type(e).__name__}: {e}. "
+            raise cli.Error(f"cannot stream {HF_DATASET} ({args.hf_config}): {type(e).__name__}: {e}. "
                              "Offline? Pass local files with --source") from None
         return _records(args, ds)
     return (doc for path in files for doc in read_file(path, args.text_field))
@@ -173,12 +168,12 @@ def _records(args, ds):
     try:
         for i, record in enumerate(ds):
             if not isinstance(record.get(args.text_field), str):
-                raise InputError(f"{HF_DATASET} record {i} has no text field {args.text_field!r}; set --text_field")
+                raise cli.Error(f"{HF_DATASET} record {i} has no text field {args.text_field!r}; set --text_field")
             yield record[args.text_field]
-    except InputError:
+    except cli.Error:
         raise
     except Exception as e:  # a dropped connection mid-stream
-        raise InputError(f"streaming {HF_DATASET} failed at record {i}: {type(e).__name__}: {e}. "
+        raise cli.Error(f"streaming {HF_DATASET} failed at record {i}: {type(e).__name__}: {e}. "
                          "The finished shards are kept: run the same command again to continue") from None
 
 
@@ -202,10 +197,10 @@ def batches(docs):
 _encoder = None
 
 
-def _init_worker():
-    """Load the BPE once per process (forked workers inherit the parent's). tiktoken directly,
-    not model.get_tokenizer: model.py imports torch, which would add a second to every start
-    and to every spawned worker, for nothing this script uses."""
+def init_worker():
+    """Load the BPE once per process (forked workers inherit the parent's); returns it. tiktoken
+    directly, not model_io.get_tokenizer: model_io imports torch, which would add a second to every
+    start and to every spawned worker, for nothing this script uses."""
     global _encoder
     if _encoder is None:
         import tiktoken
@@ -213,10 +208,12 @@ def _init_worker():
         try:
             _encoder = tiktoken.get_encoding(TOKENIZER)
         except Exception as e:
-            raise InputError(f"cannot load the GPT-2 tokenizer (tiktoken {TOKENIZER}): {e}. Offline, point "
-                             "TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cached file") from None
+            raise cli.Error(f"cannot load the GPT-2 tokenizer (tiktoken {TOKENIZER}: {type(e).__name__}): offline, set "
+                            "TIKTOKEN_CACHE_DIR to a directory holding its file (this repo's ../shared/tiktoken_cache "
+                            "has it); python -c 'import model_io; model_io.get_tokenizer()' names the file") from None
         if _encoder.n_vocab > 2**16:
-            raise InputError(f"tokenizer {_encoder.name} has {_encoder.n_vocab:,} tokens: its ids do not fit in uint16 shards")
+            raise cli.Error(f"tokenizer {_encoder.name} has {_encoder.n_vocab:,} tokens: its ids do not fit in uint16 shards")
+    return _encoder
 
 
 def _encode(text):
@@ -245,8 +242,8 @@ def tokenize(texts):
 class _HashingWriter:
     """File wrapper that hashes what np.save writes (no fileno, so numpy writes through it)."""
 
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
+    def __init__(self, f, sha):
+        self.f, self.sha = f, sha
 
     def write(self, data):
         self.sha.update(data)
@@ -254,22 +251,19 @@ class _HashingWriter:
 
 
 def write_shard(path, tokens):
-    """Save tokens as .npy atomically; returns the file's sha256."""
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-    with open(tmp, "wb") as f:
-        w = _HashingWriter(f)
-        np.save(w, tokens)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return w.sha.hexdigest()
+    """Save tokens as .npy, whole or not at all (cli.atomic_write); returns the file's sha256."""
+    sha = hashlib.sha256()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(_HashingWriter(f, sha), tokens)
+
+    cli.atomic_write(path, write)
+    return sha.hexdigest()
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    cli.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def shard_name(prefix, index):
@@ -285,7 +279,7 @@ def read_manifest(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise InputError(f"{path} is unreadable ({e}); remove it to start over") from None
+        raise cli.Error(f"{path} is unreadable ({e}); remove it to start over") from None
 
 
 def shard_problem(path, tokens):
@@ -311,7 +305,7 @@ def load_manifest(args):
     if manifest is not None:
         for key, value in settings.items():
             if manifest.get(key) != value:
-                raise InputError(f"output directory {args.path!r} holds another dataset ({key}: {manifest.get(key)!r} "
+                raise cli.Error(f"output directory {args.path!r} holds another dataset ({key}: {manifest.get(key)!r} "
                                  f"there, {value!r} asked); choose another --path")
         # keep the recorded shards that are on disk, whole; rebuild from the first that is not
         shards = manifest["shards"]
@@ -324,7 +318,7 @@ def load_manifest(args):
         return manifest
     others = glob.glob(os.path.join(args.path, "*_train_*.npy")) + glob.glob(os.path.join(args.path, "*_val_*.npy"))
     if others:
-        raise InputError(f"output directory {args.path!r} holds shards without a manifest.json; choose another --path")
+        raise cli.Error(f"output directory {args.path!r} holds shards without a manifest.json; choose another --path")
     return {**settings, "complete": False, "tokens": 0, "documents": 0, "shards": []}
 
 
@@ -332,7 +326,7 @@ def verify(path):
     """--verify: every shard's sha256 against the manifest; returns the exit status."""
     manifest = read_manifest(path)
     if manifest is None:
-        raise InputError(f"{path!r} holds no manifest.json: not a dataset made by fineweb.py")
+        raise cli.Error(f"{path!r} holds no manifest.json: not a dataset made by fineweb.py")
     from tqdm import tqdm
 
     shards = manifest["shards"]
@@ -405,12 +399,12 @@ def remove_empty(created):
 
 def run(args):
     if os.path.exists(args.path) and not os.path.isdir(args.path):
-        raise InputError(f"output path {args.path!r} exists and is not a directory")
+        raise cli.Error(f"output path {args.path!r} exists and is not a directory")
     if args.prefix is None:  # a dataset being resumed or checked keeps the prefix it was made with
         recorded = read_manifest(args.path)
         args.prefix = recorded.get("prefix") if recorded and recorded.get("prefix") else default_prefix(args.source)
     if SPLIT_IN_PREFIX.search(args.prefix):
-        raise InputError(f"--prefix {args.prefix!r} holds _train or _val as a word: its shards would read as the "
+        raise cli.Error(f"--prefix {args.prefix!r} holds _train or _val as a word: its shards would read as the "
                          "wrong split; choose another")
     files = None if args.source == HF_DATASET else local_files(args.source)  # fail fast on a bad source
     manifest = load_manifest(args)
@@ -421,7 +415,7 @@ def run(args):
     # or no such config) and the BPE (forked workers inherit it). A failure after that removes
     # the directory made here if it is still empty.
     docs = documents(args, files)
-    _init_worker()
+    init_worker()
     created = make_dirs(args.path)
     try:
         build(args, docs, manifest)
@@ -444,7 +438,7 @@ def build(args, docs, manifest):
         bar.close()  # before any error message, so that it stands on a line of its own
     shards = manifest["shards"]
     if not written:
-        raise InputError(f"--source {args.source!r} holds no text: no tokens to write")
+        raise cli.Error(f"--source {args.source!r} holds no text: no tokens to write")
     manifest.update(complete=True, tokens=written)
     write_json(os.path.join(args.path, "manifest.json"), manifest)
     print(f"{args.path}: {written:,} tokens in {len(shards)} shards ({shards[0]['name']} ... {shards[-1]['name']})")
@@ -461,17 +455,17 @@ def _work(tasks, read_lock, results, write_lock, parent_ends):
     for conn in parent_ends:  # forked workers inherit them; a parent that dies must read as EOF
         conn.close()
     try:
-        _init_worker()
+        init_worker()
         while True:
             with read_lock:
                 i, batch = tasks.recv()
             try:
                 result = tokenize(batch)
             except Exception as e:
-                result = e if isinstance(e, InputError) else WorkerError(f"tokenizer failed:\n{traceback.format_exc()}")
+                result = e if isinstance(e, cli.Error) else WorkerError(f"tokenizer failed:\n{traceback.format_exc()}")
             with write_lock:
                 results.send((i, result))
-    except InputError as e:
+    except cli.Error as e:
         with write_lock:
             results.send((-1, e))
     except (EOFError, OSError):  # the parent is gone
@@ -589,7 +583,7 @@ def tokenize_into_shards(args, docs_iter, manifest, bar):
 
     for i in range(doc):  # documents already in finished shards
         if next(docs_iter, None) is None:
-            raise InputError(f"--source now holds {i:,} documents, fewer than the {doc:,} in the finished shards "
+            raise cli.Error(f"--source now holds {i:,} documents, fewer than the {doc:,} in the finished shards "
                              f"of {args.path!r}: it changed since they were made; choose another --path")
     workers = Workers(args.workers, args.start_method)
     try:
@@ -659,9 +653,8 @@ def main(argv=None):
         if args.verify:
             return verify(args.path)
         run(args)
-    except (InputError, WorkerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (cli.Error, WorkerError) as e:
+        return cli.fail(e)
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; run the same command again to continue", file=sys.stderr)
         return 130

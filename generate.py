@@ -14,7 +14,6 @@ does. The speed goes to stderr. For a fixed --seed the tokens are those of
 model.generate(prompts, max_new_tokens, seed=..., eos_token_id=50256) on the same batch.
 """
 
-import argparse
 import codecs
 import sys
 import time
@@ -22,7 +21,7 @@ import time
 import torch
 
 import cli
-from model import DTYPES, ModelLoadError, best_device, default_dtype, get_tokenizer, load_model
+from model_io import DTYPES, best_device, default_dtype, get_tokenizer, load_model
 
 
 
@@ -83,9 +82,8 @@ def main(argv=None):
     try:
         get_tokenizer()  # fail before loading weights if the BPE cannot be had
         model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except cli.Error as e:
+        return cli.fail(e)
 
     n = args.num_samples
     if n > 1:

@@ -19,11 +19,9 @@ positions that predict an ending token. Several examples form one padded batch. 
 equal those of running every context + ending alone (tested).
 """
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 
@@ -34,10 +32,6 @@ import cli
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SIZES = {"train": 39905, "val": 10042, "test": 10003}
-
-
-class HellaSwagError(ValueError):
-    """Missing or corrupt data; the message names the file (and line)."""
 
 
 # -----------------------------------------------------------------------------
@@ -51,7 +45,7 @@ def default_data_dir():
 def data_path(split, data_dir=None, download=True):
     """Path of hellaswag_{split}.jsonl in data_dir, downloaded there once if it is missing."""
     if split not in SIZES:
-        raise HellaSwagError(f"unknown split {split!r}; choose one of {', '.join(SIZES)}")
+        raise cli.Error(f"unknown split {split!r}; choose one of {', '.join(SIZES)}")
     data_dir = data_dir or default_data_dir()
     path = os.path.join(data_dir, f"hellaswag_{split}.jsonl")
     if os.path.isfile(path):
@@ -60,21 +54,14 @@ def data_path(split, data_dir=None, download=True):
     if download:
         try:
             os.makedirs(data_dir, exist_ok=True)
-            # a private temporary name: ranks that download at once don't trip over each other
-            fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".hellaswag_{split}-")
-            os.close(fd)
-            try:
-                urllib.request.urlretrieve(url, tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            # (a private temporary name: ranks that download at once don't trip over each other)
+            cli.atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
             return path
         except (urllib.error.URLError, OSError) as e:
             reason = f"download failed ({e})"
     else:
         reason = "downloading is off"
-    raise HellaSwagError(f"{path} not found and {reason}. Fetch {url} on a machine with internet and "
+    raise cli.Error(f"{path} not found and {reason}. Fetch {url} on a machine with internet and "
                          f"put it at {path} (or pass --data_dir / set HELLASWAG_DIR)")
 
 
@@ -90,26 +77,26 @@ def load_examples(path):
                 try:
                     ex = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    raise HellaSwagError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                    raise cli.Error(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
                 except json.JSONDecodeError as e:
-                    raise HellaSwagError(f"{where}: not valid JSON ({e.msg})") from None
+                    raise cli.Error(f"{where}: not valid JSON ({e.msg})") from None
                 except RecursionError:
-                    raise HellaSwagError(f"{where}: JSON nested too deeply") from None
+                    raise cli.Error(f"{where}: JSON nested too deeply") from None
                 if not isinstance(ex, dict) or not isinstance(ex.get("ctx"), str) or not ex["ctx"].strip():
-                    raise HellaSwagError(f"{where}: no 'ctx' string (or an empty one)")
+                    raise cli.Error(f"{where}: no 'ctx' string (or an empty one)")
                 endings = ex.get("endings")
                 if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-                    raise HellaSwagError(f"{where}: 'endings' must be a list of 4 strings")
+                    raise cli.Error(f"{where}: 'endings' must be a list of 4 strings")
                 label = ex.get("label")  # absent in the test split, whose answers are hidden
                 if isinstance(label, str) and label.isdecimal() and label.isascii():
                     label = int(label)
                 if "label" in ex and (not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4):
-                    raise HellaSwagError(f"{where}: 'label' must be 0..3, got {ex.get('label')!r}")
+                    raise cli.Error(f"{where}: 'label' must be 0..3, got {ex.get('label')!r}")
                 examples.append({"ctx": ex["ctx"], "endings": endings, "label": label})
     except OSError as e:
-        raise HellaSwagError(f"cannot read {path}: {e}") from None
+        raise cli.Error(f"cannot read {path}: {e}") from None
     if not examples:
-        raise HellaSwagError(f"{path}: no examples")
+        raise cli.Error(f"{path}: no examples")
     return examples
 
 
@@ -142,14 +129,14 @@ def attention_mask(segments):
     return causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
 
 
-def _crop(ctx, endings, block_size):
+def _crop(context, endings, block_size):
     """Crop the context from the left so that context + the longest ending fit block_size."""
-    if not ctx or not all(endings):
-        raise HellaSwagError("an example needs a non-empty context and 4 non-empty endings")
+    if not context or not all(endings):
+        raise cli.Error("an example needs a non-empty context and 4 non-empty endings")
     longest = max(len(e) for e in endings)
     if longest >= block_size:
-        raise HellaSwagError(f"an ending of {longest} tokens does not fit block_size {block_size}")
-    return ctx[max(0, len(ctx) + longest - block_size) :]
+        raise cli.Error(f"an ending of {longest} tokens does not fit block_size {block_size}")
+    return context[max(0, len(context) + longest - block_size) :]
 
 
 def _unwrap(model):
@@ -174,9 +161,9 @@ def score(model, rendered, batch_size=16, progress=None):
     losses = torch.zeros(N * 4, dtype=torch.float64)
     counts = torch.tensor([[len(e) for e in ends] for _, ends in rendered], dtype=torch.long).reshape(N, 4)
     packed = []
-    for ctx, ends in rendered:
-        ctx = _crop(ctx, ends, gpt.config.block_size)
-        packed.append((len(ctx), ends, pack_example(ctx, ends)))
+    for context, ends in rendered:
+        context = _crop(context, ends, gpt.config.block_size)
+        packed.append((len(context), ends, pack_example(context, ends)))
     # batch examples of similar length together: less padding
     order = sorted(range(N), key=lambda i: len(packed[i][2][0]))
     for start in range(0, N, batch_size):
@@ -202,9 +189,9 @@ def score(model, rendered, batch_size=16, progress=None):
                 slots += [i * 4 + j] * len(e)
                 offset += len(e)
         idx, pos, mask = idx.to(device), pos.to(device), mask.to(device)
-        h = gpt._hidden(idx, positions=pos, attn_mask=mask)
+        h = gpt.hidden(idx, positions=pos, attn_mask=mask)
         h = h[torch.tensor(r_index, device=device), torch.tensor(p_index, device=device)]
-        logp = F.log_softmax(gpt._lm_head(h).float(), dim=-1)
+        logp = F.log_softmax(gpt.lm_head(h).float(), dim=-1)
         nll = -logp.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
         losses.index_add_(0, torch.tensor(slots), nll.double().cpu())
         if progress is not None:
@@ -228,19 +215,19 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
     "indices": [example index of each choice]}. An example with an ending of block_size tokens or
     more leaves no room for its context: it is skipped, and counted in "skipped" (contexts too long
     are cropped from the left, as GPT-2 would see them)."""
-    from model import get_tokenizer
+    from model_io import get_tokenizer
 
     enc = get_tokenizer()
     block_size = _unwrap(model).config.block_size
     mine, skipped = [], 0
     rendered = []
     for i in range(rank, len(examples), world_size):
-        ctx, ends = render(examples[i], enc)
+        context, ends = render(examples[i], enc)
         if max(len(e) for e in ends) >= block_size:  # no room for context: skipped, and counted
             skipped += 1
             continue
         mine.append(i)
-        rendered.append((ctx, ends))
+        rendered.append((context, ends))
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -286,7 +273,7 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
     p.add_argument("--json", default=None, help="write the results and per-example choices here")
     args = p.parse_args(argv)
-    from model import DTYPES, ModelLoadError, best_device, default_dtype, load_model
+    from model_io import DTYPES, best_device, default_dtype, load_model
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -302,9 +289,8 @@ def main(argv=None):
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                 torch.cuda.set_device(device)
         model = load_model(args.model).to(device)
-    except (HellaSwagError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except cli.Error as e:
+        return cli.fail(e)
     autocast = torch.autocast(device.split(":")[0], dtype=DTYPES[dtype], enabled=dtype != "fp32")
     with autocast:
         result = evaluate(model, examples, args.batch_size, rank, world_size, progress=True)
@@ -318,10 +304,7 @@ def main(argv=None):
             print(f"{args.model} on HellaSwag {args.split}, n={result['n']}: acc {result['acc']:.4f}  "
                   f"acc_norm {result['acc_norm']:.4f}  acc_norm_bytes {result['acc_norm_bytes']:.4f}")
         if args.json:
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"model": args.model, "split": args.split, **result}, f)
-            os.replace(tmp, args.json)
+            cli.atomic_write(args.json, json.dumps({"model": args.model, "split": args.split, **result}))
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return 0

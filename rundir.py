@@ -23,7 +23,8 @@ import uuid
 
 import torch
 
-from model import GPT, ModelLoadError, checkpoint_dirs
+import cli
+from model_io import checkpoint_dirs, load_model, save_pretrained
 
 try:
     import fcntl
@@ -31,20 +32,8 @@ except ImportError:  # Windows: no lock, the rest works
     fcntl = None
 
 
-class RunDirError(Exception):
-    """A run directory that cannot be used as asked: printed as one line."""
-
-
 class BadCheckpoint(Exception):
     """Why a checkpoint failed verification."""
-
-
-def _fsync(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _finite(tensors):
@@ -68,14 +57,14 @@ class RunDir:
     def claim(self, settings, resume):
         """Lock the directory and make sure it holds this run (or nothing yet); returns the run id."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RunDirError(f"--log_dir {self.path!r} is a file, not a directory")
+            raise cli.Error(f"--log_dir {self.path!r} is a file, not a directory")
         os.makedirs(self.path, exist_ok=True)
         if fcntl is not None:  # the lock is on the directory itself: no file is added to it
             self._lock = os.open(self.path, os.O_RDONLY)
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunDirError(f"{self.path} is in use by another live run; wait for it or pick another --log_dir") from None
+                raise cli.Error(f"{self.path} is in use by another live run; wait for it or pick another --log_dir") from None
         ident_path = os.path.join(self.path, "run.json")
         try:
             with open(ident_path) as f:
@@ -83,33 +72,28 @@ class RunDir:
         except FileNotFoundError:
             old = None
         except ValueError as e:
-            raise RunDirError(f"{ident_path} is damaged ({e}); pick another --log_dir") from None
+            raise cli.Error(f"{ident_path} is damaged ({e}); pick another --log_dir") from None
         has_files = bool(checkpoint_dirs(self.path)) or (os.path.isfile(self.log_path) and os.path.getsize(self.log_path) > 0)
         if old is None:
             if has_files and not resume:
-                raise RunDirError(f"{self.path} holds another run's log.jsonl or checkpoints; continue that run with "
+                raise cli.Error(f"{self.path} holds another run's log.jsonl or checkpoints; continue that run with "
                                   f"--resume (and its settings), or pick another --log_dir")
             self.run_id = uuid.uuid4().hex[:12]
             text = json.dumps({"run_id": self.run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                "settings": settings}, indent=2)
-            tmp = ident_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, ident_path)
+            cli.atomic_write(ident_path, text)
             return self.run_id
         diffs = [k for k in sorted(settings.keys() | old["settings"].keys()) if settings.get(k) != old["settings"].get(k)]
         where = f"{self.path} holds run {old['run_id']} (started {old['started']})"
         if not resume:
             if diffs:
                 k = diffs[0]
-                raise RunDirError(f"{where}, another run ({k} {old['settings'].get(k)!r} there, {settings.get(k)!r} here); "
+                raise cli.Error(f"{where}, another run ({k} {old['settings'].get(k)!r} there, {settings.get(k)!r} here); "
                                   f"pick another --log_dir")
-            raise RunDirError(f"{where}, this same run; add --resume to continue it, or pick another --log_dir")
+            raise cli.Error(f"{where}, this same run; add --resume to continue it, or pick another --log_dir")
         if diffs:
             k = diffs[0]
-            raise RunDirError(f"cannot resume: {where} with {k} {old['settings'].get(k)!r}, this command has "
+            raise cli.Error(f"cannot resume: {where} with {k} {old['settings'].get(k)!r}, this command has "
                               f"{settings.get(k)!r}; use the run's settings or another --log_dir")
         self.run_id = old["run_id"]
         return self.run_id
@@ -150,18 +134,18 @@ class RunDir:
         final = os.path.join(self.path, f"step_{step:06d}")
         tmp = os.path.join(self.path, f".tmp-step_{step:06d}")
         shutil.rmtree(tmp, ignore_errors=True)  # a write of this run that was interrupted
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         torch.save({**state, "run_id": self.run_id}, os.path.join(tmp, "trainer_state.pt"))
         files = {f: os.path.getsize(os.path.join(tmp, f)) for f in ("config.json", "model.safetensors", "trainer_state.pt")}
         with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
             json.dump({"run_id": self.run_id, "step": step, "files": files}, f)
         for name in os.listdir(tmp):
-            _fsync(os.path.join(tmp, name))
-        _fsync(tmp, directory=True)
+            cli.sync(os.path.join(tmp, name))
+        cli.sync(tmp)
         if os.path.exists(final):  # only after a fallback past a bad one that was then removed by hand
             os.rename(final, f"{final}.replaced-{int(time.time())}")
         os.rename(tmp, final)
-        _fsync(self.path, directory=True)
+        cli.sync(self.path)
 
     def prune(self, keep):
         """Delete all but the newest `keep` checkpoints of this run (never another run's)."""
@@ -184,7 +168,7 @@ class RunDir:
                 skipped.append((d, e))
         else:
             if skipped:
-                raise RunDirError(f"no checkpoint in {self.path} verifies (newest, {skipped[0][0]}: {skipped[0][1]})")
+                raise cli.Error(f"no checkpoint in {self.path} verifies (newest, {skipped[0][0]}: {skipped[0][1]})")
             return None
         for d, why in skipped:
             aside = d + ".corrupt"
@@ -215,8 +199,8 @@ def verify(d, config, run_id):
             if actual != size:
                 raise BadCheckpoint(f"{name} has {actual} bytes, {size} were written (truncated or altered)")
     try:
-        model = GPT.from_pretrained(d)
-    except ModelLoadError as e:
+        model = load_model(d)
+    except cli.Error as e:
         raise BadCheckpoint(str(e)) from None
     except Exception as e:  # a damaged config.json: missing or mistyped fields
         raise BadCheckpoint(f"config.json or model.safetensors does not load ({type(e).__name__}: {e})") from None

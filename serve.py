@@ -30,7 +30,6 @@ noise as for that row alone (up to float rounding: a batched forward pass gives 
 A request without a seed gets a random one.
 """
 
-import argparse
 import asyncio
 import codecs
 import contextlib
@@ -48,7 +47,8 @@ from dataclasses import dataclass, field
 import torch
 
 import cli
-from model import DTYPES, EOT_TOKEN, ModelLoadError, best_device, default_dtype, get_tokenizer, load_model, sample_next
+from model import EOT_TOKEN, sample_next
+from model_io import DTYPES, best_device, default_dtype, get_tokenizer, load_model
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
@@ -298,15 +298,13 @@ class Sequence:
 class Engine:
     def __init__(self, model, max_batch, max_requests):
         self.model, self.max_batch, self.max_requests = model.eval(), max_batch, max_requests
-        weight = model.transformer.wte.weight
-        self.device = weight.device
+        self.device = model.transformer.wte.weight.device
         enc = get_tokenizer()
         self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(enc.n_vocab)]
-        with torch.no_grad():  # the logits exactly as generate() computes them (see GPT._next_logits)
-            self.head_t = weight[: model.config.vocab_size].t().contiguous()
+        self.head_t = model.decode_head()  # the logits exactly as generate() computes them
         # Row i of every layer's cache belongs to self.active[i]. Zeroed, not empty: the decode
         # step masks the entries past each row's length, and a masked NaN would still poison it.
-        self.caches = model._new_kv_caches(max_batch, model.config.block_size, self.device)
+        self.caches = model.new_kv_caches(max_batch, model.config.block_size, self.device)
         for k, v in self.caches:
             k.zero_(), v.zero_()
         self.active = []  # engine thread only
@@ -382,7 +380,7 @@ class Engine:
             self.active += group
             rows = [(k[r : r + len(group)], v[r : r + len(group)]) for k, v in self.caches]
             idx = torch.tensor([s.prompt for s in group], device=self.device)
-            logits = self.model._next_logits(idx, rows, 0, self.head_t)
+            logits = self.model.next_logits(idx, rows, 0, self.head_t)
             self.stats["prefilled_tokens"] += idx.numel()
             for s in group:
                 s.length = length
@@ -394,7 +392,7 @@ class Engine:
         B = len(self.active)
         tokens = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.device)
         pos = torch.tensor([s.length for s in self.active], device=self.device)
-        logits = self.model._next_logits(tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
+        logits = self.model.next_logits(tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += B
         for s in self.active:
@@ -474,7 +472,7 @@ def create_app(model, model_id, limits, loopback_only=True):
 
     enc = get_tokenizer()
     if model.config.vocab_size != enc.n_vocab:
-        raise ModelLoadError(f"the model's vocabulary has {model.config.vocab_size} tokens; serve.py needs GPT-2's {enc.n_vocab}")
+        raise cli.Error(f"the model's vocabulary has {model.config.vocab_size} tokens; serve.py needs GPT-2's {enc.n_vocab}")
     block_size = model.config.block_size
     engine = Engine(model, limits.max_batch, limits.max_requests)
     started = int(time.time())
@@ -745,9 +743,8 @@ def main(argv=None):
                 block.compile(dynamic=True)
         app = create_app(model, os.path.basename(os.path.normpath(args.model)), limits,  # a name, not a path
                          loopback_only=args.host in LOOPBACK_NAMES)
-    except (ModelLoadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (cli.Error, OSError) as e:
+        return cli.fail(e)
     c = model.config
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serve.py: {args.model} ({c.n_layer} layers x {c.n_embd}, context {c.block_size}) on {device} {dtype}, "

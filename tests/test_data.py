@@ -28,7 +28,7 @@ SHARD_RE = r"^{prefix}_(val|train)_(\d{{6}})\.npy$"
 
 @pytest.fixture(scope="module")
 def enc():
-    from model import get_tokenizer
+    from model_io import get_tokenizer
 
     return get_tokenizer()
 
@@ -780,6 +780,7 @@ def test_fineweb_refuses_a_vocabulary_too_big_for_uint16(monkeypatch):
     """Shards are uint16: a tokenizer whose ids can reach 2**16 is refused with a clear message."""
     import tiktoken
 
+    import cli
     import fineweb
 
     class Big:  # what cl100k_base would be: 100,277 ids
@@ -787,8 +788,8 @@ def test_fineweb_refuses_a_vocabulary_too_big_for_uint16(monkeypatch):
 
     monkeypatch.setattr(fineweb, "_encoder", None)
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: Big())
-    with pytest.raises(fineweb.InputError, match="100,277 tokens.*uint16"):
-        fineweb._init_worker()
+    with pytest.raises(cli.Error, match="100,277 tokens.*uint16"):
+        fineweb.init_worker()
 
 
 def test_fineweb_error_jsonl_missing_field(tmp_path):
@@ -1071,42 +1072,45 @@ def _bad_shard(d, kind):
 @pytest.mark.parametrize("kind", ["truncated", "float32", "int32", "pickled", "too_short", "two_dim",
                                   "garbage", "header_only"])
 def test_loader_bad_shard_raises_dataerror(tmp_path, kind):
-    """A broken shard (truncated, wrong dtype, pickled, too short, 2-D, not .npy) -> DataError naming the file."""
-    from data import DataError, DataLoader
+    """A broken shard (truncated, wrong dtype, pickled, too short, 2-D, not .npy) -> cli.Error naming the file."""
+    import cli
+    from data import DataLoader
 
-    assert issubclass(DataError, ValueError)
+    assert issubclass(cli.Error, ValueError)
     d = tmp_path / "shards"
     d.mkdir()
     np.save(d / "good_train_000000.npy", np.arange(10 * T, dtype=np.uint16))
     name = _bad_shard(d, kind)
-    with pytest.raises(DataError) as ei:
+    with pytest.raises(cli.Error) as ei:
         DataLoader(str(d), "train", T, 2, 4 * T)
     assert name in str(ei.value)
 
 
 def test_loader_missing_dir_and_no_shards(tmp_path):
-    """Missing directory -> DataError naming it; no shards for the split -> DataError naming dir and split."""
-    from data import DataError, DataLoader
+    """Missing directory -> cli.Error naming it; no shards for the split -> cli.Error naming dir and split."""
+    import cli
+    from data import DataLoader
 
     missing = tmp_path / "no_such_dir_abc"
-    with pytest.raises(DataError) as ei:
+    with pytest.raises(cli.Error) as ei:
         DataLoader(str(missing), "train", T, 2, 4 * T)
     assert "no_such_dir_abc" in str(ei.value)
 
     d = tmp_path / "only_val_dir"
     d.mkdir()
     np.save(d / "toy_val_000000.npy", np.arange(10 * T, dtype=np.uint16))
-    with pytest.raises(DataError) as ei:
+    with pytest.raises(cli.Error) as ei:
         DataLoader(str(d), "train", T, 2, 4 * T)
     assert "only_val_dir" in str(ei.value) and "train" in str(ei.value)
 
 
 @pytest.mark.parametrize("total,B,world", [(100 * T + 8, 4, 1), (12 * T, 4, 2), (8 * T, 4, 3), (2 * T, 4, 1)])
 def test_loader_bad_batch_sizes(train_dir, total, B, world):
-    """total_batch_size not divisible by seq_len * micro_batch * world_size -> DataError mentioning the numbers."""
-    from data import DataError, DataLoader
+    """total_batch_size not divisible by seq_len * micro_batch * world_size -> cli.Error mentioning the numbers."""
+    import cli
+    from data import DataLoader
 
-    with pytest.raises(DataError) as ei:
+    with pytest.raises(cli.Error) as ei:
         DataLoader(str(train_dir), "train", T, B, total, rank=0, world_size=world)
     msg = str(ei.value)
     assert str(total) in msg, msg
@@ -1156,7 +1160,8 @@ def damage(path, kind):
 def test_loader_names_val_and_train_exactly(tmp_path):
     """A split is matched by the exact name <prefix>_<split>_NNNNNN.npy: val never leaks into train
     (or back) through a prefix, and look-alike files are not shards."""
-    from data import DataError, DataLoader
+    import cli
+    from data import DataLoader
 
     d = tmp_path / "names"
     d.mkdir()
@@ -1174,7 +1179,7 @@ def test_loader_names_val_and_train_exactly(tmp_path):
         shutil.copytree(d, bad)
         np.save(bad / name, shard_values(3, 4 * T + 1))
         for split in ("train", "val"):
-            with pytest.raises(DataError, match=re.escape(name)):
+            with pytest.raises(cli.Error, match=re.escape(name)):
                 DataLoader(str(bad), split, T, 1, T)
 
 
@@ -1189,12 +1194,13 @@ def test_fineweb_refuses_prefix_with_a_split_name(tmp_path, prefix):
 
 @pytest.mark.parametrize("kind", ["deleted", "cut", "appended", "fewer_tokens"])
 def test_loader_checks_shards_against_manifest(dataset, kind):
-    """With a manifest, a deleted or truncated shard is a DataError naming it, not a smaller dataset."""
-    from data import DataError, DataLoader
+    """With a manifest, a deleted or truncated shard is a cli.Error naming it, not a smaller dataset."""
+    import cli
+    from data import DataLoader
 
     name = final_shards(dataset)[2]
     damage(dataset / name, kind)
-    with pytest.raises(DataError, match=re.escape(name)) as ei:
+    with pytest.raises(cli.Error, match=re.escape(name)) as ei:
         DataLoader(str(dataset), "train", T, 1, T)
     if kind in ("deleted", "fewer_tokens"):  # a cut or grown file is no whole .npy, manifest or not
         assert "manifest.json" in str(ei.value)
@@ -1204,12 +1210,13 @@ def test_loader_checks_shards_against_manifest(dataset, kind):
 def test_loader_complete_manifest_lists_every_shard(dataset):
     """A shard on disk that a complete manifest does not list is refused; an incomplete manifest
     (fineweb.py still running) gives exactly its listed shards."""
-    from data import DataError, DataLoader
+    import cli
+    from data import DataLoader
 
     m = load_manifest(dataset)
     stray = "src_train_000099.npy"
     np.save(dataset / stray, shard_values(0, 4 * T + 1))
-    with pytest.raises(DataError, match=stray):
+    with pytest.raises(cli.Error, match=stray):
         DataLoader(str(dataset), "train", T, 1, T)
     assert DataLoader(str(dataset), "val", T, 1, T).num_tokens == 512
 
@@ -1222,9 +1229,10 @@ def test_loader_complete_manifest_lists_every_shard(dataset):
 
 
 def test_loader_token_out_of_vocab_raises(train_dir):
-    """A token id >= vocab_size is a DataError naming the shard, the token and its position, raised
+    """A token id >= vocab_size is a cli.Error naming the shard, the token and its position, raised
     by the batch that holds it (earlier batches are served)."""
-    from data import DataError, DataLoader
+    import cli
+    from data import DataLoader
 
     pos = 2 * T + 5  # in window 2 of toy_train_000002.npy only
     tokens = shard_values(1, TRAIN_LENS[1])
@@ -1232,7 +1240,7 @@ def test_loader_token_out_of_vocab_raises(train_dir):
     np.save(train_dir / "toy_train_000002.npy", tokens)
     ld = DataLoader(str(train_dir), "train", T, 1, T)
     served = []
-    with pytest.raises(DataError) as ei:
+    with pytest.raises(cli.Error) as ei:
         for _ in range(N_WIN):
             served += window_ids(ld.next_batch()[0])
     msg = str(ei.value)
@@ -1242,7 +1250,7 @@ def test_loader_token_out_of_vocab_raises(train_dir):
     ld = DataLoader(str(train_dir), "train", T, 1, T, vocab_size=50258)  # a larger vocabulary holds it
     assert len([ld.next_batch() for _ in range(N_WIN)]) == N_WIN
     ld = DataLoader(str(train_dir), "val", T, 2, 2 * T, vocab_size=1000)  # val batches are checked too
-    with pytest.raises(DataError, match="toy_val_000000.npy.*vocab_size 1000"):
+    with pytest.raises(cli.Error, match="toy_val_000000.npy.*vocab_size 1000"):
         ld.next_batch()
 
 

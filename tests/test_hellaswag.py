@@ -19,8 +19,10 @@ from conftest import perturb_
 import torch.nn.functional as F
 
 import hellaswag as H  # noqa: E402
-import model as M  # noqa: E402
-from model import GPT, GPTConfig, get_tokenizer  # noqa: E402
+import cli  # noqa: E402
+import model_io  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from model_io import get_tokenizer, load_model, save_pretrained  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_VAL = REPO_ROOT.parent / "shared" / "hellaswag" / "hellaswag_val.jsonl"
@@ -370,9 +372,9 @@ GOOD = {"ctx": "A man opens the door.", "endings": ["He walks in.", "He sings.",
     '[' * 100_000 + ']' * 100_000,                                          # nested past the recursion limit
 ])
 def test_load_examples_corrupt_line_names_path_and_line(tmp_path, bad):
-    """A corrupt line raises HellaSwagError (a ValueError) naming the file path and 'line 2'."""
+    """A corrupt line raises cli.Error (a ValueError) naming the file path and 'line 2'."""
     p = write_jsonl(tmp_path / "hs.jsonl", [GOOD], extra_lines=[bad, json.dumps(GOOD)])
-    with pytest.raises(H.HellaSwagError) as ei:
+    with pytest.raises(cli.Error) as ei:
         H.load_examples(p)
     msg = str(ei.value)
     assert str(p) in msg
@@ -381,10 +383,10 @@ def test_load_examples_corrupt_line_names_path_and_line(tmp_path, bad):
 
 
 def test_load_examples_invalid_utf8_line_names_path_and_line(tmp_path):
-    """A line that is not valid UTF-8 is a corrupt line too: HellaSwagError naming the path and 'line 2'."""
+    """A line that is not valid UTF-8 is a corrupt line too: cli.Error naming the path and 'line 2'."""
     p = tmp_path / "hs.jsonl"
     p.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"ctx": "caf\xe9", "endings": ["a", "b", "c", "d"], "label": 0}\n')
-    with pytest.raises(H.HellaSwagError) as ei:
+    with pytest.raises(cli.Error) as ei:
         H.load_examples(p)
     assert str(p) in str(ei.value)
     assert "line 2" in str(ei.value)
@@ -402,7 +404,7 @@ def test_load_examples_skips_blank_lines_and_counts_physical_lines(tmp_path):
 
     q = tmp_path / "hs_bad.jsonl"
     q.write_text(json.dumps(GOOD) + "\n\n" + '{"ctx": "x", "endings": ["a"], "label": 0}' + "\n")
-    with pytest.raises(H.HellaSwagError, match="line 3"):
+    with pytest.raises(cli.Error, match="line 3"):
         H.load_examples(q)
 
 
@@ -421,7 +423,7 @@ def _forbid_network(monkeypatch, exc):
     for name in ("urlopen", "urlretrieve"):
         if hasattr(H, name):
             monkeypatch.setattr(H, name, boom)
-    monkeypatch.setattr(M, "_fetch", boom)
+    monkeypatch.setattr(model_io, "fetch", boom)
     monkeypatch.setattr(socket, "create_connection", boom)
     monkeypatch.setattr(socket.socket, "connect", boom)
     return calls
@@ -443,17 +445,17 @@ def test_data_path_existing_file_touches_no_network(tmp_path, monkeypatch):
 
 
 def test_data_path_missing_file_offline_names_expected_path(tmp_path, monkeypatch):
-    """A missing file whose download fails raises HellaSwagError naming the expected path, leaving no file."""
+    """A missing file whose download fails raises cli.Error naming the expected path, leaving no file."""
     _forbid_network(monkeypatch, urllib.error.URLError("offline"))
     d = tmp_path / "nothing_here"
     expected = d / "hellaswag_val.jsonl"
-    with pytest.raises(H.HellaSwagError) as ei:
+    with pytest.raises(cli.Error) as ei:
         H.data_path("val", data_dir=d)
     assert str(expected) in str(ei.value)
     assert not expected.exists()
 
     monkeypatch.setenv("HELLASWAG_DIR", str(d))
-    with pytest.raises(H.HellaSwagError) as ei:
+    with pytest.raises(cli.Error) as ei:
         H.data_path("val")
     assert str(expected) in str(ei.value)
 
@@ -469,8 +471,8 @@ def test_data_path_partial_download_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlretrieve", partial)
     if hasattr(H, "urlretrieve"):
         monkeypatch.setattr(H, "urlretrieve", partial)
-    monkeypatch.setattr(M, "_fetch", lambda url, path: partial(url, path))
-    with pytest.raises(H.HellaSwagError):
+    monkeypatch.setattr(model_io, "fetch", lambda url, path: partial(url, path))
+    with pytest.raises(cli.Error):
         H.data_path("val", data_dir=tmp_path)
     assert not (tmp_path / "hellaswag_val.jsonl").exists()
 
@@ -496,7 +498,7 @@ def test_data_path_concurrent_downloads_all_succeed(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlretrieve", slow)
     if hasattr(H, "urlretrieve"):
         monkeypatch.setattr(H, "urlretrieve", slow)
-    monkeypatch.setattr(M, "_fetch", lambda url, path: slow(url, path))
+    monkeypatch.setattr(model_io, "fetch", lambda url, path: slow(url, path))
     results, errors = [], []
 
     def rank():
@@ -523,7 +525,7 @@ def test_data_path_default_dir_is_beside_module(monkeypatch):
         return
     monkeypatch.delenv("HELLASWAG_DIR", raising=False)
     _forbid_network(monkeypatch, urllib.error.URLError("offline"))
-    with pytest.raises(H.HellaSwagError) as ei:
+    with pytest.raises(cli.Error) as ei:
         H.data_path("val", download=False)
     assert str(expected) in str(ei.value) or os.path.relpath(expected) in str(ei.value)
 
@@ -536,12 +538,12 @@ DIST_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     torch.set_num_threads(1)
     import hellaswag as H
-    from model import GPT
+    from model_io import load_model
 
     model_dir, data_file, out = sys.argv[1:4]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
-    model = GPT.from_pretrained(model_dir).eval()
+    model = load_model(model_dir).eval()
     examples = H.load_examples(data_file)
 
     def plain(res):
@@ -563,7 +565,7 @@ def test_distributed_two_gloo_ranks_equal_one_process(tmp_path, tiny, ref):
     assert len(examples) % 2 == 1  # uneven split
     want = H.evaluate(tiny, examples, batch_size=16)
     want_one = H.evaluate(tiny, examples[:1], batch_size=16)
-    tiny.save_pretrained(tmp_path / "model")
+    save_pretrained(tiny, tmp_path / "model")
     data = write_jsonl(tmp_path / "val.jsonl", examples)
     script = tmp_path / "dist_eval.py"
     script.write_text(DIST_SCRIPT)
@@ -605,8 +607,8 @@ def test_cli_run_dir_uses_newest_complete_checkpoint(tmp_path, ref):
     examples = ref["examples"][:6]
     run = tmp_path / "run"
     old, new = make_model(seed=11), make_model(seed=12)
-    old.save_pretrained(run / "step_000005")
-    new.save_pretrained(run / "step_000010")
+    save_pretrained(old, run / "step_000005")
+    save_pretrained(new, run / "step_000010")
     (run / "step_000020").mkdir()
     (run / "step_000020" / "config.json").write_text((run / "step_000010" / "config.json").read_text())
     data = tmp_path / "data"
@@ -623,11 +625,11 @@ def test_cli_run_dir_uses_newest_complete_checkpoint(tmp_path, ref):
     assert got["n"] == len(examples)
     for k in ("acc", "acc_norm", "acc_norm_bytes"):
         assert 0.0 <= got[k] <= 1.0
-    want = H.evaluate(GPT.from_pretrained(run / "step_000010").eval(), examples)
+    want = H.evaluate(load_model(run / "step_000010").eval(), examples)
     assert_same_result(got, want)
     # the older checkpoint scores differently, so the test can tell which one was used
-    other = H.score(GPT.from_pretrained(run / "step_000005").eval(), [H.render(e, get_tokenizer()) for e in examples])[0]
-    mine = H.score(GPT.from_pretrained(run / "step_000010").eval(), [H.render(e, get_tokenizer()) for e in examples])[0]
+    other = H.score(load_model(run / "step_000005").eval(), [H.render(e, get_tokenizer()) for e in examples])[0]
+    mine = H.score(load_model(run / "step_000010").eval(), [H.render(e, get_tokenizer()) for e in examples])[0]
     assert (other - mine).abs().max() > 1e-3
 
 

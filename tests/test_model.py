@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,8 +24,12 @@ from torch.utils._pytree import tree_leaves
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+import cli  # noqa: E402
 import model as M  # noqa: E402
+import model_io  # noqa: E402
+import train  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from model_io import get_tokenizer, hf_state_dict, load_hf_state_dict, load_model, save_pretrained  # noqa: E402
 
 ATOL = 1e-4
 SMALL = dict(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32)
@@ -77,7 +83,7 @@ def test_from_pretrained_hf_safetensors_matches_hf_logits_and_loss(tmp_path):
     hf = make_hf(seed=1)
     hf.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = load_model(tmp_path).eval()
 
     assert ours.config.vocab_size == 101
     assert ours.config.block_size == 64
@@ -108,7 +114,7 @@ def test_from_pretrained_pytorch_model_bin(tmp_path):
     hf.config.save_pretrained(tmp_path)
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
     assert not (tmp_path / "model.safetensors").exists()
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_model(str(tmp_path)).eval()
     idx = rand_idx(2, 33, 101)
     with torch.no_grad():
         ref = hf(idx).logits
@@ -129,7 +135,7 @@ def test_from_pretrained_original_hub_key_layout(tmp_path):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_model(str(tmp_path)).eval()
     idx = rand_idx(2, 30, 101)
     with torch.no_grad():
         ref = hf(idx).logits
@@ -140,7 +146,7 @@ def test_from_pretrained_missing_dir_mentions_path(tmp_path):
     """Loading from a nonexistent local directory raises an error naming that path."""
     missing = tmp_path / "nope"
     with pytest.raises(Exception) as ei:
-        GPT.from_pretrained(str(missing))
+        load_model(str(missing))
     assert str(missing) in str(ei.value)
 
 
@@ -150,7 +156,7 @@ def test_from_pretrained_missing_dir_mentions_path(tmp_path):
 def test_save_pretrained_loads_in_hf_without_missing_keys(tmp_path, vocab_size):
     """save_pretrained writes an HF GPT2LMHeadModel checkpoint that HF loads cleanly with identical logits."""
     ours = make_ours(seed=4, vocab_size=vocab_size)
-    ours.save_pretrained(str(tmp_path))
+    save_pretrained(ours, str(tmp_path))
 
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "gpt2"
@@ -187,8 +193,8 @@ def test_save_pretrained_loads_in_hf_without_missing_keys(tmp_path, vocab_size):
 def test_save_then_load_roundtrip_is_exact(tmp_path):
     """GPT.save_pretrained followed by GPT.from_pretrained reproduces the state dict and logits exactly."""
     ours = make_ours(seed=5, n_layer=3, n_head=4, n_embd=64)
-    ours.save_pretrained(str(tmp_path))
-    back = GPT.from_pretrained(str(tmp_path)).eval()
+    save_pretrained(ours, str(tmp_path))
+    back = load_model(str(tmp_path)).eval()
     assert back.config == ours.config
 
     sd_a, sd_b = ours.state_dict(), back.state_dict()
@@ -283,7 +289,7 @@ def test_init_matches_hf_gpt2_init():
     ours = GPT(GPTConfig(block_size=128, **shape))
     assert torch.count_nonzero(ours.transformer.wte.weight[1000:]) == 0
     ref = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-    got = ours.hf_state_dict()
+    got = hf_state_dict(ours)
     assert got.keys() == ref.keys()
     for k, r in ref.items():
         g = got[k]
@@ -309,7 +315,7 @@ def test_layer_norm_epsilon_is_gpt2s_where_it_matters():
             elif name.endswith(("c_proj.weight", "c_proj.bias")):
                 p.mul_(0.005)
     ours = GPT(GPTConfig(**SMALL)).eval()  # no layer_norm_epsilon given: our default
-    ours.load_hf_state_dict(hf.state_dict())
+    load_hf_state_dict(ours, hf.state_dict())
 
     variances = []
     hooks = [mod.register_forward_pre_hook(lambda mod, args: variances.append(args[0].var(-1, unbiased=False).mean()))
@@ -331,7 +337,7 @@ def test_greedy_generate_matches_hf(tmp_path):
     """generate(top_k=1) reproduces HF greedy decoding token for token."""
     hf = make_hf(seed=6)
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = load_model(tmp_path).eval()
     idx = rand_idx(2, 8, 101, seed=9)
     with torch.no_grad():
         ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20,
@@ -386,25 +392,25 @@ def test_per_row_positions_decode_matches_single_row_decode():
     nxt = rand_idx(len(lengths), 1, 101, seed=5)
     bs = m.config.block_size
     with torch.no_grad():
-        head_t = m.transformer.wte.weight[: m.config.vocab_size].t().contiguous()
-        batch = m._new_kv_caches(len(lengths), bs, "cpu")
+        head_t = m.decode_head()
+        batch = m.new_kv_caches(len(lengths), bs, "cpu")
         expected = []
         for b, p in enumerate(prompts):
             # reference: prefill this row alone, then one single-row decode step (generate's path)
-            own = m._new_kv_caches(1, bs, "cpu")
-            m._next_logits(p, own, 0, head_t)
-            expected.append(m._next_logits(nxt[b : b + 1], own, p.size(1), head_t))
+            own = m.new_kv_caches(1, bs, "cpu")
+            m.next_logits(p, own, 0, head_t)
+            expected.append(m.next_logits(nxt[b : b + 1], own, p.size(1), head_t))
             # the batch's cache row b gets the same prefill; stale garbage beyond it must be masked
             for (k, v), (ko, vo) in zip(batch, own):
                 k[b].normal_(), v[b].normal_()
                 k[b, :, : p.size(1)], v[b, :, : p.size(1)] = ko[0, :, : p.size(1)], vo[0, :, : p.size(1)]
-        got = m._next_logits(nxt, batch, torch.tensor(lengths), head_t)
+        got = m.next_logits(nxt, batch, torch.tensor(lengths), head_t)
     torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
     # and each row's new key was written at its own position
     with torch.no_grad():
         for b, n in enumerate(lengths):
-            own = m._new_kv_caches(1, bs, "cpu")
-            m._next_logits(torch.cat([prompts[b], nxt[b : b + 1]], dim=1), own, 0, head_t)
+            own = m.new_kv_caches(1, bs, "cpu")
+            m.next_logits(torch.cat([prompts[b], nxt[b : b + 1]], dim=1), own, 0, head_t)
             torch.testing.assert_close(batch[0][0][b, :, : n + 1], own[0][0][0, :, : n + 1], atol=1e-5, rtol=1e-5)
 
 
@@ -507,7 +513,7 @@ def fixed_logits_model(tmp_path_factory):
         tr.wte.weight[:, 0] = col
     d = tmp_path_factory.mktemp("fixed")
     hf.save_pretrained(d)
-    m = GPT.from_pretrained(str(d)).eval()
+    m = load_model(str(d)).eval()
     logits = logits_of(m, torch.zeros(1, 1, dtype=torch.long))[0, -1]
     assert torch.allclose(torch.softmax(logits, -1)[TOKENS], torch.tensor(PROBS), atol=1e-5)
     return m
@@ -555,8 +561,8 @@ def test_flops_per_token_and_peak_flops():
     fpt = m.flops_per_token()
     attn = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     assert 6 * (n - emb) <= fpt <= 6 * n + attn + 1
-    assert 900e12 <= M.peak_flops("NVIDIA H100 80GB HBM3") <= 1000e12
-    assert M.peak_flops("Some Unknown Accelerator 3000") is None
+    assert 900e12 <= train.peak_flops("NVIDIA H100 80GB HBM3") <= 1000e12
+    assert train.peak_flops("Some Unknown Accelerator 3000") is None
 
 
 @pytest.mark.parametrize("return_logits", [False, True])
@@ -586,14 +592,14 @@ def test_flops_per_token_matches_torch_flop_counter(return_logits, monkeypatch):
 def test_peak_flops_per_dtype():
     """bf16 is the default; fp16 has bf16's peak, fp32 (TF32 tensor cores) half of it; None for unknown devices."""
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"):
-        bf16 = M.peak_flops(name)
-        assert bf16 is not None and M.peak_flops(name, "bf16") == bf16 == M.peak_flops(name, dtype="fp16")
-        assert M.peak_flops(name, "fp32") == bf16 / 2
-    assert 480e12 <= M.peak_flops("NVIDIA H100 80GB HBM3", "fp32") <= 500e12  # datasheet: 495 dense TF32
+        bf16 = train.peak_flops(name)
+        assert bf16 is not None and train.peak_flops(name, "bf16") == bf16 == train.peak_flops(name, dtype="fp16")
+        assert train.peak_flops(name, "fp32") == bf16 / 2
+    assert 480e12 <= train.peak_flops("NVIDIA H100 80GB HBM3", "fp32") <= 500e12  # datasheet: 495 dense TF32
     for dtype in ("bf16", "fp16", "fp32"):
-        assert M.peak_flops("Some Unknown Accelerator 3000", dtype) is None
+        assert train.peak_flops("Some Unknown Accelerator 3000", dtype) is None
     with pytest.raises(ValueError):
-        M.peak_flops("NVIDIA H100 80GB HBM3", "fp8")
+        train.peak_flops("NVIDIA H100 80GB HBM3", "fp8")
 
 
 def _tiktoken_available():
@@ -604,11 +610,25 @@ def _tiktoken_available():
 @pytest.mark.skipif(not _tiktoken_available(), reason="offline tiktoken cache (TIKTOKEN_CACHE_DIR) not available")
 def test_get_tokenizer_is_gpt2_bpe():
     """get_tokenizer() is the GPT-2 BPE: 'Hello world' -> [15496, 995], eot 50256."""
-    enc = M.get_tokenizer()
+    enc = get_tokenizer()
     assert enc.encode("Hello world") == [15496, 995]
     assert enc.eot_token == 50256
     assert enc.n_vocab == 50257
     assert enc.decode([15496, 995]) == "Hello world"
+
+
+def test_missing_tokenizer_file_is_one_line_naming_it(tmp_path):
+    """No BPE file in TIKTOKEN_CACHE_DIR and no network: generate.py says, in one line, which file is
+    missing, where, and where to get it."""
+    import hashlib
+
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, str(Path(M.__file__).parent / "generate.py"), "--model", "gpt2"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    name = hashlib.sha1(model_io.R50K_URL.encode()).hexdigest()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert str(tmp_path / "empty" / name) in proc.stderr and model_io.R50K_URL in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------- fused loss
@@ -696,7 +716,7 @@ def test_chunked_loss_under_no_grad_builds_no_gradients():
     def loss_allocations(grad):
         with torch.set_grad_enabled(grad):
             with _Allocations() as net:
-                m._hidden(idx)
+                m.hidden(idx)
             with _Allocations() as full:
                 _, loss = m(idx, targets, return_logits=False)
         return loss, full.made - net.made  # what the loss made beyond the network itself
@@ -739,7 +759,7 @@ def test_loss_paths_agree_with_reference(case, monkeypatch):
         targets[:, ::3] = V - 1
 
     m.zero_grad(set_to_none=True)
-    logits = F.linear(m._hidden(idx).double(), m.transformer.wte.weight[:V].double())
+    logits = F.linear(m.hidden(idx).double(), m.transformer.wte.weight[:V].double())
     keep = targets >= 0
     nll = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     ref_loss = (nll * keep).sum() / max(int(keep.sum()), 1)
@@ -758,15 +778,15 @@ def test_loss_paths_agree_with_reference(case, monkeypatch):
 
 
 def test_from_pretrained_hub_name_offline_says_what_to_do(tmp_path, monkeypatch):
-    """Offline, a hub name fails with one ModelLoadError that names the model and says to pass a local directory."""
+    """Offline, a hub name fails with one cli.Error that names the model and says to pass a local directory."""
     import urllib.error
 
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(M.urllib.request, "urlretrieve", no_network)
-    with pytest.raises(M.ModelLoadError) as e:
-        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    monkeypatch.setattr(model_io.urllib.request, "urlretrieve", no_network)
+    with pytest.raises(cli.Error) as e:
+        load_model("gpt2", cache_dir=tmp_path)
     msg = str(e.value)
     assert "'gpt2'" in msg and "directory" in msg and "model.safetensors" in msg
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # no half-written file left behind
@@ -799,14 +819,14 @@ def _hf_config(**changes):
     (dict(n_embd=2**20, n_head=1), "parameters"),
 ], ids=str)
 def test_hostile_config_json_is_one_clear_error_before_any_allocation(tmp_path, changes, named):
-    """Strings for numbers, missing fields, negative or absurd sizes: ModelLoadError naming the file
+    """Strings for numbers, missing fields, negative or absurd sizes: cli.Error naming the file
     and the field, in well under a second (nothing is built before the config is checked)."""
     import time
 
     (tmp_path / "config.json").write_text(json.dumps(_hf_config(**changes)))
     t0 = time.perf_counter()
-    with pytest.raises(M.ModelLoadError) as e:
-        GPT.from_pretrained(tmp_path)
+    with pytest.raises(cli.Error) as e:
+        load_model(tmp_path)
     assert time.perf_counter() - t0 < 1.0
     assert "config.json" in str(e.value) and named in str(e.value), str(e.value)
 

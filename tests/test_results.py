@@ -20,7 +20,8 @@ from nbclient import NotebookClient
 
 from conftest import REPO_ROOT, T, base_args, check_ok, env, error_line, read_log, run_train
 from generate import sample
-from model import EOT_TOKEN, GPT, GPTConfig, get_tokenizer
+from model import EOT_TOKEN, GPT, GPTConfig
+from model_io import get_tokenizer, load_model
 
 NOTEBOOKS = ["benchmark.ipynb", "generate.ipynb"]
 TOKENS_PER_STEP = 4 * T  # base_args' total_batch_size
@@ -43,7 +44,7 @@ def run_dir(data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def newest_model(run_dir):
     """The run's last checkpoint, found here by name (not through load_model)."""
-    return GPT.from_pretrained(run_dir / "step_000012").eval()
+    return load_model(run_dir / "step_000012").eval()
 
 
 def execute(name, log_dir, monkeypatch, extra_code=None):

@@ -20,7 +20,8 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402  (the openai client's own HTTP library)
 from conftest import REPO_ROOT, perturb_  # noqa: E402
 
-from model import EOT_TOKEN, GPT, GPTConfig, get_tokenizer  # noqa: E402
+from model import EOT_TOKEN, GPT, GPTConfig  # noqa: E402
+from model_io import get_tokenizer, load_model, save_pretrained  # noqa: E402
 from serve import APIError, Engine, Job, Sequence, TextStream, job_events, launch  # noqa: E402
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", str(REPO_ROOT / "test-artifacts"))
@@ -36,8 +37,8 @@ def checkpoint(path, eot_boost, block_size=1024):
     m = perturb_(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)), 1, scale=0.5)
     with torch.no_grad():
         m.transformer.wte.weight[EOT_TOKEN] += eot_boost * m.transformer.ln_f.bias
-    m.save_pretrained(path)
-    return GPT.from_pretrained(path).eval(), path
+    save_pretrained(m, path)
+    return load_model(path).eval(), path
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +198,13 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
         raise RuntimeError("injected failure")
 
     try:
-        real = model._next_logits
-        monkeypatch.setattr(model, "_next_logits", fail)
+        real = model.next_logits
+        monkeypatch.setattr(model, "next_logits", fail)
         with pytest.raises(APIError) as e:
             asyncio.run(run(2))
         assert e.value.status == 500
         assert engine.load()["requests_in_flight"] == 0 and engine.load()["running"] == 0
-        monkeypatch.setattr(model, "_next_logits", real)
+        monkeypatch.setattr(model, "next_logits", real)
         assert asyncio.run(run(2)) == [reference(model, PROMPTS[0], 10, 3 + c)[0] for c in range(2)]
     finally:
         engine.close()

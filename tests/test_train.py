@@ -48,7 +48,7 @@ def tree_snapshot(d):
 
 def test_tiny_model_trains_logs_and_checkpoints(data_dir, tmp_path):
     """30 steps of a tiny model lower the loss; log lines are well-formed; the checkpoint loads."""
-    from model import GPT
+    from model_io import load_model
 
     log = tmp_path / "log"
     check_ok(run_train(*base_args(data_dir, log, 30, eval_step_interval=12, save_step=10)))
@@ -84,7 +84,7 @@ def test_tiny_model_trains_logs_and_checkpoints(data_dir, tmp_path):
     os.umask(umask)
     modes = {str(p.relative_to(log)): oct(p.stat().st_mode & 0o777) for p in log.rglob("*") if p.is_file()}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # every file as any new file (not mkstemp's 0600)
-    model = GPT.from_pretrained(last)
+    model = load_model(last)
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size) == (2, 2, 32, T)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = torch.load(last / "trainer_state.pt", weights_only=True)
@@ -221,7 +221,7 @@ def test_compile_runs_on_cpu(data_dir, tmp_path, recipe):
 def test_blow_up_stops_the_run_and_never_checkpoints_non_finite_values(data_dir, tmp_path, flags, bad_step):
     """A diverging run exits 1 with one line naming the step that went non-finite; every checkpoint
     written (save_step 1: one per good step) holds finite weights and optimizer state."""
-    from model import GPT
+    from model_io import load_model
 
     log = tmp_path / "log"
     proc = run_train(*base_args(data_dir, log, 12, save_step=1, **flags))
@@ -233,7 +233,7 @@ def test_blow_up_stops_the_run_and_never_checkpoints_non_finite_values(data_dir,
     ckpts = checkpoints(log)
     assert [c.name for c in ckpts] == [f"step_{s:06d}" for s in range(1, bad_step + 1)], ckpts
     for c in ckpts:
-        model = GPT.from_pretrained(c)
+        model = load_model(c)
         assert all(torch.isfinite(p).all() for p in model.parameters()), c.name
         state = torch.load(c / "trainer_state.pt", weights_only=True)
         for s in state["optimizer"]["state"].values():
@@ -599,10 +599,10 @@ def test_killed_during_a_checkpoint_write_resumes_exactly(data_dir, ref_run, tmp
 HELLASWAG_FAILS_ON_RANK_1 = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import hellaswag, train
+import cli, hellaswag, train
 if os.environ["RANK"] == "1":
     def load_examples(path):
-        raise hellaswag.HellaSwagError("cannot read it on this rank")
+        raise cli.Error("cannot read it on this rank")
     hellaswag.load_examples = load_examples
 sys.exit(train.main(sys.argv[1:]))
 """
