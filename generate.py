@@ -1,10 +1,11 @@
 """
 Sample text from a GPT-2: a train.py run, one of its checkpoints, a Hugging Face-format
-directory, or OpenAI's weights.
+directory, or OpenAI's weights; or, with --chat, talk to a chat model (one sft.py made).
 
     python generate.py --model log/small --prompt "Hello, I'm a language model," --num_samples 3
     python generate.py --model log/small/step_000080 --temperature 0          # greedy
     python generate.py --model gpt2 --prompt "The meaning of life is" --top_p 0.9 --max_new_tokens 200
+    python generate.py --chat --model log/chat --system "You are a helpful assistant."
 
 The text streams to stdout as it is made. All --num_samples samples are drawn together, as one
 batch (one forward pass per token for all of them); sample 1 streams live, the others follow it
@@ -12,17 +13,53 @@ once the batch is done, each under a header. A sample ends at <|endoftext|> (not
 after --max_new_tokens. An empty --prompt samples unconditionally, from <|endoftext|> as GPT-2
 does. The speed goes to stderr. For a fixed --seed the tokens are those of
 model.generate(prompts, max_new_tokens, seed=..., eos_token_id=50256) on the same batch.
+
+--chat: a conversation in the terminal. Type a message at `you> `; the reply streams after
+`assistant> ` and ends at <|im_end|> or after --max_new_tokens. Every reply sees the whole
+conversation so far (chat.py's template: the --system message, then your messages and its
+replies). Commands: /reset clears the history (the --system message stays), /quit or /exit
+(or Ctrl-D, or Ctrl-C at the prompt) ends. Ctrl-C during a reply stops it: what was printed
+stays in the history as the reply, and the prompt returns. The n-th reply since the start or
+the last /reset is sampled with seed --seed + n - 1, so the same messages and flags give the
+same replies: each is model.generate(chat.render(history, generation_prompt=True), seed=...,
+eos_token_id=<|im_end|>), cut before <|im_end|>. When the history no longer fits the model's
+context with room for the reply (--max_new_tokens, at most half the context), its oldest turns
+(your message and the reply, together) are dropped for good, the system message kept, and a
+note says so; a message too long to fit even alone loses tokens from its start. A reply longer
+than the room left slides the context window as plain sampling does. Notes go to stderr.
 """
 
 import codecs
+import signal
 import sys
+import threading
 import time
 
 import torch
 
+import chat
 import cli
-from model_io import DTYPES, best_device, default_dtype, get_tokenizer, load_model
+from model_io import DTYPES, IM_END, IM_START, best_device, default_dtype, get_tokenizer, load_model
 
+MAX_NEW_TOKENS = {"plain": 64, "chat": 256}  # --max_new_tokens's defaults
+
+
+class TextStream:
+    """Token ids to text as they come. Tokens are byte strings, and a character's UTF-8 bytes may
+    be split across tokens: an incremental decoder holds back an incomplete character until its
+    last byte arrives. The pieces add up to enc.decode() of the tokens."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token):
+        """The text that token completes ('' while a character is incomplete)."""
+        return self.decoder.decode(self.enc.decode_single_token_bytes(token))
+
+    def end(self):
+        """What is left: a trailing incomplete character becomes U+FFFD, as in enc.decode."""
+        return self.decoder.decode(b"", final=True)
 
 
 def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **sampling):
@@ -34,13 +71,11 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
     eot = enc.eot_token
     ids = enc.encode(prompt) or [eot]
     idx = torch.tensor([ids] * num_samples, device=model.transformer.wte.weight.device)
-    # Tokens are byte strings, and a character's UTF-8 bytes may be split across tokens: an
-    # incremental decoder holds back an incomplete character until its last byte arrives.
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
+    # a chat model may sample its markers: decoded as their text
+    streams = [TextStream(get_tokenizer(chat=chat.is_chat_model(model))) for _ in range(num_samples)]
     pieces = [[] for _ in range(num_samples)]
 
-    def add(row, data, final=False):
-        piece = decoders[row].decode(data, final=final)
+    def add(row, piece):
         pieces[row].append(piece)
         if row == 0 and piece and on_text is not None:
             on_text(piece)
@@ -48,18 +83,160 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
     for row in range(num_samples):
         for t in ids:
             if t != eot:
-                add(row, enc.decode_single_token_bytes(t))
+                add(row, streams[row].add(t))
     t0 = time.perf_counter()
     steps = 0
     for tokens in model.generate_stream(idx, max_new_tokens, eos_token_id=eot, **sampling):
         steps += 1
         for row, t in enumerate(tokens.tolist()):  # a finished row keeps yielding eot: nothing to print
             if t != eot:
-                add(row, enc.decode_single_token_bytes(t))
+                add(row, streams[row].add(t))
     seconds = time.perf_counter() - t0
     for row in range(num_samples):
-        add(row, b"", final=True)  # a trailing incomplete character becomes U+FFFD, as in enc.decode
+        add(row, streams[row].end())
     return ["".join(p) for p in pieces], steps, seconds
+
+
+# -----------------------------------------------------------------------------
+# --chat
+
+
+def reply_room(block_size, max_new_tokens):
+    """Tokens of the context kept free for a reply: --max_new_tokens, at most half the context."""
+    return min(max_new_tokens, block_size // 2)
+
+
+def chat_prompt(messages, limit):
+    """The tokens a reply is sampled after: chat.render(messages, generation_prompt=True), made to
+    fit in `limit` tokens. messages: an optional system message, then the user's messages and the
+    replies in turn, ending with the user's. While too long, the oldest turn (a user message and
+    its reply) is dropped, never the system message nor the last message; if that one alone is
+    still too long, tokens are cut from the start of its text.
+    Returns (ids, dropped: how many messages from the front (after the system message) the
+    prompt leaves out, cut: how many tokens of the last message's text it leaves out)."""
+    system = 1 if messages[0]["role"] == "system" else 0
+    sizes = [len(chat.render([m])[0]) for m in messages]  # render is per message: the sizes add up
+    gen = len(chat.render([], generation_prompt=True)[0])
+    dropped = 0
+    while sum(sizes[:system]) + sum(sizes[system + dropped:]) + gen > limit and system + dropped + 2 < len(messages):
+        dropped += 2
+    kept = messages[:system] + messages[system + dropped:]
+    ids, _ = chat.render(kept, generation_prompt=True)
+    if len(ids) <= limit:
+        return ids, dropped, 0
+    last = kept[-1]
+    text = get_tokenizer().encode_ordinary(last["content"])
+    cut = len(ids) - limit
+    if cut > len(text):
+        raise cli.Error(f"the system message leaves no room for a message in {limit} tokens")
+    before, _ = chat.render(kept[:-1])
+    head = [IM_START] + get_tokenizer().encode_ordinary(last["role"] + "\n")
+    after = ids[len(before) + len(head) + len(text):]  # <|im_end|>\n<|im_start|>assistant\n
+    return before + head + text[cut:] + after, dropped, cut
+
+
+def check_system_fits(system, block_size, room):
+    """cli.Error unless the system message leaves room for a user message of at least one token."""
+    start = [{"role": "system", "content": system}] if system is not None else []
+    ids, _ = chat.render(start + [{"role": "user", "content": "x"}], generation_prompt=True)
+    if len(ids) > block_size - room:
+        raise cli.Error(f"--system is {len(chat.render(start)[0])} tokens: with {room} tokens kept for the reply, it leaves no "
+                        f"room for your messages in the model's {block_size}-token context (shorten it or lower "
+                        "--max_new_tokens)")
+
+
+class CtrlC:
+    """Within `with CtrlC() as c:`, Ctrl-C (SIGINT) sets c.pressed instead of raising KeyboardInterrupt
+    (in the main thread), so that a reply stops between two tokens: never between printing a piece
+    and keeping it in the history."""
+
+    def __enter__(self):
+        self.pressed, self.installed = False, threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self.press)
+        return self
+
+    def press(self, signum, frame):
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        if self.installed:  # (None: a handler not set from Python)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)
+
+
+def note(text):
+    sys.stdout.flush()
+    print(f"({text})", file=sys.stderr, flush=True)
+
+
+def chat_loop(model, system=None, max_new_tokens=MAX_NEW_TOKENS["chat"], seed=42, **sampling):
+    """generate.py --chat: read messages from stdin, stream the replies to stdout. Returns 0."""
+    enc = get_tokenizer(chat=True)
+    block_size = model.config.block_size
+    room = reply_room(block_size, max_new_tokens)
+    check_system_fits(system, block_size, room)
+    device = model.transformer.wte.weight.device
+    start = [{"role": "system", "content": system}] if system is not None else []
+    messages, replies = list(start), 0
+    echo = not sys.stdin.isatty()  # a transcript on stdout shows the messages read from a pipe or file
+    if not echo:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    note(f"chatting with a {block_size}-token-context model; /reset clears the history, /quit or Ctrl-D ends, "
+         "Ctrl-C stops a reply")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if echo:
+            print(line)
+        text = line.strip()
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            messages, replies = list(start), 0
+            note("history cleared")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": line})
+        stream, pieces, ended = TextStream(enc), [], False
+        with CtrlC() as ctrl_c:
+            ids, dropped, cut = chat_prompt(messages, block_size - room)
+            if dropped:
+                del messages[len(start) : len(start) + dropped]
+                note(f"history cropped: the {dropped} oldest messages dropped to fit the {block_size}-token context")
+            if cut:
+                note(f"message cropped: its first {cut} tokens dropped to fit the {block_size}-token context")
+            print("assistant> ", end="", flush=True)
+            idx = torch.tensor([ids], device=device)
+            tokens = model.generate_stream(idx, max_new_tokens, eos_token_id=IM_END, seed=seed + replies, **sampling)
+            for tok in tokens:
+                if ctrl_c.pressed:
+                    break
+                t = tok.item()
+                if t == IM_END:
+                    ended = True
+                    break
+                piece = stream.add(t)
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+            tokens.close()
+        stopped = ctrl_c.pressed and not ended
+        if not stopped:  # (stopped: the reply is what was printed, an incomplete last character left out)
+            pieces.append(stream.end())
+            print(pieces[-1], end="")
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+        replies += 1
+        if stopped:
+            note("reply stopped: what was printed stays in the history")
+        elif not ended:
+            note(f"reply cut at --max_new_tokens {max_new_tokens}")
 
 
 def main(argv=None):
@@ -67,29 +244,54 @@ def main(argv=None):
     a = p.add_argument
     a("--model", default="log", help="train.py run dir (its newest checkpoint), a step_NNNNNN/ or other "
       "HF-format dir, or gpt2[-medium|-large|-xl] (downloads once)")
-    a("--prompt", default="Hello, I'm a language model,", help="text to continue ('': unconditional)")
-    a("--max_new_tokens", type=cli.positive_int, default=64, help="tokens to sample per sample, at most")
+    a("--prompt", default="Hello, I'm a language model,", help="text to continue ('': unconditional; not with --chat)")
+    a("--chat", action="store_true", help="talk to a chat model (one sft.py made) in the terminal: see above")
+    a("--system", default=None, help="--chat: the system message that starts the conversation (default: none)")
+    a("--max_new_tokens", type=cli.positive_int, default=None,
+      help=f"tokens to sample per sample or reply, at most (default: {MAX_NEW_TOKENS['plain']}; "
+           f"with --chat {MAX_NEW_TOKENS['chat']})")
     a("--temperature", type=cli.non_negative_float, default=1.0, help="0: greedy")
     a("--top_k", type=cli.non_negative_int, default=50, help="sample among the k most likely tokens (0: all)")
     a("--top_p", type=cli.float_range(0, 1, lo_open=True), default=1.0, help="nucleus: the most likely tokens up to this probability (1: all)")
-    a("--num_samples", type=cli.positive_int, default=1, help="samples drawn together, as one batch")
-    a("--seed", type=cli.int_range(0, 2**63 - 1), default=42, help="the same seed, settings and model give the same samples")
+    a("--num_samples", type=cli.positive_int, default=1, help="samples drawn together, as one batch (not with --chat)")
+    a("--seed", type=cli.int_range(0, 2**63 - 1), default=42,
+      help="the same seed, settings and model give the same samples (--chat: reply n uses seed + n - 1)")
     a("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     a("--dtype", choices=list(DTYPES), default=None, help="weights' dtype (default: bf16 on CUDA, else fp32)")
     args = p.parse_args(argv)
+    if args.chat:
+        for flag in ("prompt", "num_samples"):
+            if getattr(args, flag) != p.get_default(flag):
+                p.error(f"--{flag} is for plain sampling; --chat reads your messages from the terminal")
+    elif args.system is not None:
+        p.error("--system needs --chat")
+    max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS["chat" if args.chat else "plain"]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     device = args.device or best_device()
     dtype = args.dtype or default_dtype(device)
     try:
         get_tokenizer()  # fail before loading weights if the BPE cannot be had
         model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])
+        if args.chat:
+            if not chat.is_chat_model(model):
+                raise cli.Error(f"--model {args.model} is not a chat model (its vocabulary has no chat markers): "
+                                "fine-tune it into one with sft.py (python sft.py --model ... --data chats.jsonl), "
+                                "or sample from it without --chat")
+            try:
+                return chat_loop(model, args.system, max_new_tokens, args.seed, **sampling)
+            except KeyboardInterrupt:  # a second Ctrl-C while one was being handled
+                print()
+                return 0
     except cli.Error as e:
         return cli.fail(e)
 
+    if chat.is_chat_model(model):
+        print("(a chat model: --chat talks to it; plain sampling prints its markers as text)", file=sys.stderr)
     n = args.num_samples
     if n > 1:
         print("--- sample 1 ---")
-    texts, steps, seconds = sample(model, args.prompt, args.max_new_tokens, n, on_text=lambda s: print(s, end="", flush=True),
-                                   temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
+    texts, steps, seconds = sample(model, args.prompt, max_new_tokens, n, on_text=lambda s: print(s, end="", flush=True),
+                                   seed=args.seed, **sampling)
     print()
     for i, text in enumerate(texts[1:], 2):
         print(f"--- sample {i} ---\n{text}")

@@ -1,33 +1,53 @@
 """
-serve.py: a GPT-2 in real time. A web page to type a prompt into and watch the tokens stream
-in, and an OpenAI-compatible completions API (streaming or not) for tools that speak it.
+serve.py: a GPT-2 in real time. A web page to type a prompt into (or, for a chat model, to
+chat with) and watch the tokens stream in, and an OpenAI-compatible API, completions and chat
+completions (streaming or not), for tools that speak it.
 
     pip install -r requirements-serve.txt        # fastapi + uvicorn (training does not need them)
-    python serve.py --model log/small            # a train.py run dir, an HF-format dir, or gpt2
+    python serve.py --model log/small            # a train.py or sft.py run dir, an HF-format dir, or gpt2
     # open http://127.0.0.1:8000/ , or with the openai package:
     #   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     #   client.completions.create(model="gpt2", prompt="Hello", max_tokens=32, stream=True)
+    #   client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}])  # a chat model
 
-Endpoints: POST /v1/completions, GET /v1/models, GET /health, GET / (the page, serve.html),
-and vLLM's POST /tokenize. The model object in /v1/models carries the model's context length
-as vLLM names it, "max_model_len" (block_size: a prompt's tokens + max_tokens must fit in it).
-POST /tokenize {"prompt": "text"} answers {"count", "max_model_len", "tokens"}: the prompt's
-tokens exactly as /v1/completions counts them (an empty prompt is <|endoftext|>); the page
-uses it to fit its max tokens into the context left after the prompt.
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /
+(the page, serve.html), and vLLM's POST /tokenize. The model object in /v1/models carries the
+model's context length as vLLM names it, "max_model_len" (block_size: a prompt's tokens +
+max_tokens must fit in it), and "chat": whether it is a chat model (chat.is_chat_model: sft.py
+made it; the page shows its chat view then). POST /tokenize {"prompt": "text"} answers {"count",
+"max_model_len", "tokens"}: the prompt's tokens exactly as /v1/completions counts them (an empty
+prompt is <|endoftext|>); {"messages": [...]} (a chat model), the conversation's as
+/v1/chat/completions renders it. The page uses it to fit its max tokens into the context left.
+
+Chat (a chat model only; a base model answers 400 saying to fine-tune it with sft.py): the
+request's messages (roles system, user, assistant; OpenAI's "developer" is system; content a
+string or text parts) are rendered by chat.render(messages, generation_prompt=True), ChatML
+ending in an open assistant turn, and that is the prompt: its tokens are usage.prompt_tokens,
+and it has /v1/completions' limits (413 past --max_prompt_tokens; 400 context_length_exceeded
+when it and max_tokens do not fit). A reply ends at <|im_end|> (the chat model's eos, not part of
+the text; finish_reason "stop", as for a stop string) or at max_tokens ("length"); max_tokens
+(or max_completion_tokens, which wins) defaults to the room the context leaves. A stream sends
+each choice's {"role": "assistant"} delta first, then its content deltas, then a chunk with its
+finish_reason. Everything else (sampling, n, stop, seed, stream_options, the engine) is shared
+with /v1/completions. /v1/completions serves a chat model too: its markers are special tokens
+in a prompt's text and text in a completion, so ChatML written by hand with stop "<|im_end|>"
+gets the chat endpoint's reply; a completion still ends at <|endoftext|>.
 
 How it runs: one engine thread owns the model. Each turn of its loop it admits waiting
 sequences (one per choice of a request) into free rows of a KV cache allocated at start and
 prefills them, then runs ONE batched decode step over every active sequence, each at its own
 position (continuous batching: a new request joins the running batch at the next step instead
 of waiting for the others to finish), and posts each new token's text to its request. A
-request whose client disconnects is dropped from the batch at the next step.
+request whose client disconnects is dropped from the batch at the next step. Completions and
+chats share the batch.
 
 Sampling: choice c of a request with seed s gets the tokens of
-model.generate(prompt, max_tokens, temperature=, top_p=, top_k=, seed=s + c), whatever else is
-in the batch: every choice has its own torch.Generator, from which sample_next draws its
-noise as for that row alone (up to float rounding: a batched forward pass gives logits within
-~1e-6 of a one-row one, which could in principle flip a sample; in the tests none does).
-A request without a seed gets a random one.
+model.generate(prompt, max_tokens, temperature=, top_p=, top_k=, seed=s + c, eos_token_id=eos),
+cut at eos (<|endoftext|>; a chat's <|im_end|>), whatever else is in the batch: every choice
+has its own torch.Generator, from which sample_next draws its noise as for that row alone (up
+to float rounding: a batched forward pass gives logits within ~1e-6 of a one-row one, which
+could in principle flip a sample; in the tests none does). A request without a seed gets a
+random one.
 """
 
 import asyncio
@@ -46,9 +66,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+import chat
 import cli
 from model import EOT_TOKEN, sample_next
-from model_io import DTYPES, best_device, default_dtype, get_tokenizer, load_model
+from model_io import DTYPES, IM_END, best_device, default_dtype, get_tokenizer, load_model
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
@@ -80,8 +101,9 @@ class APIError(Exception):
 
 @dataclass
 class CompletionRequest:
-    prompts: list  # token-id lists, one per prompt
-    max_tokens: int = 16  # OpenAI's default
+    """A parsed request of either endpoint: its prompts as token ids and how to sample after them."""
+    prompts: list  # token-id lists, one per prompt (chat: one, the rendered conversation)
+    max_tokens: int = 16  # OpenAI's default for completions (chat's: all the room the context leaves)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = None  # not OpenAI's; accepted as vLLM does
@@ -90,34 +112,55 @@ class CompletionRequest:
     seed: int = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    eos: int = EOT_TOKEN  # the token that ends a choice: <|endoftext|>, or a chat model's <|im_end|>
 
 
-# The request body as /openapi.json declares it (for schema-driven clients and fuzzers); the
-# checks themselves are parse_request's.
+# The request bodies as /openapi.json declares them (for schema-driven clients and fuzzers); the
+# checks themselves are parse_request's and parse_chat_request's.
 _TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_SAMPLING = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": "integer", "minimum": 1, "default": 16},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+    "top_k": {"type": "integer", "minimum": -1, "description": "vLLM's; 0 or -1: off"},
+    "n": {"type": "integer", "minimum": 1, "default": 1},
+    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+    "seed": {"type": "integer"},
+    "stream": {"type": "boolean", "default": False},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+}
 REQUEST_SCHEMA = {
     "type": "object", "required": ["prompt"],
     "properties": {
-        "model": {"type": "string"},
         "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
                              _TOKENS, {"type": "array", "items": _TOKENS, "minItems": 1}]},
-        "max_tokens": {"type": "integer", "minimum": 1, "default": 16},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
-        "top_k": {"type": "integer", "minimum": -1, "description": "vLLM's; 0 or -1: off"},
-        "n": {"type": "integer", "minimum": 1, "default": 1},
-        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-        "seed": {"type": "integer"},
-        "stream": {"type": "boolean", "default": False},
-        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        **_SAMPLING,
+    },
+}
+_CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
+CHAT_REQUEST_SCHEMA = {
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]}, "content": _CONTENT}}},
+        **_SAMPLING,
+        "max_tokens": {"type": "integer", "minimum": 1, "description": "default: the room the context leaves"},
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "max_tokens' newer name; wins"},
     },
 }
 
 
-# Fields of OpenAI's completions API that this server does not implement, and the values that
-# mean "off" (a request that turns one on is refused rather than silently answered without it).
-UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "suffix": (None,), "best_of": (None, 1),
-               "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+# Fields of OpenAI's APIs that this server does not implement, and the values that mean "off"
+# (a request that turns one on is refused rather than silently answered without it).
+_OFF = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "suffix": (None,), "best_of": (None, 1), **_OFF}
+CHAT_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+                    "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+                    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+                    "prediction": (None,), **_OFF}
 
 
 def _number(body, name, default, lo, hi, integer=False):
@@ -132,7 +175,9 @@ def _number(body, name, default, lo, hi, integer=False):
 
 
 def _prompts(p, enc, vocab_size):
-    """prompt: a string, a list of strings, a list of token ids, or a list of lists of token ids."""
+    """prompt: a string, a list of strings, a list of token ids, or a list of lists of token ids.
+    In a string, the tokenizer's special tokens (<|endoftext|>; a chat model's markers too) are
+    those tokens."""
     is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
     if isinstance(p, str):
         p = [p]
@@ -144,15 +189,16 @@ def _prompts(p, enc, vocab_size):
     for x in p:
         if isinstance(x, str):
             # an empty prompt starts from <|endoftext|>, as GPT-2 was trained to start documents
-            x = enc.encode(x, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+            x = enc.encode(x, allowed_special="all") or [EOT_TOKEN]
         elif not all(0 <= t < vocab_size for t in x):
             raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", "prompt")
         out.append(x)
     return out
 
 
-def parse_request(raw, enc, block_size, limits):
-    """The body of POST /v1/completions -> CompletionRequest, or APIError (400 or 413)."""
+def _json_object(raw, unsupported):
+    """A request body -> its JSON object, or APIError (400) when it is not one or turns on an
+    unsupported field."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -161,14 +207,18 @@ def parse_request(raw, enc, block_size, limits):
         raise APIError(400, "request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
-    for name, off in UNSUPPORTED.items():
+    for name, off in unsupported.items():
         if body.get(name) not in off:
             raise APIError(400, f"{name} is not supported by this server", name)
-    if "prompt" not in body:
-        raise APIError(400, "prompt is required", "prompt")
+    return body
+
+
+def _sampling(body, limits, max_tokens_name="max_tokens", max_tokens_default=16):
+    """The fields both endpoints share -> a CompletionRequest without prompts (400 on a bad value
+    or one over the server's caps). n's cap is checked by the caller, which knows the prompts."""
     r = CompletionRequest(prompts=[])
     r.n = _number(body, "n", 1, 1, 1 << 30, integer=True)
-    r.max_tokens = _number(body, "max_tokens", r.max_tokens, 1, 1 << 30, integer=True)
+    r.max_tokens = _number(body, max_tokens_name, max_tokens_default, 1, 1 << 30, integer=True)
     r.temperature = _number(body, "temperature", 1.0, 0, 2)
     r.top_p = _number(body, "top_p", 1.0, 0, 1)
     if r.top_p == 0:
@@ -187,38 +237,111 @@ def parse_request(raw, enc, block_size, limits):
     if len(r.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in r.stop):
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters", "stop")
     r.stop = [s for s in r.stop if s]  # an empty stop string would stop before the first token
-    # The caps. The number of prompts is checked before any text is tokenized.
-    n_prompts = len(body["prompt"]) if isinstance(body["prompt"], list) and body["prompt"] and \
-        not isinstance(body["prompt"][0], int) else 1
-    if r.n * n_prompts > limits.max_n:
-        raise APIError(400, f"this server gives at most {limits.max_n} choices per request (n x prompts); "
-                       f"asked for {r.n * n_prompts}", "n")
-    if r.max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens is at most {limits.max_tokens} on this server, got {r.max_tokens}", "max_tokens")
-    r.prompts = _prompts(body["prompt"], enc, enc.n_vocab)
-    longest = max(len(p) for p in r.prompts)
-    if longest > limits.max_prompt_tokens:
-        raise APIError(413, f"the prompt has {longest} tokens; this server takes at most {limits.max_prompt_tokens}",
-                       "prompt", "prompt_too_long")
-    if longest + r.max_tokens > block_size:
-        # GPT-2's positions are learned up to block_size: refused as OpenAI refuses it
-        raise APIError(400, f"This model's maximum context length is {block_size} tokens, however you requested "
-                       f"{longest + r.max_tokens} tokens ({longest} in your prompt; {r.max_tokens} for the completion). "
-                       "Please reduce your prompt; or completion length.", "max_tokens", "context_length_exceeded")
+    if r.max_tokens is not None and r.max_tokens > limits.max_tokens:
+        raise APIError(400, f"{max_tokens_name} is at most {limits.max_tokens} on this server, got {r.max_tokens}",
+                       max_tokens_name)
     return r
 
 
-TOKENIZE_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {"model": {"type": "string"},
-                                                                       "prompt": {"type": "string"}}}
+def _check_choices(n, limits):
+    if n > limits.max_n:
+        raise APIError(400, f"this server gives at most {limits.max_n} choices per request (n x prompts); "
+                       f"asked for {n}", "n")
 
 
-def parse_tokenize(raw, enc):
-    """The body of POST /tokenize (vLLM's: {"prompt": text}) -> the prompt's token ids, as
-    parse_request tokenizes a string prompt; or APIError (400)."""
+def _check_length(longest, max_tokens, block_size, limits, param, context_param, chat_prompt=False):
+    """A prompt of `longest` tokens: 413 past --max_prompt_tokens, 400 context_length_exceeded when
+    it and max_tokens do not fit the model's context."""
+    if longest > limits.max_prompt_tokens:
+        raise APIError(413, f"the prompt has {longest} tokens; this server takes at most {limits.max_prompt_tokens}",
+                       param, "prompt_too_long")
+    if longest + max_tokens > block_size:
+        # GPT-2's positions are learned up to block_size: refused as OpenAI refuses it
+        raise APIError(400, f"This model's maximum context length is {block_size} tokens, however you requested "
+                       f"{longest + max_tokens} tokens ({longest} in " + ("the messages" if chat_prompt else "your prompt")
+                       + f"; {max_tokens} for the completion). Please reduce " + ("the length of the messages or completion."
+                       if chat_prompt else "your prompt; or completion length."), context_param, "context_length_exceeded")
+
+
+def parse_request(raw, enc, block_size, limits):
+    """The body of POST /v1/completions -> CompletionRequest, or APIError (400 or 413). enc: the
+    model's tokenizer (a chat model's has its markers: token-id prompts may hold them)."""
+    body = _json_object(raw, UNSUPPORTED)
+    if "prompt" not in body:
+        raise APIError(400, "prompt is required", "prompt")
+    r = _sampling(body, limits)
+    # The caps. The number of prompts is checked before any text is tokenized.
+    n_prompts = len(body["prompt"]) if isinstance(body["prompt"], list) and body["prompt"] and \
+        not isinstance(body["prompt"][0], int) else 1
+    _check_choices(r.n * n_prompts, limits)
+    r.prompts = _prompts(body["prompt"], enc, enc.n_vocab)
+    _check_length(max(len(p) for p in r.prompts), r.max_tokens, block_size, limits, "prompt", "max_tokens")
+    return r
+
+
+def _content(m, i):
+    """A message's content: a string, or OpenAI's list of text parts (joined by newlines, as vLLM
+    does); None when absent (check_messages says so)."""
+    c = m.get("content")
+    if isinstance(c, list) and c:
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
+            raise APIError(400, f"message {i}: this server takes text only (a string, or parts of type text)", "messages")
+        return "\n".join(p["text"] for p in c)
+    return c
+
+
+def chat_messages(messages):
+    """OpenAI's messages -> chat.py's [{"role", "content"}], or APIError (400, param messages).
+    OpenAI's "developer" role is a system message."""
+    if isinstance(messages, list):
+        messages = [{"role": "system" if m.get("role") == "developer" else m.get("role"), "content": _content(m, i)}
+                    if isinstance(m, dict) else m for i, m in enumerate(messages)]
+    try:
+        chat.check_messages(messages, "invalid messages")
+    except cli.Error as e:
+        raise APIError(400, str(e), "messages") from None
+    return messages
+
+
+def parse_chat_request(raw, block_size, limits):
+    """The body of POST /v1/chat/completions -> CompletionRequest (one prompt: the conversation
+    rendered with an open assistant turn; eos <|im_end|>), or APIError (400 or 413). Without
+    max_tokens (or max_completion_tokens, which wins) a reply may fill the context."""
+    body = _json_object(raw, CHAT_UNSUPPORTED)
+    if "messages" not in body:
+        raise APIError(400, "messages is required", "messages")
+    given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    r = _sampling(body, limits, given, max_tokens_default=None)
+    _check_choices(r.n, limits)
+    r.prompts = [chat.render(chat_messages(body["messages"]), generation_prompt=True)[0]]
+    r.eos = IM_END
+    length = len(r.prompts[0])
+    if r.max_tokens is None:  # as much as fits (at least 1, else the error below says why)
+        r.max_tokens = max(1, min(limits.max_tokens, block_size - length))
+    _check_length(length, r.max_tokens, block_size, limits, "messages", "messages", chat_prompt=True)
+    return r
+
+
+TOKENIZE_SCHEMA = {"type": "object", "properties": {
+    "model": {"type": "string"}, "prompt": {"type": "string"},
+    "messages": CHAT_REQUEST_SCHEMA["properties"]["messages"], "add_generation_prompt": {"type": "boolean", "default": True}}}
+
+
+def parse_tokenize(raw, enc, chat_model=False):
+    """The body of POST /tokenize -> token ids, or APIError (400). vLLM's two forms: {"prompt":
+    text}, tokenized as parse_request tokenizes a string prompt, and (chat models) {"messages": [...],
+    "add_generation_prompt": true}, rendered as /v1/chat/completions renders them."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "request body is not valid JSON") from None
+    if isinstance(body, dict) and "messages" in body:
+        if not chat_model:
+            raise APIError(400, "this model is not a chat model: tokenize a prompt instead of messages", "messages")
+        open_turn = body.get("add_generation_prompt", True)
+        if not isinstance(open_turn, bool):
+            raise APIError(400, "add_generation_prompt must be a boolean", "add_generation_prompt")
+        return chat.render(chat_messages(body["messages"]), generation_prompt=open_turn)[0]
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
         raise APIError(400, "prompt must be a string", "prompt")
     return _prompts(body["prompt"], enc, enc.n_vocab)[0]
@@ -289,6 +412,7 @@ class Sequence:
     top_k: int
     generator: torch.Generator
     text: TextStream
+    eos: int = EOT_TOKEN  # the token that ends it (not part of its text): <|endoftext|>, or <|im_end|> for a chat
     tokens: list = field(default_factory=list)  # sampled so far
     length: int = 0  # tokens in its KV-cache row
     finish_reason: str = None
@@ -299,8 +423,8 @@ class Engine:
     def __init__(self, model, max_batch, max_requests):
         self.model, self.max_batch, self.max_requests = model.eval(), max_batch, max_requests
         self.device = model.transformer.wte.weight.device
-        enc = get_tokenizer()
-        self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(enc.n_vocab)]
+        enc = get_tokenizer(chat=chat.is_chat_model(model))  # a chat model's markers are text: "<|im_start|>"
+        self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(model.config.vocab_size)]
         self.head_t = model.decode_head()  # the logits exactly as generate() computes them
         # Row i of every layer's cache belongs to self.active[i]. Zeroed, not empty: the decode
         # step masks the entries past each row's length, and a masked NaN would still poison it.
@@ -415,9 +539,9 @@ class Engine:
 
     def _add_token(self, s, token):
         s.tokens.append(token)
-        last = token == EOT_TOKEN or len(s.tokens) == s.max_tokens
-        text, stopped = s.text.push(b"" if token == EOT_TOKEN else self.token_bytes[token], final=last)
-        s.finish_reason = "stop" if stopped or token == EOT_TOKEN else "length" if last else None
+        last = token == s.eos or len(s.tokens) == s.max_tokens
+        text, stopped = s.text.push(b"" if token == s.eos else self.token_bytes[token], final=last)
+        s.finish_reason = "stop" if stopped or token == s.eos else "length" if last else None
         self.outbox.append((s.job, (s.index, text, s.finish_reason, len(s.tokens))))
 
     def _remove(self, rows):
@@ -470,9 +594,11 @@ def create_app(model, model_id, limits, loopback_only=True):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    enc = get_tokenizer()
+    is_chat = chat.is_chat_model(model)
+    enc = get_tokenizer(chat=is_chat)  # a chat model's markers are special tokens in a prompt's text
     if model.config.vocab_size != enc.n_vocab:
-        raise cli.Error(f"the model's vocabulary has {model.config.vocab_size} tokens; serve.py needs GPT-2's {enc.n_vocab}")
+        raise cli.Error(f"the model's vocabulary has {model.config.vocab_size} tokens; serve.py needs GPT-2's "
+                        f"{EOT_TOKEN + 1} (a base model) or {IM_END + 1} (a chat model, from sft.py)")
     block_size = model.config.block_size
     engine = Engine(model, limits.max_batch, limits.max_requests)
     started = int(time.time())
@@ -505,30 +631,74 @@ def create_app(model, model_id, limits, loopback_only=True):
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "gpt2-repro",
-                                            "max_model_len": block_size}]}  # vLLM's name for the context length
+                                            "max_model_len": block_size,  # vLLM's name for the context length
+                                            "chat": is_chat}]}  # whether /v1/chat/completions serves it
 
-    @app.post("/tokenize", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": TOKENIZE_SCHEMA}}}})
-    async def tokenize(request: Request):
+    def body_schema(schema):
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    async def read_request(request, parse):
+        """check_origin, then the body, then parse(raw) -> its result, or the Response to answer instead."""
         try:
             check_origin(request.headers, loopback_only)
-            ids = parse_tokenize(await read_body(request, limits.max_body_bytes, limits.body_timeout), enc)
-        except APIError as e:
-            return error(e)
-        except Disconnected:
-            return Response(status_code=400)
-        return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
-
-    @app.post("/v1/completions", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": REQUEST_SCHEMA}}}})
-    async def completions(request: Request):
-        try:
-            check_origin(request.headers, loopback_only)
-            req = parse_request(await read_body(request, limits.max_body_bytes, limits.body_timeout), enc, block_size, limits)
+            return parse(await read_body(request, limits.max_body_bytes, limits.body_timeout))
         except APIError as e:
             return error(e)
         except Disconnected:
             return Response(status_code=400)  # never sent: the client is gone; nothing to log
+
+    @app.post("/tokenize", openapi_extra=body_schema(TOKENIZE_SCHEMA))
+    async def tokenize(request: Request):
+        ids = await read_request(request, lambda raw: parse_tokenize(raw, enc, is_chat))
+        if isinstance(ids, Response):
+            return ids
+        return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
+
+    @app.post("/v1/completions", openapi_extra=body_schema(REQUEST_SCHEMA))
+    async def completions(request: Request):
+        req = await read_request(request, lambda raw: parse_request(raw, enc, block_size, limits))
+        if isinstance(req, Response):
+            return req
+
+        def chunk_choices(index, text, finish):  # one chunk per token, its text (perhaps "") and finish_reason
+            return [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]
+
+        def choice(index, text, finish):
+            return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+
+        return await answer(request, req, "cmpl-", "text_completion", "text_completion", chunk_choices, choice)
+
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(CHAT_REQUEST_SCHEMA))
+    async def chat_completions(request: Request):
+        def parse(raw):
+            if not is_chat:
+                raise APIError(400, f"{model_id} is a base model, not a chat model: /v1/chat/completions needs one "
+                               "fine-tuned for chat by sft.py (python sft.py --model ... --data chats.jsonl); "
+                               "this one answers /v1/completions", "model", "model_not_chat")
+            return parse_chat_request(raw, block_size, limits)
+
+        req = await read_request(request, parse)
+        if isinstance(req, Response):
+            return req
+
+        def chunk_choices(index, text, finish):  # the text, if any, then the finish_reason with an empty delta
+            delta = lambda d, f=None: {"index": index, "delta": d, "logprobs": None, "finish_reason": f}  # noqa: E731
+            return ([delta({"content": text})] if text else []) + ([delta({}, finish)] if finish else [])
+
+        def choice(index, text, finish):
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish}
+
+        opening = [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for c in range(req.n)]  # each choice's first chunk says whose turn it is
+        return await answer(request, req, "chatcmpl-", "chat.completion.chunk", "chat.completion", chunk_choices,
+                            choice, opening)
+
+    async def answer(request, req, id_prefix, chunk_object, whole_object, chunk_choices, choice, opening=()):
+        """Run req through the engine and answer it, streamed or whole, in one endpoint's format:
+        chunk_choices(index, text delta, finish_reason or None) -> the choices a stream sends for
+        one of a choice's events, one chunk each (after the `opening` ones); choice(index, text,
+        finish_reason) -> a choice of the whole response. Choice c = prompt p * n + j, seed s + c."""
         job = Job(asyncio.get_running_loop())
         seed = secrets.randbits(63) if req.seed is None else req.seed
         seqs = []
@@ -537,13 +707,12 @@ def create_app(model, model_id, limits, loopback_only=True):
                 c = p * req.n + j
                 gen = torch.Generator(engine.device).manual_seed((seed + c) % (1 << 64))  # torch's seed range
                 seqs.append(Sequence(job, c, prompt, req.max_tokens, req.temperature, req.top_p, req.top_k, gen,
-                                     TextStream(req.stop)))
+                                     TextStream(req.stop), req.eos))
         if not engine.submit(job, seqs):
             return error(APIError(429, f"the server is busy: {limits.max_requests} requests are in flight; retry later",
                                   code="rate_limit_exceeded", type="rate_limit_error"))
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": model_id}
+        head = {"id": f"{id_prefix}{secrets.token_hex(12)}", "created": int(time.time()), "model": model_id}
         prompt_tokens = sum(len(p) for p in req.prompts)
         usage = lambda counts: {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),  # noqa: E731
                                 "total_tokens": prompt_tokens + sum(counts)}
@@ -553,20 +722,23 @@ def create_app(model, model_id, limits, loopback_only=True):
             watcher.cancel()
 
         if req.stream:
+            chunk = {"id": head["id"], "object": chunk_object, **head, **({"usage": None} if req.include_usage else {})}
+
             async def chunks():
                 counts = [0] * len(seqs)
+                if opening:
+                    yield b"".join(sse({**chunk, "choices": [c]}) for c in opening)
                 try:
                     async for events in job_events(job, len(seqs)):
                         out = []
                         for index, text, finish, n in events:
                             counts[index] = n
-                            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
-                            out.append(sse({**head, "choices": [choice]}))
-                        yield b"".join(out)  # one chunk per token, the tokens at hand in one write
+                            out += [sse({**chunk, "choices": [c]}) for c in chunk_choices(index, text, finish)]
+                        yield b"".join(out)  # the tokens at hand in one write
                 except APIError as e:
                     yield sse(e.body)
                 if req.include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(counts)})
+                    yield sse({**chunk, "choices": [], "usage": usage(counts)})
                 yield b"data: [DONE]\n\n"
 
             return EventStream(chunks(), cleanup)
@@ -583,8 +755,8 @@ def create_app(model, model_id, limits, loopback_only=True):
             cleanup()
         if None in finishes:  # the client left before the end; nobody reads this
             return Response(status_code=499)
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finishes))]
-        return {**head, "choices": choices, "usage": usage(counts)}
+        choices = [choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finishes))]
+        return {"id": head["id"], "object": whole_object, **head, "choices": choices, "usage": usage(counts)}
 
     class EventStream(Response):
         """Server-Sent Events. Unlike StreamingResponse, cleanup() runs however the stream ends,
@@ -702,9 +874,9 @@ def launch(model, *flags, stderr=None, env=None, timeout=120):
 
 
 def main(argv=None):
-    p = cli.Parser(description="Serve a GPT-2: a web page at / and an OpenAI-compatible "
-                                "/v1/completions API (streaming), with continuous batching.")
-    p.add_argument("--model", required=True, help="train.py run dir (newest checkpoint), HF-format dir, or gpt2[-medium|-large|-xl]")
+    p = cli.Parser(description="Serve a GPT-2: a web page at / and an OpenAI-compatible /v1/completions API "
+                                "(and /v1/chat/completions for a chat model from sft.py), streaming, with continuous batching.")
+    p.add_argument("--model", required=True, help="train.py or sft.py run dir (newest checkpoint), HF-format dir, or gpt2[-medium|-large|-xl]")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=cli.int_range(0, 65535), default=8000, help="port (0: any free one; the URL is printed)")
     p.add_argument("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
@@ -747,7 +919,8 @@ def main(argv=None):
         return cli.fail(e)
     c = model.config
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serve.py: {args.model} ({c.n_layer} layers x {c.n_embd}, context {c.block_size}) on {device} {dtype}, "
+    kind = "a chat model, " if chat.is_chat_model(model) else ""
+    print(f"serve.py: {args.model} ({kind}{c.n_layer} layers x {c.n_embd}, context {c.block_size}) on {device} {dtype}, "
           f"at http://{host}:{sock.getsockname()[1]}/", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=1))
     server.run(sockets=[sock])

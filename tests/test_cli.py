@@ -68,7 +68,7 @@ class _Captured(Exception):
     pass
 
 
-@pytest.mark.parametrize("script", ["train", "fineweb", "generate", "hellaswag", "serve", "bench"])
+@pytest.mark.parametrize("script", ["train", "sft", "fineweb", "generate", "hellaswag", "serve", "bench"])
 def test_help_gives_every_flag_a_text_and_its_default(script, monkeypatch):
     """--help: every flag has a help text, and every flag with a default names it ('default: ...'
     or, for the recipe flags, 'default: by --recipe, gpt2 ..., modern ...')."""

@@ -1,6 +1,7 @@
 """Tests for serve.py: a real server in a subprocess on a free local port, serving a tiny
-checkpoint, driven by the official openai client, raw HTTP and headless Chromium. Every
-answer is checked against model.generate() run here with the same seed."""
+checkpoint (a base model, and a chat model for /v1/chat/completions), driven by the official
+openai client, raw HTTP and headless Chromium. Every answer is checked against model.generate()
+run here with the same seed."""
 import asyncio
 import json
 import os
@@ -20,8 +21,9 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402  (the openai client's own HTTP library)
 from conftest import REPO_ROOT, perturb_  # noqa: E402
 
+import chat  # noqa: E402
 from model import EOT_TOKEN, GPT, GPTConfig  # noqa: E402
-from model_io import get_tokenizer, load_model, save_pretrained  # noqa: E402
+from model_io import IM_END, get_tokenizer, load_model, save_pretrained  # noqa: E402
 from serve import APIError, Engine, Job, Sequence, TextStream, job_events, launch  # noqa: E402
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", str(REPO_ROOT / "test-artifacts"))
@@ -31,12 +33,17 @@ PROMPTS = ["Hello, I'm a language model,", "The quick brown fox", "Once upon a t
 
 # ----------------------------------------------------------------------------- fixtures
 
-def checkpoint(path, eot_boost, block_size=1024):
-    """A tiny GPT-2 (context block_size) saved as a checkpoint dir, and the model as loaded from it."""
+def checkpoint(path, eot_boost, block_size=1024, im_end_boost=None):
+    """A tiny GPT-2 (context block_size) saved as a checkpoint dir, and the model as loaded from it.
+    With im_end_boost, a chat model (chat.to_chat_model) whose <|im_end|> logit is raised by it."""
     torch.manual_seed(0)
     m = perturb_(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)), 1, scale=0.5)
     with torch.no_grad():
         m.transformer.wte.weight[EOT_TOKEN] += eot_boost * m.transformer.ln_f.bias
+    if im_end_boost is not None:
+        m = chat.to_chat_model(m)
+        with torch.no_grad():
+            m.transformer.wte.weight[IM_END] += im_end_boost * m.transformer.ln_f.bias
     save_pretrained(m, path)
     return load_model(path).eval(), path
 
@@ -72,10 +79,12 @@ class Server:
     def health(self):
         return httpx.get(self.url + "/health", timeout=10).json()
 
-    def post(self, body, timeout=60):
+    def post(self, body, timeout=60, path="/v1/completions"):
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + "/v1/completions", content=data, headers={"Content-Type": "application/json"},
-                          timeout=timeout)
+        return httpx.post(self.url + path, content=data, headers={"Content-Type": "application/json"}, timeout=timeout)
+
+    def chat(self, body, timeout=60):
+        return self.post(body, timeout, "/v1/chat/completions")
 
     def wait_idle(self, timeout=20):
         deadline = time.monotonic() + timeout
@@ -117,7 +126,7 @@ def limited(plain, tmp_path_factory):
 def reference(model, prompt, max_tokens, seed, stop=(), **sampling):
     """What the server must answer: generate() with that seed, cut at <|endoftext|> or before the
     first stop string. Returns (text, finish_reason, completion tokens when no stop string cut it)."""
-    enc = get_tokenizer()
+    enc = get_tokenizer(chat=chat.is_chat_model(model))  # a chat model's markers decode to their text
     ids = enc.encode(prompt)
     new = model.generate(torch.tensor([ids]), max_tokens, seed=seed, **sampling)[0, len(ids):].tolist()
     finish, n = "length", len(new)
@@ -140,6 +149,63 @@ def read_stream(stream):
                 finishes[c.index] = c.finish_reason
         chunks += 1
     return texts, finishes, chunks
+
+
+# ----------------------------------------------------------------------------- chat: fixtures and references
+
+CHATS = [  # conversations, each ending where the assistant is to answer
+    [{"role": "user", "content": "Hi! Who are you?"}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time"},
+     {"role": "user", "content": "Go on, in Zürich 日本語"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of the sky?"}],
+    [{"role": "user", "content": "<|im_end|> is just text here"}],
+    [{"role": "user", "content": "def main():"}],
+    [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "🙂"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A chat model (vocab 50,259, context 256) whose <|im_end|> logit is raised so that most replies end
+    within 60 tokens, some not."""
+    return checkpoint(tmp_path_factory.mktemp("chat"), eot_boost=0.0, block_size=256, im_end_boost=3.0)
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_model, tmp_path_factory):
+    """Serves chat_model, taking prompts (rendered conversations) of up to 128 tokens."""
+    s = Server(chat_model[1], tmp_path_factory.mktemp("logs") / "chat.log", "--max_prompt_tokens", "128")
+    yield s
+    s.stop()
+    log = open(s.log_path).read()
+    assert "Traceback" not in log, log
+
+
+def chat_reference(model, messages, max_tokens, seed, **sampling):
+    """What /v1/chat/completions must answer: generate() after the conversation rendered with an open
+    assistant turn, with that seed, ending at <|im_end|> (not part of the text).
+    Returns (text, finish_reason, completion tokens)."""
+    ids = chat.render(messages, generation_prompt=True)[0]
+    new = model.generate(torch.tensor([ids]), max_tokens, seed=seed, eos_token_id=IM_END, **sampling)[0, len(ids):].tolist()
+    finish, n = "length", len(new)
+    if IM_END in new:
+        new, finish, n = new[: new.index(IM_END)], "stop", new.index(IM_END) + 1
+    return get_tokenizer(chat=True).decode(new), finish, n
+
+
+def read_chat_stream(stream):
+    """An openai chat stream -> ({index: text}, {index: finish_reason}, {index: role})."""
+    texts, finishes, roles = {}, {}, {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.delta.role:
+                roles[c.index] = c.delta.role
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    return texts, finishes, roles
 
 
 # ----------------------------------------------------------------------------- text deltas
@@ -372,7 +438,8 @@ def test_tokenize_counts_as_completions_do(server):
 def test_page_is_self_contained(server):
     r = httpx.get(server.url + "/", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "/v1/completions" in r.text and "://" not in r.text and "src=" not in r.text  # no external assets
+    assert "/v1/completions" in r.text and "/v1/chat/completions" in r.text  # both views
+    assert "://" not in r.text and "src=" not in r.text  # no external assets
 
 
 # ----------------------------------------------------------------------------- limits and errors
@@ -433,6 +500,189 @@ def test_bad_model_is_one_error_line(tmp_path):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
+# ----------------------------------------------------------------------------- chat: /v1/chat/completions
+
+def test_chat_completions_equal_generate(chat_server, chat_model):
+    """The openai client's chat.completions.create, whole and streamed: the reply is generate()'s
+    after chat.render(messages, generation_prompt=True), cut before <|im_end|>, for that seed."""
+    model, _ = chat_model
+    cases = [(CHATS[0], 40, 11, {}), (CHATS[1], 40, 5, dict(temperature=0.7, top_p=0.9)),
+             (CHATS[2], 30, 13, dict(temperature=0.0)), (CHATS[4], 60, 6, dict(top_k=50)), (CHATS[7], 3, 1, {})]
+    finishes = set()
+    for messages, max_tokens, seed, sampling in cases:
+        kw = dict(model="m", messages=messages, max_tokens=max_tokens, seed=seed, **sampling)
+        if "top_k" in kw:
+            kw["extra_body"] = {"top_k": kw.pop("top_k")}  # vLLM's, not the client's
+        r = chat_server.client.chat.completions.create(**kw)
+        text, finish, n = chat_reference(model, messages, max_tokens, seed, **sampling)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, finish), (messages, seed)
+        assert r.choices[0].message.role == "assistant" and len(r.choices) == 1
+        assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+        prompt_tokens = len(chat.render(messages, generation_prompt=True)[0])
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_tokens, n, prompt_tokens + n)
+        texts, stream_finishes, roles = read_chat_stream(chat_server.client.chat.completions.create(stream=True, **kw))
+        assert (texts[0], stream_finishes[0], roles[0]) == (text, finish, "assistant")
+        finishes.add(finish)
+    assert finishes == {"stop", "length"}, "premise: the cases end both at <|im_end|> and at max_tokens"
+    # n choices with seed s: choice c is generate(seed=s + c); max_completion_tokens is max_tokens' newer name
+    kw = dict(model="m", messages=CHATS[3], max_completion_tokens=40, n=3, seed=100, temperature=0.9)
+    full = chat_server.client.chat.completions.create(**kw)
+    texts, stream_finishes, roles = read_chat_stream(chat_server.client.chat.completions.create(stream=True, **kw))
+    for c in range(3):
+        expected = chat_reference(model, CHATS[3], 40, 100 + c, temperature=0.9)[:2]
+        assert (full.choices[c].message.content, full.choices[c].finish_reason) == expected, c
+        assert (texts[c], stream_finishes[c], roles[c]) == (*expected, "assistant"), c
+    assert len({texts[c] for c in range(3)}) == 3
+    # without max_tokens, a reply may fill the context: 256 tokens less the conversation's
+    r = chat_server.client.chat.completions.create(model="m", messages=CHATS[5], seed=3, temperature=1.3)
+    room = 256 - len(chat.render(CHATS[5], generation_prompt=True)[0])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == chat_reference(
+        model, CHATS[5], room, 3, temperature=1.3)[:2]
+
+
+def test_chat_stream_wire_format(chat_server, chat_model):
+    """Raw SSE: each choice's first chunk is the delta {"role": "assistant", "content": ""}, then its
+    content deltas, then a chunk with its finish_reason and an empty delta; with include_usage every
+    chunk has "usage": null and a last one (no choices) the counts; data: [DONE] last."""
+    body = dict(messages=CHATS[1], max_tokens=30, n=2, seed=21, stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", chat_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["id"].startswith("chatcmpl-") and all("usage" in c for c in chunks)
+    *chunks, last = chunks
+    assert last["choices"] == [] and all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks)
+    counts = 0
+    for index in range(2):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        text, finish, n = chat_reference(chat_model[0], CHATS[1], 30, 21 + index)
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[0]["finish_reason"] is None
+        assert all(set(c["delta"]) == {"content"} and c["delta"]["content"] and c["finish_reason"] is None for c in mine[1:-1])
+        assert mine[-1]["delta"] == {} and mine[-1]["finish_reason"] == finish
+        assert "".join(c["delta"]["content"] for c in mine[1:-1]) == text
+        counts += n
+    prompt_tokens = len(chat.render(CHATS[1], generation_prompt=True)[0])
+    assert last["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": counts, "total_tokens": prompt_tokens + counts}
+    # without include_usage: no usage anywhere
+    with httpx.stream("POST", chat_server.url + "/v1/chat/completions", json={**body, "stream_options": None}, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    assert chunks and all("usage" not in c and len(c["choices"]) == 1 for c in chunks)
+
+
+def test_eight_concurrent_chats_are_batched_and_correct(chat_server, chat_model):
+    """8 conversations at once from 8 threads, half of them streamed: each gets its own reply."""
+    model, _ = chat_model
+    before = chat_server.wait_idle()
+    barrier, results, errors = threading.Barrier(8), {}, []
+
+    def client(i):
+        try:
+            c = openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            kw = dict(model="m", messages=CHATS[i], max_tokens=60, seed=70 + i, temperature=0.9)
+            barrier.wait()
+            if i % 2:
+                texts, finishes, _ = read_chat_stream(c.chat.completions.create(stream=True, **kw))
+                results[i] = (texts[0], finishes[0])
+            else:
+                r = c.chat.completions.create(**kw)
+                results[i] = (r.choices[0].message.content, r.choices[0].finish_reason)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors and len(results) == 8, errors
+    for i in range(8):
+        assert results[i] == chat_reference(model, CHATS[i], 60, 70 + i, temperature=0.9)[:2], i
+    after = chat_server.wait_idle()
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["decoded_tokens"] - before["decoded_tokens"]
+    assert rows / steps >= 2, f"decode steps were not batched: {rows} tokens in {steps} steps"
+
+
+def test_chat_errors_are_openais(chat_server):
+    """Bad messages get 400 with param "messages"; a conversation too long gets what a prompt as long
+    gets from /v1/completions (413 prompt_too_long, 400 context_length_exceeded)."""
+    ok = {"messages": CHATS[0], "max_tokens": 3}
+    for messages in ["Hi", None, [], {"role": "user", "content": "Hi"}, ["Hi"], [{"role": "robot", "content": "Hi"}],
+                     [{"role": "user"}], [{"role": "user", "content": None}], [{"role": "user", "content": 7}],
+                     [{"content": "Hi"}], [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]]:
+        err = error_of(chat_server.chat({**ok, "messages": messages}), 400)
+        assert err["param"] == "messages" and err["type"] == "invalid_request_error", (messages, err)
+    assert "role 'robot'" in error_of(chat_server.chat({**ok, "messages": [{"role": "robot", "content": "Hi"}]}), 400)["message"]
+    assert error_of(chat_server.chat({"max_tokens": 3}), 400)["param"] == "messages"
+    for field, value in [("max_tokens", 0), ("max_completion_tokens", 2000), ("n", 9), ("temperature", "hot"),
+                         ("top_p", 0), ("seed", 1.5), ("stop", 7), ("stream", "yes"), ("tools", [{"type": "function"}]),
+                         ("logprobs", True), ("response_format", {"type": "json_object"})]:
+        assert error_of(chat_server.chat({**ok, field: value}), 400)["param"] == field, (field, value)
+    # OpenAI's developer role is a system message, and content may be a list of text parts
+    r = chat_server.chat({**ok, "seed": 1, "messages": [{"role": "developer", "content": "Be brief."},
+                                                          {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(chat.render(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], generation_prompt=True)[0])
+    with pytest.raises(openai.BadRequestError, match="role"):
+        chat_server.client.chat.completions.create(model="m", messages=[{"role": "robot", "content": "Hi"}], max_tokens=3)
+    # too long: the rendered conversation is the prompt
+    ids = lambda messages: chat.render(messages, generation_prompt=True)[0]  # noqa: E731
+    long = [{"role": "user", "content": " ".join(["word"] * 130)}]
+    near = [{"role": "user", "content": " ".join(["word"] * 100)}]
+    assert len(ids(long)) > 128 >= len(ids(near)) and len(ids(near)) + 200 > 256  # premises
+    for messages, max_tokens, status, code in [(long, 3, 413, "prompt_too_long"), (near, 200, 400, "context_length_exceeded")]:
+        err = error_of(chat_server.chat({"messages": messages, "max_tokens": max_tokens}), status)
+        same = error_of(chat_server.post({"prompt": ids(messages), "max_tokens": max_tokens}), status)
+        assert err["code"] == same["code"] == code and err["param"] == "messages", err
+        assert err["message"].split(" (")[0] == same["message"].split(" (")[0], (err, same)
+    assert "256" in err["message"] and str(len(ids(near)) + 200) in err["message"]
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        chat_server.client.chat.completions.create(model="m", messages=near, max_tokens=200)
+    assert chat_server.chat({"messages": near}).status_code == 200  # without max_tokens: the room left
+    assert chat_server.chat(ok).status_code == 200  # and still serving
+
+
+def test_chat_needs_a_chat_model(server, chat_server, chat_model):
+    """A base model answers /v1/chat/completions with a 400 that says to fine-tune it with sft.py;
+    /v1/models says which kind a model is; a chat model still serves /v1/completions (its markers are
+    special tokens in a prompt, and text in a completion, so ChatML by hand with stop <|im_end|> is
+    the chat endpoint's reply)."""
+    err = error_of(server.chat({"messages": CHATS[0], "max_tokens": 3}), 400)
+    assert "sft.py" in err["message"] and "not a chat model" in err["message"] and err["param"] == "model", err
+    with pytest.raises(openai.BadRequestError, match="sft.py"):
+        server.client.chat.completions.create(model="m", messages=CHATS[0], max_tokens=3)
+    assert server.client.models.list().data[0].chat is False
+    assert chat_server.client.models.list().data[0].chat is True
+    assert server.post({"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    model, _ = chat_model
+    r = chat_server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=30, seed=4)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == reference(model, PROMPTS[0], 30, 4)[:2]
+    chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CHATS[1]) + "<|im_start|>assistant\n"
+    tokens = httpx.post(chat_server.url + "/tokenize", json={"prompt": chatml}, timeout=10).json()["tokens"]
+    assert tokens == chat.render(CHATS[1], generation_prompt=True)[0]
+    for seed in (1, 2, 3):
+        by_hand = chat_server.client.completions.create(model="m", prompt=chatml, max_tokens=40, seed=seed, stop="<|im_end|>")
+        text, finish, _ = chat_reference(model, CHATS[1], 40, seed)
+        assert (by_hand.choices[0].text, by_hand.choices[0].finish_reason) == (text, finish), seed
+
+
+def test_tokenize_counts_messages_as_chat_does(server, chat_server):
+    """vLLM's /tokenize with messages (add_generation_prompt, default true): the chat page fits max
+    tokens with it."""
+    for messages in CHATS[:4]:
+        r = httpx.post(chat_server.url + "/tokenize", json={"messages": messages}, timeout=10).json()
+        usage = chat_server.chat({"messages": messages, "max_tokens": 1}).json()["usage"]
+        assert r["count"] == len(r["tokens"]) == usage["prompt_tokens"] and r["max_model_len"] == 256
+        closed = httpx.post(chat_server.url + "/tokenize", json={"messages": messages, "add_generation_prompt": False},
+                            timeout=10).json()
+        assert closed["tokens"] == chat.render(messages)[0]
+    bad = httpx.post(chat_server.url + "/tokenize", json={"messages": [{"role": "x", "content": "y"}]}, timeout=10)
+    assert error_of(bad, 400)["param"] == "messages"
+    assert error_of(httpx.post(server.url + "/tokenize", json={"messages": CHATS[0]}, timeout=10), 400)["param"] == "messages"
+
+
 # ----------------------------------------------------------------------------- the page in a browser
 
 def chromium_or_skip():
@@ -473,6 +723,39 @@ def tokens_per_s(stats):
     return float(m.group(1))  # "Infinity" and "NaN" parse too, and fail the bounds below
 
 
+# The page's next stream from `path`, re-cut so that the page reads it one event at a time, 5 ms apart
+# ("trickle": each delta must show as it comes, however the network coalesced them), or cut off after
+# its first content delta until the page aborts it ("stall": for Stop).
+WRAP_NEXT_STREAM = """([mode, path]) => {
+  const realFetch = window.fetch;
+  window.fetch = async (url, options) => {
+    const response = await realFetch(url, options);
+    if (!String(url).endsWith(path)) return response;
+    window.fetch = realFetch;
+    const reader = response.body.getReader(), decoder = new TextDecoder(), encoder = new TextEncoder();
+    let buffer = '', stalled = false;
+    const body = new ReadableStream({ async pull(controller) {
+      for (;;) {
+        const cut = buffer.indexOf('\\n\\n');
+        if (cut >= 0 && !stalled) {
+          const event = buffer.slice(0, cut + 2);
+          buffer = buffer.slice(cut + 2);
+          stalled = mode === 'stall' && event.includes('"delta":{"content"');
+          await new Promise((resolve) => setTimeout(resolve, 5));
+          return controller.enqueue(encoder.encode(event));
+        }
+        if (stalled) await new Promise((_, reject) => options.signal.addEventListener('abort',
+            () => reject(new DOMException('aborted', 'AbortError'))));
+        const { value, done } = await reader.read();
+        if (done) return controller.close();
+        buffer += decoder.decode(value, { stream: true });
+      }
+    }});
+    return new Response(body, { status: response.status, headers: response.headers });
+  };
+}"""
+
+
 def test_page_streams_in_headless_chromium(limited, plain):
     chromium, sync_playwright = chromium_or_skip()
     with sync_playwright() as p:
@@ -485,6 +768,7 @@ def test_page_streams_in_headless_chromium(limited, plain):
                                  ("seed", "7")]:
                 page.fill(f"#{field}", value)
             watch_lengths(page)
+            page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/completions"])  # each delta shown as it comes
             page.click("#go")
             page.wait_for_function("document.querySelector('#out .gen').textContent.length > 0", timeout=30000)
             page.wait_for_function("!document.querySelector('#out').classList.contains('running')", timeout=60000)
@@ -496,6 +780,87 @@ def test_page_streams_in_headless_chromium(limited, plain):
     assert text == reference(plain[0], PROMPTS[0], 300, 7, temperature=0.8, top_p=0.95, top_k=50)[0]
     assert len(set(lengths)) >= 5, f"the text did not stream in: {lengths}"
     assert "tokens/s" in stats and "first token" in stats, stats
+
+
+def chat_on_page(page, action):
+    """Send (or Regenerate, or Enter in the message box) and wait for the reply to end; returns
+    (the last assistant bubble's text, the stats line, whether that is an error)."""
+    action()
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60000)
+    replies = page.locator("#conversation .msg.assistant")
+    return (replies.last.text_content() if replies.count() else None), page.text_content("#stats"), page.evaluate(
+        "document.querySelector('#stats').classList.contains('error')")
+
+
+
+
+def test_chat_page_in_headless_chromium(chat_server, chat_model):
+    """The page on a chat model shows the chat view: two turns, each reply streamed into its bubble
+    and equal to generate()'s for the conversation so far and the page's seed; Regenerate replaces
+    the last reply; Stop keeps what came (and the next reply follows it)."""
+    model, _ = chat_model
+    chromium, sync_playwright = chromium_or_skip()
+    system, first, second, third = "You are a helpful assistant.", "Hi! Who are you?", "Tell me more, please.", "And then?"
+    sampling = dict(temperature=0.9, top_p=0.95, top_k=50)
+    conv = [{"role": "system", "content": system}, {"role": "user", "content": first}]
+    expected1 = chat_reference(model, conv, 40, 7, **sampling)
+    assert expected1[2] >= 8, "premise: the first reply is long enough to be seen streaming"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(chat_server.url + "/")
+            page.wait_for_function("document.body.classList.contains('chat')", timeout=10000)
+            views = page.evaluate("['#prompt', '#out', '#go', '#conversation', '#system', '#send'].map("
+                                  "(s) => document.querySelector(s).offsetParent !== null)")
+            assert views == [False, False, False, True, True, True], "the chat view, not the completion view"
+            page.fill("#system", system)
+            for field, value in [("max_tokens", "40"), ("temperature", "0.9"), ("top_p", "0.95"), ("top_k", "50"),
+                                 ("seed", "7")]:
+                page.fill(f"#{field}", value)
+            # turn 1, read by the page one event at a time: the bubble grows with each delta
+            page.fill("#message", first)
+            page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/chat/completions"])
+            page.evaluate("""() => { window.lengths = [];
+                new MutationObserver(() => { const r = document.querySelectorAll('#conversation .msg.assistant');
+                    if (r.length) window.lengths.push(r[r.length - 1].textContent.length); })
+                .observe(document.querySelector('#conversation'), {childList: true, characterData: true, subtree: true}); }""")
+            reply1, stats1, error1 = chat_on_page(page, lambda: page.click("#send"))
+            assert not error1 and reply1 == expected1[0], (reply1, stats1)
+            lengths = page.evaluate("window.lengths")
+            assert len(set(lengths)) >= 4, f"the reply did not stream in: {lengths}"
+            assert "tokens/s" in stats1 and stats1.startswith(f"{expected1[2]} tokens"), stats1
+            # turn 2 (Enter sends): the reply follows the whole conversation
+            page.fill("#message", second)
+            reply2, stats2, error2 = chat_on_page(page, lambda: page.press("#message", "Enter"))
+            conv += [{"role": "assistant", "content": reply1}, {"role": "user", "content": second}]
+            assert not error2 and reply2 == chat_reference(model, conv, 40, 7, **sampling)[0], (reply2, stats2)
+            # Regenerate with another seed: the last reply is replaced
+            page.fill("#seed", "8")
+            reply3, stats3, error3 = chat_on_page(page, lambda: page.click("#regenerate"))
+            assert not error3 and reply3 == chat_reference(model, conv, 40, 8, **sampling)[0] != reply2, (reply3, stats3)
+            bubbles = page.eval_on_selector_all("#conversation .msg", "els => els.map((e) => [e.className, e.textContent])")
+            assert bubbles == [["msg user", first], ["msg assistant", reply1], ["msg user", second], ["msg assistant", reply3]]
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            page.screenshot(path=os.path.join(ARTIFACTS, "serve_chat_page.png"), full_page=True)
+            # Stop: the stream stalls after its first content, Stop aborts it, the partial reply stays
+            conv += [{"role": "assistant", "content": reply3}, {"role": "user", "content": third}]
+            expected4 = chat_reference(model, conv, 40, 8, **sampling)[0]
+            page.evaluate(WRAP_NEXT_STREAM, ["stall", "/v1/chat/completions"])
+            page.fill("#message", third)
+            page.click("#send")
+            page.wait_for_function("document.querySelector('#conversation .msg.assistant.running').textContent.length > 0",
+                                   timeout=30000)
+            page.click("#chat_stop")
+            page.wait_for_function("!document.querySelector('#send').disabled", timeout=10000)
+            stopped = page.eval_on_selector("#conversation .msg:last-child", "e => [e.className, e.textContent]")
+            assert stopped[0] == "msg assistant stopped" and stopped[1] and expected4.startswith(stopped[1]), (stopped, expected4)
+            assert "stopped" in page.text_content("#stats")
+            # ... and Regenerate drops it for a whole reply
+            reply5, _, error5 = chat_on_page(page, lambda: page.click("#regenerate"))
+            assert not error5 and reply5 == expected4 and page.locator("#conversation .msg.assistant").count() == 3
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -526,6 +891,7 @@ def test_page_defaults_fit_a_64_token_context(short):
             page.wait_for_function(f"document.querySelector('#context').textContent.includes('prompt {n}')", timeout=10000)
             context = page.text_content("#context")
             watch_lengths(page)
+            page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/completions"])
             text, stats, is_error = generate_on_page(page)
             max_tokens, lengths = page.input_value("#max_tokens"), page.evaluate("window.lengths")
             os.makedirs(ARTIFACTS, exist_ok=True)
@@ -601,23 +967,31 @@ def test_stalled_and_aborted_uploads_do_not_hold_or_flood_the_server(plain, tmp_
     assert len(lines) < 50 and not any("Traceback" in ln for ln in lines), "\n".join(lines[-60:])
 
 
-def test_fuzzed_requests_get_4xx_never_500(limited):
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_fuzzed_requests_get_4xx_never_500(request, endpoint):
     """Bodies built from the declared OpenAPI schema's fields with any JSON values (and any JSON
     at all): never a 500, the server keeps serving, its memory stays flat. Bounded: 150 examples."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    spec = httpx.get(limited.url + "/openapi.json", timeout=10).json()
-    schema = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert schema["required"] == ["prompt"] and "max_tokens" in schema["properties"]
+    chat_endpoint = endpoint == "/v1/chat/completions"
+    server = request.getfixturevalue("chat_server" if chat_endpoint else "limited")
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    schema = spec["paths"][endpoint]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    key = "messages" if chat_endpoint else "prompt"  # the required field
+    assert schema["required"] == [key] and "max_tokens" in schema["properties"]
+    ok = {"messages": CHATS[0], "max_tokens": 8} if chat_endpoint else {"prompt": "Hello there", "max_tokens": 8}
     scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30)
-               | st.integers(min_value=-2, max_value=8) | st.sampled_from(["Hi", "", "<|endoftext|>", "\x00", "😀"]))
+               | st.integers(min_value=-2, max_value=8)
+               | st.sampled_from(["Hi", "", "<|endoftext|>", "<|im_end|>", "\x00", "😀", "user", "assistant"]))
     values = st.recursive(scalars, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=3),
                           max_leaves=12)
 
     def valid(sch):  # values of the declared type (small ones, so that requests stay quick)
         if "anyOf" in sch:
             return st.one_of([valid(x) for x in sch["anyOf"]])
+        if "enum" in sch or "const" in sch:
+            return st.sampled_from(sch.get("enum") or [sch["const"]])
         t = sch.get("type")
         if t == "integer":
             return st.integers(min_value=sch.get("minimum", -3), max_value=sch.get("minimum", 0) + 6)
@@ -629,30 +1003,31 @@ def test_fuzzed_requests_get_4xx_never_500(limited):
             return st.booleans()
         if t == "array":
             return st.lists(valid(sch["items"]), min_size=sch.get("minItems", 0), max_size=3)
-        return st.fixed_dictionaries({}, optional={k: valid(v) | values for k, v in sch.get("properties", {}).items()})
+        props, required = sch.get("properties", {}), sch.get("required", [])
+        return st.fixed_dictionaries({k: valid(props[k]) for k in required},
+                                     optional={k: valid(v) | values for k, v in props.items() if k not in required})
 
     props = schema["properties"]
 
     def one_field_off(bad):  # every field of the declared type but one, which gets any JSON value
-        return st.fixed_dictionaries({bad: values, **({} if bad == "prompt" else {"prompt": valid(props["prompt"])})},
-                                     optional={k: valid(v) for k, v in props.items() if k not in (bad, "prompt")})
+        return st.fixed_dictionaries({bad: values, **({} if bad == key else {key: valid(props[key])})},
+                                     optional={k: valid(v) for k, v in props.items() if k not in (bad, key)})
 
     bodies = st.sampled_from(sorted(props)).flatmap(one_field_off) | values | st.fixed_dictionaries(
-        {"prompt": valid(props["prompt"]) | values},
-        optional={k: valid(v) | values for k, v in props.items() if k != "prompt"})
-    rss = lambda: int(next(ln.split()[1] for ln in open(f"/proc/{limited.proc.pid}/status") if ln.startswith("VmRSS")))  # noqa: E731
+        {key: valid(props[key]) | values}, optional={k: valid(v) | values for k, v in props.items() if k != key})
+    rss = lambda: int(next(ln.split()[1] for ln in open(f"/proc/{server.proc.pid}/status") if ln.startswith("VmRSS")))  # noqa: E731
     for _ in range(20):  # warm up allocations before the baseline
-        limited.post({"prompt": "Hello there", "max_tokens": 8})
+        server.post(ok, path=endpoint)
     before = rss()
     statuses = set()
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(body=bodies)
     def post(body):
-        r = limited.post(body, timeout=60)
+        r = server.post(body, timeout=60, path=endpoint)
         statuses.add(r.status_code)
         assert r.status_code < 500, (body, r.text)
 
     post()
-    assert statuses & {400, 413} and limited.post({"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    assert statuses & {400, 413} and server.post(ok, path=endpoint).status_code == 200
     assert rss() - before < 64 * 1024, (before, rss())  # kB

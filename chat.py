@@ -1,0 +1,200 @@
+"""
+Chat: how a conversation becomes GPT-2 tokens, in one place for sft.py, generate.py --chat and
+serve.py's /v1/chat/completions; conversation files; and the batches sft.py trains on.
+
+The template is ChatML, with its two markers as special tokens in rows of GPT-2's embedding that
+pretraining never uses (the vocabulary is padded to 50,304 rows; 50,257 are real):
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\nHi!<|im_end|>\\n
+    <|im_start|>assistant\\nHello! How can I help?<|im_end|>\\n
+
+A chat model's vocabulary is 50,259 tokens (model_io.CHAT_VOCAB_SIZE): its config.json says so and
+carries "chat_format": "chatml" and eos_token_id <|im_end|>, and transformers loads it as any
+GPT-2. Message text is encoded as ordinary text, so a user who types "<|im_end|>" gets those
+characters, never the marker. sft.py trains on the assistant's tokens only: each assistant
+message's text and the <|im_end|> that closes it (so the model learns to stop); everything
+else (the markers' lines, system and user text) is context, with target -1.
+"""
+
+import json
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+import cli
+from model import EOT_TOKEN, GPT, GPTConfig
+from model_io import CHAT_VOCAB_SIZE, IM_END, IM_START, get_tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+
+def render(messages, generation_prompt=False):
+    """messages [{"role", "content"}] -> (token ids, trained flags), one flag per token: True for
+    the assistant's text and its closing <|im_end|>. generation_prompt=True ends the tokens with
+    an open assistant turn (<|im_start|>assistant\\n), the prompt a reply is sampled after."""
+    enc = get_tokenizer()
+    ids, trained = [], []
+    for m in messages:
+        head = [IM_START] + enc.encode_ordinary(m["role"] + "\n")
+        body = enc.encode_ordinary(m["content"]) + [IM_END]
+        ids += head + body + enc.encode_ordinary("\n")
+        mine = m["role"] == "assistant"
+        trained += [False] * len(head) + [mine] * len(body) + [False]
+    if generation_prompt:
+        head = [IM_START] + enc.encode_ordinary("assistant\n")
+        ids += head
+        trained += [False] * len(head)
+    return ids, trained
+
+
+def check_messages(messages, where, training=False):
+    """Raise cli.Error naming `where` unless messages is a list of {"role": one of ROLES,
+    "content": str}; training=True also requires an assistant turn (something to learn)."""
+    if not isinstance(messages, list) or not messages:
+        raise cli.Error(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise cli.Error(f"{where}: message {i} is not an object")
+        if m.get("role") not in ROLES:
+            raise cli.Error(f"{where}: message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise cli.Error(f"{where}: message {i} ({m['role']}) has no 'content' string")
+    if training and not any(m["role"] == "assistant" for m in messages):
+        raise cli.Error(f"{where}: no assistant turn (nothing to learn from)")
+
+
+def read_conversations(path):
+    """The conversations of a JSON-lines file, one {"messages": [...]} per line (OpenAI's
+    fine-tuning format); blank lines are skipped. A bad line is a cli.Error naming file and line."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {lineno}"
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise cli.Error(f"{where}: not valid JSON ({e})") from None
+                if not isinstance(record, dict) or "messages" not in record:
+                    raise cli.Error(f"{where}: expected an object with a 'messages' list")
+                check_messages(record["messages"], where, training=True)
+                out.append(record["messages"])
+    except UnicodeDecodeError as e:
+        raise cli.Error(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise cli.Error(f"cannot read {path}: {e.strerror or e}") from None
+    if not out:
+        raise cli.Error(f"{path} holds no conversations")
+    return out
+
+
+def rows(conversations, seq_len):
+    """Conversations -> (tokens (N, seq_len + 1) int64, trained (N, seq_len + 1) bool, counts): one
+    row per conversation, padded with <|endoftext|> (never trained). A conversation longer than a
+    row is cropped at its end; one whose crop leaves no assistant token is skipped. counts says how
+    many were kept, cropped and skipped."""
+    tokens, trained = [], []
+    counts = {"kept": 0, "cropped": 0, "skipped": 0}
+    for messages in conversations:
+        ids, flags = render(messages)
+        if len(ids) > seq_len + 1:
+            ids, flags = ids[: seq_len + 1], flags[: seq_len + 1]
+            if not any(flags[1:]):
+                counts["skipped"] += 1
+                continue
+            counts["cropped"] += 1
+        pad = seq_len + 1 - len(ids)
+        tokens.append(ids + [EOT_TOKEN] * pad)
+        trained.append(flags + [False] * pad)
+        counts["kept"] += 1
+    return np.array(tokens, dtype=np.int64).reshape(-1, seq_len + 1), np.array(trained, dtype=bool).reshape(-1, seq_len + 1), counts
+
+
+class ChatLoader:
+    """sft.py's batches, with data.DataLoader's interface and guarantees: row g of the stream is a
+    conversation (train: a new seeded order each epoch; val: in file order), an optimizer step
+    takes total_batch_size // seq_len rows, and rank r's micro-step k takes rows
+    (k * world_size + r) * micro_batch_size onwards of it, so a step's rows are the same for any
+    world size or micro-batch. y is -1 wherever the token is not the assistant's."""
+
+    def __init__(self, tokens, trained, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1,
+                 seed=0):
+        per_micro_step = seq_len * micro_batch_size * world_size
+        if total_batch_size % per_micro_step:
+            raise cli.Error(f"total_batch_size {total_batch_size} is not divisible by seq_len {seq_len} x micro-batch "
+                            f"{micro_batch_size} x world size {world_size} = {per_micro_step} tokens per micro-step")
+        if len(tokens) == 0:
+            raise cli.Error(f"no {split} conversations fit (every one was skipped)")
+        self.tokens, self.trained = tokens, trained
+        self.split, self.seq_len, self.B = split, seq_len, micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.total_batch_size = total_batch_size
+        self.grad_accum_steps = total_batch_size // per_micro_step
+        self.windows_per_step = total_batch_size // seq_len
+        self.epoch_windows = len(tokens)
+        self.reset()
+
+    def reset(self):
+        self.step, self.micro_step = 0, 0
+
+    def row(self, g):
+        epoch, i = divmod(g, self.epoch_windows)
+        if self.split == "train":
+            i = int(np.random.default_rng([self.seed, epoch]).permutation(self.epoch_windows)[i])
+        return i
+
+    def next_batch(self):
+        first = self.step * self.windows_per_step + (self.micro_step * self.world_size + self.rank) * self.B
+        idx = [self.row(g) for g in range(first, first + self.B)]
+        x = torch.from_numpy(self.tokens[idx, :-1])
+        y = torch.from_numpy(np.where(self.trained[idx, 1:], self.tokens[idx, 1:], -1))
+        self.micro_step += 1
+        if self.micro_step == self.grad_accum_steps:
+            self.step, self.micro_step = self.step + 1, 0
+        return x, y
+
+    def state_dict(self):
+        return {"step": self.step, "micro_step": self.micro_step, "seed": self.seed, "split": self.split,
+                "seq_len": self.seq_len, "total_batch_size": self.total_batch_size,
+                "epoch_windows": self.epoch_windows}
+
+    def load_state_dict(self, state):
+        for key in ("seed", "split", "seq_len", "total_batch_size", "epoch_windows"):
+            if state[key] != getattr(self, key):
+                raise cli.Error(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
+                                + (" (the conversations differ)" if key == "epoch_windows" else ""))
+        self.step, self.micro_step = state["step"], state["micro_step"]
+
+
+def is_chat_model(model):
+    """A model sft.py made: its vocabulary holds the chat markers."""
+    return model.config.vocab_size == CHAT_VOCAB_SIZE
+
+
+def to_chat_model(model):
+    """A pretrained GPT-2 with room for the chat markers: vocab_size 50,259, the two new rows of
+    the (tied) embedding set to the mean of the real ones. The model's other weights are unchanged."""
+    if is_chat_model(model):
+        return model
+    if model.config.vocab_size != EOT_TOKEN + 1:
+        raise cli.Error(f"the model's vocabulary has {model.config.vocab_size} tokens; chat needs GPT-2's {EOT_TOKEN + 1}")
+    chat = GPT(GPTConfig(**{**asdict(model.config), "vocab_size": CHAT_VOCAB_SIZE}))
+    chat.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        wte = chat.transformer.wte.weight
+        wte[IM_START : CHAT_VOCAB_SIZE] = wte[: EOT_TOKEN + 1].mean(dim=0)
+    return chat.to(model.transformer.wte.weight.device)
+
+
+if __name__ == "__main__":  # `python chat.py file.jsonl`: check a conversation file, show its first one rendered
+    convs = read_conversations(sys.argv[1]) if len(sys.argv) > 1 else [[{"role": "user", "content": "Hi"},
+                                                                        {"role": "assistant", "content": "Hello!"}]]
+    ids, flags = render(convs[0])
+    enc = get_tokenizer(chat=True)
+    print(f"{len(convs)} conversations; the first, {len(ids)} tokens (trained ones in [brackets]):")
+    print("".join(f"[{enc.decode([t])}]" if f else enc.decode([t]) for t, f in zip(ids, flags)))
