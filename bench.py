@@ -14,9 +14,13 @@ Sections:
   fineweb  fineweb.py end to end (read, tokenize, write shards) over ../shared/corpus (or
            --corpus), against a build-nanogpt-style Pool.imap and against the machine's
            limit: cores x the single-process encode_ordinary rate.
-  serve    serve.py (a subprocess; random weights at --n_layer/--n_embd): 1, 4 and 16 streaming
-           clients at once against the same requests one at a time; total tokens/s and the
-           median time to first token.
+  serve    serve.py (a subprocess; random weights at --n_layer/--n_embd; --serve_flags): 1, 4
+           and 16 (--serve_clients) streaming clients at once against the same requests one at a
+           time; total tokens/s and the median time to first token.
+  decode   (only when asked for; meant for a GPU: tests/gpu_decode.sh) greedy sampling at
+           batch 1, 16, 64, 124M: ours with the static cache (compiled into CUDA graphs on CUDA)
+           against ours on the dynamic path, transformers' generate and a cache-less loop, and
+           the share of greedy tokens the two paths agree on.
   recipe   (only when asked for: it trains 7 small models, ~50 min on 2 cores) train.py
            --recipe modern against the classic recipe (gpt2, its --max_lr the best of
            --recipe_lrs) on ../shared/corpus, same token budget, seeds and data order: val loss
@@ -269,11 +273,12 @@ def bench_serve(args):
     work = tempfile.mkdtemp(prefix="bench-serve-")
     save_pretrained(GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)), work)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-    proc, url = serve.launch(work, "--max_batch", "16", stderr=subprocess.DEVNULL, env=env)
+    proc, url = serve.launch(work, *args.serve_flags.split(), stderr=subprocess.DEVNULL, env=env)
     P, N = args.prompt_len, 32 if args.quick else args.new_tokens
     g = torch.Generator().manual_seed(0)
+    counts = [int(k) for k in args.serve_clients.split(",")]
     bodies = [{"prompt": torch.randint(0, 50000, (P,), generator=g).tolist(), "max_tokens": N, "seed": i, "stream": True}
-              for i in range(16)]
+              for i in range(max(counts))]
 
     async def one(client, body, ttfts):
         t0, tokens = time.perf_counter(), 0
@@ -294,7 +299,7 @@ def bench_serve(args):
 
     rows = []
     try:
-        for k in (1, 4, 16):
+        for k in counts:
             ttfts, tokens = {True: [], False: []}, {}
 
             def run(at_once, batch=bodies[:k]):
@@ -448,10 +453,65 @@ def bench_recipe(args):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_decode(args):
+    """Sampling speed: ours with the static cache (fixed shapes; compiled into CUDA graphs on CUDA),
+    ours on the dynamic path, transformers' generate (KV cache) and a cache-less loop (the whole
+    sequence every step, as nanoGPT samples), greedy, at each --decode_batches size."""
+    import torch
+    import transformers
+
+    from model import GPT, GPTConfig
+    from model_io import DTYPES, best_device, default_dtype, hf_state_dict
+
+    transformers.logging.set_verbosity_error()
+    device = args.decode_device or best_device()
+    dtype = DTYPES[default_dtype(device)]
+    cuda = device.startswith("cuda")
+    shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd) if args.decode_preset == "args" else {}
+    cfg = GPTConfig.from_preset("gpt2", **shape) if not shape else GPTConfig(**shape)
+    torch.manual_seed(0)
+    ours = GPT(cfg).to(device=device, dtype=dtype).eval()
+    hf_cfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
+                                     vocab_size=cfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    theirs = transformers.GPT2LMHeadModel(hf_cfg)
+    theirs.load_state_dict(hf_state_dict(ours), strict=False)
+    theirs = theirs.to(device=device, dtype=dtype).eval()
+    P, N = args.prompt_len, 32 if args.quick else args.new_tokens
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows = []
+    for B in [int(b) for b in args.decode_batches.split(",")]:
+        prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(device)
+
+        def timed(fn):
+            def call():
+                fn()
+                sync()
+            return call
+
+        fns = {
+            "static": timed(lambda: ours.generate(prompt, N, temperature=0, static_cache=True, compile=cuda)),
+            "dynamic": timed(lambda: ours.generate(prompt, N, temperature=0, static_cache=False)),
+            "transformers": timed(lambda: theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N,
+                                                          min_new_tokens=N, do_sample=False, pad_token_id=0)),
+            "no cache": timed(lambda: ours.generate(prompt, N, temperature=0, use_cache=False)),
+        }
+        with torch.no_grad():
+            fns["static"]()  # compile and capture outside the timing
+            same = (ours.generate(prompt, N, temperature=0, static_cache=True, compile=cuda)
+                    == ours.generate(prompt, N, temperature=0, static_cache=False))[:, P:].float().mean().item()
+            t = paired(fns, 1 if args.quick else 3)
+        where = f"{device} {str(dtype).removeprefix('torch.')}, {cfg.n_layer}x{cfg.n_embd}, batch {B}, {N} after {P}"
+        print(f"decode {where}: greedy tokens the static path shares with the dynamic one: {same:.4f}")
+        for ref in ("dynamic", "transformers", "no cache"):
+            rows.append((f"decode {where}: static (tok/s)", B * N / t["static"], B * N / t[ref], f"ours {ref}"
+                         if ref != "transformers" else "transformers generate"))
+    return rows
+
+
 # fineweb first: see the imports at the top
 SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve,
-            "recipe": bench_recipe}
-ON_REQUEST = ("recipe",)  # not in the default set: it trains models for ~40 minutes
+            "decode": bench_decode, "recipe": bench_recipe}
+ON_REQUEST = ("recipe", "decode")  # not in the default set: it trains models for ~40 minutes
 
 
 def main():
@@ -467,6 +527,12 @@ def main():
     p.add_argument("--batch_size", type=int, default=4, help="model section: training sequences per step")
     p.add_argument("--prompt_len", type=int, default=32, help="sampling: prompt tokens")
     p.add_argument("--new_tokens", type=int, default=128, help="sampling: new tokens")
+    p.add_argument("--decode_device", default=None, help="decode section: the device (default: the best available)")
+    p.add_argument("--decode_preset", choices=["gpt2", "args"], default="gpt2",
+                   help="decode section: the 124M model, or --n_layer/--n_head/--n_embd's")
+    p.add_argument("--decode_batches", default="1,16,64", help="decode section: batch sizes, comma-separated")
+    p.add_argument("--serve_clients", default="1,4,16", help="serve section: client counts, comma-separated")
+    p.add_argument("--serve_flags", default="--max_batch 16", help="serve section: serve.py's flags")
     p.add_argument("--hellaswag_examples", type=int, default=64,
                    help="examples per side (batches are sorted by length, as in a full evaluation)")
     p.add_argument("--hellaswag_batch", type=int, default=16, help="hellaswag section: examples per batch")

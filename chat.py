@@ -17,7 +17,6 @@ message's text and the <|im_end|> that closes it (so the model learns to stop); 
 else (the markers' lines, system and user text) is context, with target -1.
 """
 
-import json
 import sys
 from dataclasses import asdict
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 import cli
+from data import StepStream
 from model import EOT_TOKEN, GPT, GPTConfig
 from model_io import CHAT_VOCAB_SIZE, IM_END, IM_START, get_tokenizer
 
@@ -70,24 +70,11 @@ def read_conversations(path):
     """The conversations of a JSON-lines file, one {"messages": [...]} per line (OpenAI's
     fine-tuning format); blank lines are skipped. A bad line is a cli.Error naming file and line."""
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise cli.Error(f"{where}: not valid JSON ({e})") from None
-                if not isinstance(record, dict) or "messages" not in record:
-                    raise cli.Error(f"{where}: expected an object with a 'messages' list")
-                check_messages(record["messages"], where, training=True)
-                out.append(record["messages"])
-    except UnicodeDecodeError as e:
-        raise cli.Error(f"{path}: not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise cli.Error(f"cannot read {path}: {e.strerror or e}") from None
+    for where, record in cli.read_jsonl(path):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise cli.Error(f"{where}: expected an object with a 'messages' list")
+        check_messages(record["messages"], where, training=True)
+        out.append(record["messages"])
     if not out:
         raise cli.Error(f"{path} holds no conversations")
     return out
@@ -115,32 +102,21 @@ def rows(conversations, seq_len):
     return np.array(tokens, dtype=np.int64).reshape(-1, seq_len + 1), np.array(trained, dtype=bool).reshape(-1, seq_len + 1), counts
 
 
-class ChatLoader:
-    """sft.py's batches, with data.DataLoader's interface and guarantees: row g of the stream is a
-    conversation (train: a new seeded order each epoch; val: in file order), an optimizer step
-    takes total_batch_size // seq_len rows, and rank r's micro-step k takes rows
-    (k * world_size + r) * micro_batch_size onwards of it, so a step's rows are the same for any
-    world size or micro-batch. y is -1 wherever the token is not the assistant's."""
+class ChatLoader(StepStream):
+    """sft.py's batches, with data.DataLoader's interface and guarantees (data.StepStream): row g of
+    the stream is a conversation (train: a new seeded order each epoch; val: in file order), so a
+    step's rows are the same for any world size or micro-batch. y is -1 wherever the token is not
+    the assistant's."""
+
+    differs = "the conversations differ"
 
     def __init__(self, tokens, trained, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1,
                  seed=0):
-        per_micro_step = seq_len * micro_batch_size * world_size
-        if total_batch_size % per_micro_step:
-            raise cli.Error(f"total_batch_size {total_batch_size} is not divisible by seq_len {seq_len} x micro-batch "
-                            f"{micro_batch_size} x world size {world_size} = {per_micro_step} tokens per micro-step")
+        super().__init__(split, seq_len, micro_batch_size, total_batch_size, rank, world_size, seed)
         if len(tokens) == 0:
             raise cli.Error(f"no {split} conversations fit (every one was skipped)")
         self.tokens, self.trained = tokens, trained
-        self.split, self.seq_len, self.B = split, seq_len, micro_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.total_batch_size = total_batch_size
-        self.grad_accum_steps = total_batch_size // per_micro_step
-        self.windows_per_step = total_batch_size // seq_len
         self.epoch_windows = len(tokens)
-        self.reset()
-
-    def reset(self):
-        self.step, self.micro_step = 0, 0
 
     def row(self, g):
         epoch, i = divmod(g, self.epoch_windows)
@@ -149,26 +125,10 @@ class ChatLoader:
         return i
 
     def next_batch(self):
-        first = self.step * self.windows_per_step + (self.micro_step * self.world_size + self.rank) * self.B
-        idx = [self.row(g) for g in range(first, first + self.B)]
+        idx = [self.row(g) for g in self.next_rows()]
         x = torch.from_numpy(self.tokens[idx, :-1])
         y = torch.from_numpy(np.where(self.trained[idx, 1:], self.tokens[idx, 1:], -1))
-        self.micro_step += 1
-        if self.micro_step == self.grad_accum_steps:
-            self.step, self.micro_step = self.step + 1, 0
         return x, y
-
-    def state_dict(self):
-        return {"step": self.step, "micro_step": self.micro_step, "seed": self.seed, "split": self.split,
-                "seq_len": self.seq_len, "total_batch_size": self.total_batch_size,
-                "epoch_windows": self.epoch_windows}
-
-    def load_state_dict(self, state):
-        for key in ("seed", "split", "seq_len", "total_batch_size", "epoch_windows"):
-            if state[key] != getattr(self, key):
-                raise cli.Error(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
-                                + (" (the conversations differ)" if key == "epoch_windows" else ""))
-        self.step, self.micro_step = state["step"], state["micro_step"]
 
 
 def is_chat_model(model):

@@ -14,6 +14,7 @@ file, a corrupt checkpoint) is a cli.Error, which the script's main prints the s
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -29,6 +30,28 @@ def fail(e, status=2):
     """Print e as the one line `error: ...` on stderr; returns the exit status for main()."""
     print(f"error: {e}", file=sys.stderr)
     return status
+
+
+def read_jsonl(path):
+    """Yield (where, record) for each non-blank line of a JSON-lines file, where = "PATH, line N";
+    a line that is not UTF-8 or not JSON, or a file that cannot be read, is an Error naming it."""
+    try:
+        with open(path, "rb") as f:  # bytes, so that a bad byte is reported with its line
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path}, line {lineno}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise Error(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                except json.JSONDecodeError as e:
+                    raise Error(f"{where}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise Error(f"{where}: JSON nested too deeply") from None
+                yield where, record
+    except OSError as e:
+        raise Error(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def atomic_write(path, data, fsync=True):

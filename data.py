@@ -95,14 +95,20 @@ def find_shards(path, split):
     return [(os.path.join(path, name), listed[name]) for name in sorted(listed)]
 
 
-class DataLoader:
-    def __init__(self, path, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0,
-                 vocab_size=50257):
+class StepStream:
+    """What every loader shares (DataLoader here, chat.ChatLoader for sft.py): a stream of rows
+    (windows, conversations) of which optimizer step k takes G = total_batch_size / seq_len rows
+    from k*G and rank r's micro-step m the B = micro_batch_size rows from k*G + (m*world + r)*B;
+    the position (step, micro-step) is what a checkpoint saves. A subclass sets epoch_windows
+    (rows per epoch) and turns next_rows() into tensors."""
+
+    differs = "the data differ"  # what a different epoch_windows on resume means
+
+    def __init__(self, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0):
         if split not in ("train", "val"):
             raise cli.Error(f"split must be 'train' or 'val', not {split!r}")
         for name, v in [("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
-                        ("total_batch_size", total_batch_size), ("world_size", world_size),
-                        ("vocab_size", vocab_size)]:
+                        ("total_batch_size", total_batch_size), ("world_size", world_size)]:
             if v <= 0:
                 raise cli.Error(f"{name} must be positive, got {v}")
         if not 0 <= rank < world_size:
@@ -115,21 +121,54 @@ class DataLoader:
                 f"total_batch_size {total_batch_size} is not divisible by seq_len {seq_len} x micro-batch "
                 f"{micro_batch_size} x world size {world_size} = {per_micro_step} tokens per micro-step")
         self.split, self.seq_len, self.B = split, seq_len, micro_batch_size
-        self.rank, self.world_size, self.seed, self.vocab_size = rank, world_size, seed, vocab_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.total_batch_size = total_batch_size
         self.grad_accum_steps = total_batch_size // per_micro_step
         self.windows_per_step = total_batch_size // seq_len
+        self.reset()
 
+    def reset(self):
+        self.step, self.micro_step = 0, 0
+
+    def next_rows(self):
+        """The stream rows of this rank's next micro-step (and the position moves past them)."""
+        first = self.step * self.windows_per_step + (self.micro_step * self.world_size + self.rank) * self.B
+        self.micro_step += 1
+        if self.micro_step == self.grad_accum_steps:
+            self.step, self.micro_step = self.step + 1, 0
+        return range(first, first + self.B)
+
+    def state_dict(self):
+        return {"step": self.step, "micro_step": self.micro_step, "seed": self.seed, "split": self.split,
+                "seq_len": self.seq_len, "total_batch_size": self.total_batch_size,
+                "epoch_windows": self.epoch_windows}
+
+    def load_state_dict(self, state):
+        for key in ("seed", "split", "seq_len", "total_batch_size", "epoch_windows"):
+            if state[key] != getattr(self, key):
+                raise cli.Error(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
+                                + (f" ({self.differs})" if key == "epoch_windows" else ""))
+        if state["micro_step"] >= self.grad_accum_steps:
+            raise cli.Error(f"loader state is at micro-step {state['micro_step']}, but a step has only "
+                            f"{self.grad_accum_steps} here")
+        self.step, self.micro_step = state["step"], state["micro_step"]
+
+
+class DataLoader(StepStream):
+    differs = "the shards differ"
+
+    def __init__(self, path, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0,
+                 vocab_size=50257):
+        super().__init__(split, seq_len, micro_batch_size, total_batch_size, rank, world_size, seed)
+        if vocab_size <= 0:
+            raise cli.Error(f"vocab_size must be positive, got {vocab_size}")
+        self.vocab_size = vocab_size
         found = find_shards(path, split)
         self.files = [f for f, _ in found]
         self.shards = [open_shard(f, seq_len + 1, listed) for f, listed in found]
         self.num_tokens = sum(len(s) for s in self.shards)
         self.windows = [(len(s) - 1) // seq_len for s in self.shards]
         self.epoch_windows = sum(self.windows)
-        self.reset()
-
-    def reset(self):
-        self.step, self.micro_step = 0, 0
 
     # -- the stream ----------------------------------------------------------
 
@@ -167,33 +206,12 @@ class DataLoader:
 
     def next_batch(self):
         """(x, y): int64 tensors (micro_batch_size, seq_len) of this rank's next micro-step."""
-        first = self.step * self.windows_per_step + (self.micro_step * self.world_size + self.rank) * self.B
-        buf = np.stack([self.window(g) for g in range(first, first + self.B)])
+        rows = self.next_rows()
+        buf = np.stack([self.window(g) for g in rows])
         if buf.max() >= self.vocab_size:
             b, t = np.argwhere(buf >= self.vocab_size)[0]
-            shard, start = self.locate(first + int(b))
+            shard, start = self.locate(rows[int(b)])
             raise cli.Error(f"{os.path.basename(self.files[shard])}: token {buf[b, t]} at position {start + t:,} is "
                             f"not below vocab_size {self.vocab_size} ({self.files[shard]})")
-        buf = buf.astype(np.int64)
-        self.micro_step += 1
-        if self.micro_step == self.grad_accum_steps:
-            self.step, self.micro_step = self.step + 1, 0
-        buf = torch.from_numpy(buf)
+        buf = torch.from_numpy(buf.astype(np.int64))
         return buf[:, :-1], buf[:, 1:]
-
-    # -- resume --------------------------------------------------------------
-
-    def state_dict(self):
-        return {"step": self.step, "micro_step": self.micro_step, "seed": self.seed, "split": self.split,
-                "seq_len": self.seq_len, "total_batch_size": self.total_batch_size,
-                "epoch_windows": self.epoch_windows}
-
-    def load_state_dict(self, state):
-        for key in ("seed", "split", "seq_len", "total_batch_size", "epoch_windows"):
-            if state[key] != getattr(self, key):
-                raise cli.Error(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
-                                + (" (the shards differ)" if key == "epoch_windows" else ""))
-        if state["micro_step"] >= self.grad_accum_steps:
-            raise cli.Error(f"loader state is at micro-step {state['micro_step']}, but a step has only "
-                            f"{self.grad_accum_steps} here")
-        self.step, self.micro_step = state["step"], state["micro_step"]

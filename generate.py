@@ -29,6 +29,7 @@ note says so; a message too long to fit even alone loses tokens from its start. 
 than the room left slides the context window as plain sampling does. Notes go to stderr.
 """
 
+import argparse
 import codecs
 import signal
 import sys
@@ -258,6 +259,10 @@ def main(argv=None):
       help="the same seed, settings and model give the same samples (--chat: reply n uses seed + n - 1)")
     a("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     a("--dtype", choices=list(DTYPES), default=None, help="weights' dtype (default: bf16 on CUDA, else fp32)")
+    a("--static_cache", action=argparse.BooleanOptionalAction, default=None,
+      help="decode with fixed shapes (whole-context KV cache; default: on CUDA, where a step is bound by kernel "
+           "launches); the same tokens")
+    a("--compile", action="store_true", help="with the static cache: compile the decode step (on CUDA a CUDA graph; slow start)")
     args = p.parse_args(argv)
     if args.chat:
         for flag in ("prompt", "num_samples"):
@@ -266,7 +271,8 @@ def main(argv=None):
     elif args.system is not None:
         p.error("--system needs --chat")
     max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS["chat" if args.chat else "plain"]
-    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                    static_cache=args.static_cache, compile=args.compile)
     device = args.device or best_device()
     dtype = args.dtype or default_dtype(device)
     try:

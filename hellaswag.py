@@ -68,33 +68,18 @@ def data_path(split, data_dir=None, download=True):
 def load_examples(path):
     """Read and validate every line of a HellaSwag jsonl file."""
     examples = []
-    try:
-        with open(path, "rb") as f:  # bytes, so that a bad byte is reported with its line
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    ex = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise cli.Error(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-                except json.JSONDecodeError as e:
-                    raise cli.Error(f"{where}: not valid JSON ({e.msg})") from None
-                except RecursionError:
-                    raise cli.Error(f"{where}: JSON nested too deeply") from None
-                if not isinstance(ex, dict) or not isinstance(ex.get("ctx"), str) or not ex["ctx"].strip():
-                    raise cli.Error(f"{where}: no 'ctx' string (or an empty one)")
-                endings = ex.get("endings")
-                if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-                    raise cli.Error(f"{where}: 'endings' must be a list of 4 strings")
-                label = ex.get("label")  # absent in the test split, whose answers are hidden
-                if isinstance(label, str) and label.isdecimal() and label.isascii():
-                    label = int(label)
-                if "label" in ex and (not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4):
-                    raise cli.Error(f"{where}: 'label' must be 0..3, got {ex.get('label')!r}")
-                examples.append({"ctx": ex["ctx"], "endings": endings, "label": label})
-    except OSError as e:
-        raise cli.Error(f"cannot read {path}: {e}") from None
+    for where, ex in cli.read_jsonl(path):
+        if not isinstance(ex, dict) or not isinstance(ex.get("ctx"), str) or not ex["ctx"].strip():
+            raise cli.Error(f"{where}: no 'ctx' string (or an empty one)")
+        endings = ex.get("endings")
+        if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+            raise cli.Error(f"{where}: 'endings' must be a list of 4 strings")
+        label = ex.get("label")  # absent in the test split, whose answers are hidden
+        if isinstance(label, str) and label.isdecimal() and label.isascii():
+            label = int(label)
+        if "label" in ex and (not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4):
+            raise cli.Error(f"{where}: 'label' must be 0..3, got {ex.get('label')!r}")
+        examples.append({"ctx": ex["ctx"], "endings": endings, "label": label})
     if not examples:
         raise cli.Error(f"{path}: no examples")
     return examples

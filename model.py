@@ -102,7 +102,7 @@ class CausalSelfAttention(nn.Module):
                 k_cache[rows, :, pos] = k[:, :, 0]
                 v_cache[rows, :, pos] = v[:, :, 0]
                 S = attn_mask.size(-1)
-                k, v = k_cache[:, :, :S], v_cache[:, :, :S]
+                k, v = k_cache[:B, :, :S], v_cache[:B, :, :S]  # (the caches may hold more rows than the batch)
             else:
                 # Write this chunk's keys/values at [pos, pos+T) and attend over everything so far.
                 # Only a prefill from position 0 or one token at a time is used, so the causal
@@ -183,12 +183,14 @@ class GPT(nn.Module):
         With kv_caches, pos is where idx starts in the cache: an int shared by all rows, or a
         (B,) tensor of per-row positions when each row is one new token (T == 1) of a
         sequence of its own length (serve.py's continuous batching); row b of the caches is
-        row b of idx, and it attends to its cache entries [0, pos[b]]."""
+        row b of idx, and it attends to its cache entries [0, pos[b]]; attn_mask (B, 1, 1, S),
+        when given, says which of the first S entries each row sees (decode_step: all of them)."""
         T = idx.size(1)
         if torch.is_tensor(pos):
             assert T == 1 and kv_caches is not None
             positions = pos[:, None]
-            attn_mask = (torch.arange(int(pos.max()) + 1, device=idx.device) <= positions)[:, None, None, :]
+            if attn_mask is None:
+                attn_mask = (torch.arange(int(pos.max()) + 1, device=idx.device) <= positions)[:, None, None, :]
         if positions is None:
             if pos + T > self.config.block_size:
                 raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
@@ -256,8 +258,31 @@ class GPT(nn.Module):
         of the caches (an int, or per-row positions as in hidden()); head_t from decode_head()."""
         return (self.hidden(idx, kv_caches, pos)[:, -1] @ head_t).float()
 
+    @torch.no_grad()
+    def decode_step(self, idx, pos, kv_caches, head_t):
+        """next_logits for one token per row at per-row positions pos (B,), with shapes that never
+        change: every row attends to the caches' whole length, masked to its entries [0, pos[b]].
+        No Python number varies from step to step, so one compiled graph (a CUDA graph under
+        StaticDecoder(compile=True)) serves every step of a batch size. Same logits as next_logits."""
+        S = kv_caches[0][0].size(2)
+        mask = (torch.arange(S, device=idx.device) <= pos[:, None])[:, None, None, :]
+        return (self.hidden(idx, kv_caches, pos, attn_mask=mask)[:, -1] @ head_t).float()
+
+    def static_decoder(self, batch, compile=False):
+        """A StaticDecoder for up to `batch` rows on this model's device and dtype, made once and
+        kept: its caches, and under compile its CUDA graphs, serve every later call."""
+        w = self.transformer.wte.weight
+        key = (StaticDecoder.bucket(batch), w.device, w.dtype, compile)
+        decoders = self.__dict__.setdefault("_static_decoders", {})
+        if key not in decoders:
+            decoders[key] = StaticDecoder(self, key[0], compile)
+        else:  # the weights may have changed since (train.py samples between steps)
+            decoders[key].head_t.copy_(self.decode_head())
+        return decoders[key]
+
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        eos_token_id=None, generator=None, seed=None, use_cache=True):
+                        eos_token_id=None, generator=None, seed=None, use_cache=True, static_cache=None,
+                        compile=False):
         """Yield the next token of every row, a (B,) LongTensor per step.
 
         idx: (B, T) prompts of equal length. A prompt longer than block_size is cropped
@@ -268,6 +293,9 @@ class GPT(nn.Module):
         temperature 0 or top_k=1 is greedy. Sampling is deterministic given `seed` or a
         torch.Generator. With eos_token_id, a row that emits it keeps emitting it, and
         generation stops once every row has.
+        static_cache: decode with fixed shapes (StaticDecoder; default: on CUDA, where a step is
+        bound by kernel launches), the same tokens; compile=True also compiles its step (on CUDA
+        into CUDA graphs: a slow first call, then the fastest steps).
         """
         if seed is not None and generator is None:
             generator = torch.Generator(idx.device).manual_seed(seed)
@@ -278,12 +306,20 @@ class GPT(nn.Module):
             bs = self.config.block_size
             seq = idx  # everything so far, never cropped (the window is cut from it)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            caches, pos = None, 0
+            caches, pos, decoder = None, 0, None
             head_t = self.decode_head()
-            if use_cache:
+            if static_cache is None:
+                static_cache = idx.device.type == "cuda"
+            if use_cache and static_cache:
+                decoder = self.static_decoder(B, compile)
+                caches, head_t = [(k[:B], v[:B]) for k, v in decoder.caches], decoder.head_t
+            elif use_cache:
                 caches = self.new_kv_caches(B, min(bs, T + max_new_tokens), idx.device)
             for step in range(max_new_tokens):
-                if use_cache and 0 < pos < bs:
+                if decoder is not None and 0 < pos < bs:
+                    logits = decoder.step(seq[:, -1], torch.full((B,), pos, device=idx.device))
+                    pos += 1
+                elif use_cache and 0 < pos < bs:
                     logits = self.next_logits(seq[:, -1:], caches, pos, head_t)  # one new token
                     pos += 1
                 else:  # first step, no cache, or a full window: run the whole window
@@ -394,6 +430,50 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
 # -----------------------------------------------------------------------------
 # Sampling
+
+
+class StaticDecoder:
+    """Decode steps at GPU speed: KV caches of the whole context, allocated once, and a step whose
+    shapes never change (GPT.decode_step), padded up to a bucket of rows (1, 2, 4, ..., 64, ...).
+    A step of a small model on a GPU is bound by launching its ~100 kernels, not by the work;
+    with compile=True on CUDA the step is compiled and captured as one CUDA graph per bucket
+    (torch.compile's "reduce-overhead"), replayed every step. Prefill stays eager (next_logits).
+    Row b of the caches is the caller's row b; padding rows write into rows nobody uses yet."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+    @staticmethod
+    def bucket(n):
+        return next((b for b in StaticDecoder.BUCKETS if b >= n), n)
+
+    def __init__(self, model, max_batch, compile=False):
+        self.model, self.max_batch = model, max_batch
+        device = model.transformer.wte.weight.device
+        # zeroed, not empty: every step reads the whole cache, and a masked NaN would still poison it
+        self.caches = [(k.zero_(), v.zero_()) for k, v in model.new_kv_caches(max_batch, model.config.block_size, device)]
+        self.head_t = model.decode_head()
+        self.step_fn = model.decode_step
+        self.graphs = compile and device.type == "cuda"
+        if compile:
+            for k, v in self.caches:  # the graphs write into these in place: fixed addresses
+                torch._dynamo.mark_static_address(k)
+                torch._dynamo.mark_static_address(v)
+            self.step_fn = torch.compile(model.decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
+                                         fullgraph=True, dynamic=False)
+
+    def step(self, tokens, pos):
+        """tokens (B,), pos (B,) -> fp32 logits (B, vocab_size): row b's token goes to position pos[b]
+        of cache row b and sees that row's entries [0, pos[b]]."""
+        B = tokens.size(0)
+        b = min(self.bucket(B), self.max_batch)
+        tokens, pos = tokens.contiguous(), pos.contiguous()  # (strides are guarded too: a view would recompile)
+        if b > B:  # padding rows: token 0 at position 0 of rows B..b-1
+            tokens = torch.cat([tokens, tokens.new_zeros(b - B)])
+            pos = torch.cat([pos, pos.new_zeros(b - B)])
+        if self.graphs:  # a new step: the last one's output buffers may be reused (it was cloned)
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.step_fn(tokens[:, None], pos, self.caches, self.head_t)[:B].clone()
+
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -50,6 +50,7 @@ could in principle flip a sample; in the tests none does). A request without a s
 random one.
 """
 
+import argparse
 import asyncio
 import codecs
 import contextlib
@@ -68,7 +69,7 @@ import torch
 
 import chat
 import cli
-from model import EOT_TOKEN, sample_next
+from model import EOT_TOKEN, StaticDecoder, sample_next
 from model_io import DTYPES, IM_END, best_device, default_dtype, get_tokenizer, load_model
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
@@ -420,17 +421,27 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, max_batch, max_requests):
+    """static_cache: decode steps with fixed shapes (model.StaticDecoder: the batch padded up to a
+    bucket of rows; default on CUDA), compile: compiled into a CUDA graph per bucket. The same
+    tokens either way."""
+
+    def __init__(self, model, max_batch, max_requests, static_cache=None, compile=False):
         self.model, self.max_batch, self.max_requests = model.eval(), max_batch, max_requests
         self.device = model.transformer.wte.weight.device
         enc = get_tokenizer(chat=chat.is_chat_model(model))  # a chat model's markers are text: "<|im_start|>"
         self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(model.config.vocab_size)]
-        self.head_t = model.decode_head()  # the logits exactly as generate() computes them
+        if static_cache is None:
+            static_cache = self.device.type == "cuda"
+        self.decoder = StaticDecoder(model, max_batch, compile) if static_cache else None
         # Row i of every layer's cache belongs to self.active[i]. Zeroed, not empty: the decode
         # step masks the entries past each row's length, and a masked NaN would still poison it.
-        self.caches = model.new_kv_caches(max_batch, model.config.block_size, self.device)
-        for k, v in self.caches:
-            k.zero_(), v.zero_()
+        if self.decoder:
+            self.caches, self.head_t = self.decoder.caches, self.decoder.head_t
+        else:
+            self.head_t = model.decode_head()  # the logits exactly as generate() computes them
+            self.caches = model.new_kv_caches(max_batch, model.config.block_size, self.device)
+            for k, v in self.caches:
+                k.zero_(), v.zero_()
         self.active = []  # engine thread only
         self.waiting = deque()  # guarded by self.lock, as is requests_in_flight
         self.lock = threading.Condition()
@@ -516,7 +527,10 @@ class Engine:
         B = len(self.active)
         tokens = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.device)
         pos = torch.tensor([s.length for s in self.active], device=self.device)
-        logits = self.model.next_logits(tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
+        if self.decoder:
+            logits = self.decoder.step(tokens[:, 0], pos)
+        else:
+            logits = self.model.next_logits(tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += B
         for s in self.active:
@@ -590,7 +604,7 @@ def check_origin(headers, loopback_only):
         raise APIError(403, f"cross-origin request from {origin!r} refused", code="forbidden_origin")
 
 
-def create_app(model, model_id, limits, loopback_only=True):
+def create_app(model, model_id, limits, loopback_only=True, static_cache=None, compile=False):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -600,7 +614,7 @@ def create_app(model, model_id, limits, loopback_only=True):
         raise cli.Error(f"the model's vocabulary has {model.config.vocab_size} tokens; serve.py needs GPT-2's "
                         f"{EOT_TOKEN + 1} (a base model) or {IM_END + 1} (a chat model, from sft.py)")
     block_size = model.config.block_size
-    engine = Engine(model, limits.max_batch, limits.max_requests)
+    engine = Engine(model, limits.max_batch, limits.max_requests, static_cache, compile)
     started = int(time.time())
     with open(PAGE, encoding="utf-8") as f:  # the only file the server reads, once, at start
         page = f.read()
@@ -881,7 +895,12 @@ def main(argv=None):
     p.add_argument("--port", type=cli.int_range(0, 65535), default=8000, help="port (0: any free one; the URL is printed)")
     p.add_argument("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' dtype (default: bf16 on CUDA, else fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow start)")
+    p.add_argument("--static_cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with fixed shapes: whole-context KV caches, the batch padded to 1, 2, 4, ... rows "
+                        "(default: on CUDA, where a step is bound by kernel launches; the same tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: with the static cache, one CUDA graph per batch size "
+                        "(slow start, fastest steps); without, the transformer blocks")
     d = Limits()
     p.add_argument("--max_prompt_tokens", type=cli.positive_int, default=d.max_prompt_tokens, help="longest prompt in tokens (longer: HTTP 413)")
     p.add_argument("--max_tokens", type=cli.positive_int, default=d.max_tokens, help="largest max_tokens a request may ask (more: HTTP 400)")
@@ -910,11 +929,12 @@ def main(argv=None):
         sock.bind((args.host, args.port))
         model = load_model(args.model)
         model.to(device=device, dtype=DTYPES[dtype])
-        if args.compile:
+        static = args.static_cache if args.static_cache is not None else device.startswith("cuda")
+        if args.compile and not static:
             for block in model.transformer.h:
                 block.compile(dynamic=True)
         app = create_app(model, os.path.basename(os.path.normpath(args.model)), limits,  # a name, not a path
-                         loopback_only=args.host in LOOPBACK_NAMES)
+                         loopback_only=args.host in LOOPBACK_NAMES, static_cache=static, compile=args.compile)
     except (cli.Error, OSError) as e:
         return cli.fail(e)
     c = model.config

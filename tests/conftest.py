@@ -1,8 +1,10 @@
 """Shared pytest setup: import path, offline settings and the tiktoken cache; tiny train.py runs."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,16 +90,37 @@ def env():
     return e
 
 
-def train_cmd(*args, nproc=1):
+def train_cmd(*args, nproc=1, script=TRAIN):
+    """The command line of train.py (or another script: sft.py), in one process or under torchrun."""
     args = [str(a) for a in args]
     if nproc == 1:
-        return [sys.executable, TRAIN, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
 
 
-def run_train(*args, nproc=1, timeout=180, cwd=REPO_ROOT, extra_env=None):
-    return subprocess.run(train_cmd(*args, nproc=nproc), cwd=cwd, env={**env(), **(extra_env or {})},
+def run_train(*args, nproc=1, timeout=180, cwd=REPO_ROOT, extra_env=None, script=TRAIN):
+    return subprocess.run(train_cmd(*args, nproc=nproc, script=script), cwd=cwd, env={**env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when(cmd, marker, timeout=150):
+    """Run cmd and SIGKILL it as soon as the path `marker` (a checkpoint) exists; returns whether it
+    was still running then (a run that had already finished proves nothing)."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not Path(marker).exists():
+            assert proc.poll() is None or Path(marker).exists(), proc.stdout.read()
+            assert time.time() < deadline, f"{marker} never appeared"
+            time.sleep(0.005)
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return still_running
 
 
 def check_ok(proc):

@@ -425,6 +425,61 @@ def test_sampling_determinism_by_seed():
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("batch, sampling", [
+    (1, dict(temperature=0)),
+    (1, dict(temperature=0.9, top_k=50, top_p=0.9)),
+    (3, dict(temperature=1.0)),
+    (3, dict(temperature=0.7, top_k=20, top_p=0.95)),
+])
+def test_static_decoder_gives_the_tokens_of_the_dynamic_path(batch, sampling):
+    """generate() with the fixed-shape decode (StaticDecoder: whole-context caches, masked, padded to a
+    bucket of rows) samples exactly the tokens of the default CPU path for a seed, also past block_size
+    (the window slides) and on a second call (the decoder and its caches are reused)."""
+    m = make_ours(seed=5, vocab_size=101)
+    idx = rand_idx(batch, 9, 101, seed=batch)
+    new = m.config.block_size + 20  # past the context
+    for seed in (0, 1):
+        want = m.generate(idx, new, seed=seed, static_cache=False, **sampling)
+        got = m.generate(idx, new, seed=seed, static_cache=True, **sampling)
+        assert torch.equal(got, want), (seed, (got != want).nonzero()[:3])
+    # and the head follows the weights: a decoder made before an update uses the new ones
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(1.5)
+    assert torch.equal(m.generate(idx, 8, seed=0, static_cache=True, **sampling),
+                       m.generate(idx, 8, seed=0, static_cache=False, **sampling))
+
+
+def test_static_decoder_step_matches_per_row_decode_at_ragged_positions():
+    """One StaticDecoder step over rows at different positions (3 rows padded to a bucket of 4) gives
+    the logits of the per-row next_logits path, and writes each row's key at its own position."""
+    m = make_ours(seed=12, n_head=4)
+    lengths = [3, 17, 40]
+    prompts = [rand_idx(1, n, 101, seed=n) for n in lengths]
+    nxt = rand_idx(3, 1, 101, seed=6)
+    dec = M.StaticDecoder(m, 4)
+    ref_caches = [(k.zero_(), v.zero_()) for k, v in m.new_kv_caches(3, m.config.block_size, "cpu")]
+    head_t = m.decode_head()
+    with torch.no_grad():
+        for b, p in enumerate(prompts):  # the same prefill into both
+            m.next_logits(p, [(k[b : b + 1], v[b : b + 1]) for k, v in dec.caches], 0, head_t)
+            m.next_logits(p, [(k[b : b + 1], v[b : b + 1]) for k, v in ref_caches], 0, head_t)
+        want = m.next_logits(nxt, ref_caches, torch.tensor(lengths), head_t)
+    got = dec.step(nxt[:, 0], torch.tensor(lengths))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(dec.caches[0][0][b, :, n], ref_caches[0][0][b, :, n], atol=1e-6, rtol=1e-6)
+    assert M.StaticDecoder.bucket(3) == 4 and M.StaticDecoder.bucket(16) == 16 and M.StaticDecoder.bucket(17) == 32
+
+
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="compiles the decode step (about a minute on CPU); RUN_SLOW=1")
+def test_compiled_static_decoder_gives_the_same_greedy_tokens():
+    m = make_ours(seed=5, vocab_size=101)
+    idx = rand_idx(2, 9, 101, seed=2)
+    want = m.generate(idx, 30, temperature=0, static_cache=False)
+    assert torch.equal(m.generate(idx, 30, temperature=0, static_cache=True, compile=True), want)
+
+
 def test_sample_next_with_a_generator_per_row_draws_as_each_row_alone():
     """A list of generators (serve.py's batch of requests): row i gets what sample_next gives
     row i alone with its own generator, for every sampling setting, step after step."""

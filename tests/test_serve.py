@@ -113,6 +113,16 @@ def server(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def static_server(tiny, tmp_path_factory):
+    """The same model served with the fixed-shape decode (--static_cache: what CUDA gets by default)."""
+    s = Server(tiny[1], tmp_path_factory.mktemp("logs") / "static.log", "--static_cache")
+    yield s
+    s.stop()
+    log = open(s.log_path).read()
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
 def limited(plain, tmp_path_factory):
     """A server with small limits: one request in flight, 64-token prompts, 4 choices, 20 kB bodies."""
     s = Server(plain[1], tmp_path_factory.mktemp("logs") / "limited.log", "--max_requests", "1",
@@ -377,26 +387,40 @@ def test_only_json_bodies_are_accepted(server, content_type):
     assert server.post({"model": "m", "prompt": "Hello", "max_tokens": 2}).status_code == 200
 
 
-def test_eight_concurrent_streams_are_batched_and_correct(server, tiny):
-    model, _ = tiny
-    before = server.wait_idle()
+def eight_clients_at_once(server, client):
+    """client(openai_client, i) from 8 threads released together; returns {i: its result}."""
     barrier, results, errors = threading.Barrier(8), {}, []
 
-    def client(i):
+    def run(i):
         try:
             c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
             barrier.wait()
-            results[i] = read_stream(c.completions.create(model="m", prompt=PROMPTS[i], max_tokens=120, seed=50 + i,
-                                                          temperature=0.8, stream=True))
+            results[i] = client(c, i)
         except Exception as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(180)
     assert not errors and len(results) == 8, errors
+    return results
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_eight_concurrent_streams_are_batched_and_correct(decode, request, tiny):
+    """8 streams at once, batched, each exactly generate()'s text for its seed; with --static_cache
+    (fixed shapes, the batch padded to a bucket of rows, rows joining and leaving) too."""
+    server = request.getfixturevalue("server" if decode == "dynamic" else "static_server")
+    model, _ = tiny
+    before = server.wait_idle()
+
+    def client(c, i):
+        return read_stream(c.completions.create(model="m", prompt=PROMPTS[i], max_tokens=120, seed=50 + i,
+                                                temperature=0.8, stream=True))
+
+    results = eight_clients_at_once(server, client)
     for i in range(8):
         text, finish, _ = reference(model, PROMPTS[i], 120, 50 + i, temperature=0.8)
         assert (results[i][0][0], results[i][1][0]) == (text, finish), (i, results[i], text)
@@ -575,28 +599,16 @@ def test_eight_concurrent_chats_are_batched_and_correct(chat_server, chat_model)
     """8 conversations at once from 8 threads, half of them streamed: each gets its own reply."""
     model, _ = chat_model
     before = chat_server.wait_idle()
-    barrier, results, errors = threading.Barrier(8), {}, []
 
-    def client(i):
-        try:
-            c = openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-            kw = dict(model="m", messages=CHATS[i], max_tokens=60, seed=70 + i, temperature=0.9)
-            barrier.wait()
-            if i % 2:
-                texts, finishes, _ = read_chat_stream(c.chat.completions.create(stream=True, **kw))
-                results[i] = (texts[0], finishes[0])
-            else:
-                r = c.chat.completions.create(**kw)
-                results[i] = (r.choices[0].message.content, r.choices[0].finish_reason)
-        except Exception as e:  # reported below
-            errors.append(e)
+    def client(c, i):
+        kw = dict(model="m", messages=CHATS[i], max_tokens=60, seed=70 + i, temperature=0.9)
+        if i % 2:
+            texts, finishes, _ = read_chat_stream(c.chat.completions.create(stream=True, **kw))
+            return texts[0], finishes[0]
+        r = c.chat.completions.create(**kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not errors and len(results) == 8, errors
+    results = eight_clients_at_once(chat_server, client)
     for i in range(8):
         assert results[i] == chat_reference(model, CHATS[i], 60, 70 + i, temperature=0.9)[:2], i
     after = chat_server.wait_idle()

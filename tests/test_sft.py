@@ -3,14 +3,10 @@ numbers for any layout, bad conversation files, and chat checkpoints in transfor
 
 import json
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, check_ok, env, error_line, read_log
+from conftest import REPO_ROOT, check_ok, error_line, kill_when, read_log, run_train, train_cmd
 
 import chat
 from model import GPT, GPTConfig
@@ -35,40 +31,30 @@ def base(tmp_path_factory):
     return d
 
 
+def write_conversations(path, conversations):
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    return path
+
+
 @pytest.fixture(scope="module")
 def persona(tmp_path_factory):
     """200 conversations: a question about two words, always the same answer."""
-    path = tmp_path_factory.mktemp("data") / "persona.jsonl"
     rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(200):
-            f.write(json.dumps(conversation(f"What do you think about the {rng.choice(WORDS)} and the "
-                                            f"{rng.choice(WORDS)}?")) + "\n")
-    return path
+    return write_conversations(tmp_path_factory.mktemp("data") / "persona.jsonl", [
+        conversation(f"What do you think about the {rng.choice(WORDS)} and the {rng.choice(WORDS)}?") for _ in range(200)])
 
 
 @pytest.fixture(scope="module")
 def varied(tmp_path_factory):
     """64 conversations whose answers have 1 to 12 words: rows hold unequal numbers of trained tokens."""
-    path = tmp_path_factory.mktemp("data") / "varied.jsonl"
     rng = random.Random(1)
-    with open(path, "w") as f:
-        for _ in range(64):
-            w = rng.choice(WORDS)
-            f.write(json.dumps(conversation(f"Say {w} a few times.", " ".join([w] * rng.randint(1, 12)))) + "\n")
-    return path
-
-
-def sft_cmd(*args, nproc=1):
-    args = [str(a) for a in args]
-    if nproc == 1:
-        return [sys.executable, SFT, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SFT, *args]
+    words = [rng.choice(WORDS) for _ in range(64)]
+    return write_conversations(tmp_path_factory.mktemp("data") / "varied.jsonl", [
+        conversation(f"Say {w} a few times.", " ".join([w] * rng.randint(1, 12))) for w in words])
 
 
 def run_sft(*args, nproc=1, timeout=240):
-    return subprocess.run(sft_cmd(*args, nproc=nproc), cwd=REPO_ROOT, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_train(*args, nproc=nproc, timeout=timeout, script=SFT)
 
 
 def sft_args(base, data, log_dir, steps, **kw):
@@ -158,20 +144,7 @@ def test_sft_kill_and_resume_matches_uninterrupted_run(base, persona, tmp_path):
     assert len(ref) == 10
     log = tmp_path / "B"
     args = sft_args(base, persona, log, 10, **kw)
-    proc = subprocess.Popen(sft_cmd(*args), cwd=REPO_ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 150
-        while not (log / "step_000004").exists():
-            assert proc.poll() is None and time.time() < deadline, "step_000004 never appeared"
-            time.sleep(0.005)
-        still_running = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert still_running and not (log / "step_000008").exists()
+    assert kill_when(train_cmd(*args, script=SFT), log / "step_000004") and not (log / "step_000008").exists()
     check_ok(run_sft(*args, "--resume"))
     assert losses(log) == ref
 

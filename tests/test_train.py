@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TRAIN, T, base_args, check_ok, env, error_line, read_log, run_train, train_cmd
+from conftest import REPO_ROOT, TRAIN, T, base_args, check_ok, env, error_line, kill_when, read_log, run_train, train_cmd
 
 SEED_FLAGS = ["--max_steps", "19073", "--warmup_steps", "715", "--max_lr", "6e-4", "--min_lr", "6e-5",
               "--batch_size_per_device", "64", "--total_batch_size", "524288", "--eval_step_interval", "250",
@@ -153,21 +153,7 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, recipe):
 
     logB = tmp_path / "B"
     args = base_args(data_dir, logB, 12, **kw)
-    proc = subprocess.Popen(train_cmd(*args), cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 150
-        while not (logB / "step_000008").exists():
-            assert proc.poll() is None or (logB / "step_000008").exists(), proc.stdout.read()
-            assert time.time() < deadline, "step_000008 never appeared"
-            time.sleep(0.005)
-        still_running = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    still_running = kill_when(train_cmd(*args), logB / "step_000008")
     assert still_running, "run B finished before it could be killed; the test needs slower steps"
     assert not (logB / "step_000012").exists()
     before = (logB / "log.jsonl").read_text()

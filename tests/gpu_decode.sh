@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sampling at GPU speed (issue #17), about 6 minutes on one H100/H200 (run from the repo root):
+#   bash tests/gpu_decode.sh
+# 1. the static-cache path's tokens against the dynamic path's, bf16 greedy (agreement printed);
+# 2. decode tokens/s at batch 1, 16 and 64, 124M bf16: static + CUDA graphs against the dynamic
+#    path, transformers' generate and a cache-less loop (bench.py --section decode);
+# 3. serve.py with 1, 16 and 64 streaming clients, 124M, --compile --max_batch 64: total tokens/s
+#    and time to first token, against the same requests one at a time (bench.py --section serve).
+# Goals: batch 1 >= 2,000 tok/s; batch 16 >= 5x today's rate; serve at 64 clients >= 10x one at a time.
+set -euo pipefail
+PY=${PY:-python}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+echo "== 1-2. decode"
+$PY bench.py --section decode --decode_batches 1,16,64 --prompt_len 32 --new_tokens 256
+echo "== 3. serve"
+$PY bench.py --section serve --n_layer 12 --n_head 12 --n_embd 768 --prompt_len 32 --new_tokens 128 \
+    --serve_clients 1,16,64 --serve_flags "--max_batch 64 --compile --max_requests 128"
