@@ -306,7 +306,10 @@ def bench_serve(args):
                 tokens[at_once] = asyncio.run(clients(batch, at_once, ttfts[at_once]))
 
             # (the sequential side of k=1 is the same thing as the concurrent one, timed twice)
-            t = paired({"at once": lambda: run(True), "one at a time": lambda: run(False)}, 1 if args.quick else 3)
+            run(True), run(False)  # warm-up (under --compile: the graphs of these batch sizes), not counted
+            ttfts[True].clear(), ttfts[False].clear()
+            t = paired({"at once": lambda: run(True), "one at a time": lambda: run(False)}, 1 if args.quick else 3,
+                       warmup=0)
             rows.append((f"serve: {k} streaming clients, {N} tokens each (total tok/s)", tokens[True] / t["at once"],
                          tokens[False] / t["one at a time"], "the same requests one at a time"))
             rows.append((f"serve: {k} streaming clients, time to first token (ms)", 1000 * statistics.median(ttfts[True]),
