@@ -201,3 +201,22 @@ def test_chat_checkpoint_loads_in_transformers_with_the_same_logits(base, tmp_pa
     for k, v in plain.state_dict().items():
         if k != "transformer.wte.weight":
             assert torch.equal(v, ours.state_dict()[k]), k
+
+
+def test_conversations_through_datasets(base, persona, tmp_path):
+    """--data hf:DATASET reads a "messages" column through `datasets` (here a local directory of JSON
+    lines, as load_dataset takes it offline; a Hub name goes the same way)."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text(persona.read_text())
+    proc = run_train(*sft_args(base, f"hf:{hub}", tmp_path / "log", 2), script=SFT,
+                     extra_env={"HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    check_ok(proc)
+    assert "train: 190 conversations" in proc.stdout, proc.stdout
+
+
+def test_unreachable_hub_dataset_is_one_error_line(base, tmp_path):
+    err = error_line(run_train(*sft_args(base, "hf:HuggingFaceTB/smol-smoltalk", tmp_path / "log", 2), script=SFT,
+                               extra_env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}))
+    assert "hf:HuggingFaceTB/smol-smoltalk" in err, err
+    assert not (tmp_path / "log" / "log.jsonl").exists()
