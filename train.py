@@ -27,6 +27,7 @@ can hold it.
 
 import argparse
 import dataclasses
+import gc
 import math
 import os
 import sys
@@ -659,6 +660,11 @@ def main(argv=None, task=None, parser=None):
         if run is not None and getattr(run, "run_dir", None) is not None:
             run.run_dir.close()
         if dist.is_initialized():
+            # The DDP model holds the process group: let go of it first, or gloo's threads may be
+            # torn down with the interpreter (a SIGABRT at exit, seen once on a loaded CI machine).
+            if run is not None:
+                run.__dict__.clear()
+            gc.collect()
             dist.destroy_process_group()
     return 0
 
