@@ -238,13 +238,14 @@ class GPT(nn.Module):
     #   logits = model.next_logits(prompt, caches, 0, head_t)    # prefill: (B, vocab) at the last position
     #   logits = model.next_logits(tok[:, None], caches, pos, head_t)  # then one token at a time
 
-    def new_kv_caches(self, batch, length, device):
-        """Empty key/value caches for batch rows of up to length tokens: one (k, v) pair per layer."""
+    def new_kv_caches(self, batch, length, device, zeroed=False):
+        """Key/value caches for batch rows of up to length tokens: one (k, v) pair per layer. zeroed:
+        for steps that read entries past a row's length (masked: but a masked NaN would still poison it)."""
         c = self.config
         dtype = self.transformer.wte.weight.dtype
         shape = (batch, c.n_head, length, c.n_embd // c.n_head)
-        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-                for _ in range(c.n_layer)]
+        new = torch.zeros if zeroed else torch.empty
+        return [(new(shape, dtype=dtype, device=device), new(shape, dtype=dtype, device=device)) for _ in range(c.n_layer)]
 
     @torch.no_grad()
     def decode_head(self):
@@ -253,10 +254,10 @@ class GPT(nn.Module):
         return self.transformer.wte.weight[: self.config.vocab_size].t().contiguous()
 
     @torch.no_grad()
-    def next_logits(self, idx, kv_caches, pos, head_t):
+    def next_logits(self, idx, kv_caches, pos, head_t, attn_mask=None):
         """fp32 logits (B, vocab_size) of the token after idx (B, T), which starts at position pos
         of the caches (an int, or per-row positions as in hidden()); head_t from decode_head()."""
-        return (self.hidden(idx, kv_caches, pos)[:, -1] @ head_t).float()
+        return (self.hidden(idx, kv_caches, pos, attn_mask=attn_mask)[:, -1] @ head_t).float()
 
     @torch.no_grad()
     def decode_step(self, idx, pos, kv_caches, head_t):
@@ -266,7 +267,7 @@ class GPT(nn.Module):
         StaticDecoder(compile=True)) serves every step of a batch size. Same logits as next_logits."""
         S = kv_caches[0][0].size(2)
         mask = (torch.arange(S, device=idx.device) <= pos[:, None])[:, None, None, :]
-        return (self.hidden(idx, kv_caches, pos, attn_mask=mask)[:, -1] @ head_t).float()
+        return self.next_logits(idx, kv_caches, pos, head_t, attn_mask=mask)
 
     def static_decoder(self, batch, compile=False):
         """A StaticDecoder for up to `batch` rows on this model's device and dtype, made once and
@@ -307,14 +308,14 @@ class GPT(nn.Module):
             seq = idx  # everything so far, never cropped (the window is cut from it)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             caches, pos, decoder = None, 0, None
-            head_t = self.decode_head()
             if static_cache is None:
                 static_cache = idx.device.type == "cuda"
             if use_cache and static_cache:
                 decoder = self.static_decoder(B, compile)
                 caches, head_t = [(k[:B], v[:B]) for k, v in decoder.caches], decoder.head_t
-            elif use_cache:
-                caches = self.new_kv_caches(B, min(bs, T + max_new_tokens), idx.device)
+            else:
+                head_t = self.decode_head()
+                caches = self.new_kv_caches(B, min(bs, T + max_new_tokens), idx.device) if use_cache else None
             for step in range(max_new_tokens):
                 if decoder is not None and 0 < pos < bs:
                     logits = decoder.step(seq[:, -1], torch.full((B,), pos, device=idx.device))
@@ -449,8 +450,7 @@ class StaticDecoder:
     def __init__(self, model, max_batch, compile=False):
         self.model, self.max_batch = model, max_batch
         device = model.transformer.wte.weight.device
-        # zeroed, not empty: every step reads the whole cache, and a masked NaN would still poison it
-        self.caches = [(k.zero_(), v.zero_()) for k, v in model.new_kv_caches(max_batch, model.config.block_size, device)]
+        self.caches = model.new_kv_caches(max_batch, model.config.block_size, device, zeroed=True)  # (read whole)
         self.head_t = model.decode_head()
         self.step_fn = model.decode_step
         self.graphs = compile and device.type == "cuda"

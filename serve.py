@@ -433,15 +433,13 @@ class Engine:
         if static_cache is None:
             static_cache = self.device.type == "cuda"
         self.decoder = StaticDecoder(model, max_batch, compile) if static_cache else None
-        # Row i of every layer's cache belongs to self.active[i]. Zeroed, not empty: the decode
-        # step masks the entries past each row's length, and a masked NaN would still poison it.
+        # Row i of every layer's cache belongs to self.active[i]. Zeroed: the decode step masks the
+        # entries past each row's length. The logits exactly as generate() computes them.
         if self.decoder:
             self.caches, self.head_t = self.decoder.caches, self.decoder.head_t
         else:
-            self.head_t = model.decode_head()  # the logits exactly as generate() computes them
-            self.caches = model.new_kv_caches(max_batch, model.config.block_size, self.device)
-            for k, v in self.caches:
-                k.zero_(), v.zero_()
+            self.head_t = model.decode_head()
+            self.caches = model.new_kv_caches(max_batch, model.config.block_size, self.device, zeroed=True)
         self.active = []  # engine thread only
         self.waiting = deque()  # guarded by self.lock, as is requests_in_flight
         self.lock = threading.Condition()
@@ -674,11 +672,11 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
         if isinstance(req, Response):
             return req
 
-        def chunk_choices(index, text, finish):  # one chunk per token, its text (perhaps "") and finish_reason
-            return [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]
-
         def choice(index, text, finish):
             return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+
+        def chunk_choices(index, text, finish):  # one chunk per token, its text (perhaps "") and finish_reason
+            return [choice(index, text, finish)]
 
         return await answer(request, req, "cmpl-", "text_completion", "text_completion", chunk_choices, choice)
 

@@ -457,7 +457,7 @@ def test_static_decoder_step_matches_per_row_decode_at_ragged_positions():
     prompts = [rand_idx(1, n, 101, seed=n) for n in lengths]
     nxt = rand_idx(3, 1, 101, seed=6)
     dec = M.StaticDecoder(m, 4)
-    ref_caches = [(k.zero_(), v.zero_()) for k, v in m.new_kv_caches(3, m.config.block_size, "cpu")]
+    ref_caches = m.new_kv_caches(3, m.config.block_size, "cpu", zeroed=True)
     head_t = m.decode_head()
     with torch.no_grad():
         for b, p in enumerate(prompts):  # the same prefill into both

@@ -3,6 +3,7 @@ checkpoint (a base model, and a chat model for /v1/chat/completions), driven by 
 openai client, raw HTTP and headless Chromium. Every answer is checked against model.generate()
 run here with the same seed."""
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -768,27 +769,34 @@ WRAP_NEXT_STREAM = """([mode, path]) => {
 }"""
 
 
-def test_page_streams_in_headless_chromium(limited, plain):
+@contextlib.contextmanager
+def page_at(url, height=720):
+    """A headless Chromium page opened at url's / (the test is skipped as chromium_or_skip says)."""
     chromium, sync_playwright = chromium_or_skip()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1000, "height": 720})
-            page.goto(limited.url + "/")
-            page.fill("#prompt", PROMPTS[0])
-            for field, value in [("max_tokens", "300"), ("temperature", "0.8"), ("top_p", "0.95"), ("top_k", "50"),
-                                 ("seed", "7")]:
-                page.fill(f"#{field}", value)
-            watch_lengths(page)
-            page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/completions"])  # each delta shown as it comes
-            page.click("#go")
-            page.wait_for_function("document.querySelector('#out .gen').textContent.length > 0", timeout=30000)
-            page.wait_for_function("!document.querySelector('#out').classList.contains('running')", timeout=60000)
-            text, stats, lengths = page.text_content("#out .gen"), page.text_content("#stats"), page.evaluate("window.lengths")
-            os.makedirs(ARTIFACTS, exist_ok=True)
-            page.screenshot(path=os.path.join(ARTIFACTS, "serve_page.png"), full_page=True)
+            page = browser.new_page(viewport={"width": 1000, "height": height})
+            page.goto(url + "/")
+            yield page
         finally:
             browser.close()
+
+
+def test_page_streams_in_headless_chromium(limited, plain):
+    with page_at(limited.url) as page:
+        page.fill("#prompt", PROMPTS[0])
+        for field, value in [("max_tokens", "300"), ("temperature", "0.8"), ("top_p", "0.95"), ("top_k", "50"),
+                             ("seed", "7")]:
+            page.fill(f"#{field}", value)
+        watch_lengths(page)
+        page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/completions"])  # each delta shown as it comes
+        page.click("#go")
+        page.wait_for_function("document.querySelector('#out .gen').textContent.length > 0", timeout=30000)
+        page.wait_for_function("!document.querySelector('#out').classList.contains('running')", timeout=60000)
+        text, stats, lengths = page.text_content("#out .gen"), page.text_content("#stats"), page.evaluate("window.lengths")
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        page.screenshot(path=os.path.join(ARTIFACTS, "serve_page.png"), full_page=True)
     assert text == reference(plain[0], PROMPTS[0], 300, 7, temperature=0.8, top_p=0.95, top_k=50)[0]
     assert len(set(lengths)) >= 5, f"the text did not stream in: {lengths}"
     assert "tokens/s" in stats and "first token" in stats, stats
@@ -811,68 +819,61 @@ def test_chat_page_in_headless_chromium(chat_server, chat_model):
     and equal to generate()'s for the conversation so far and the page's seed; Regenerate replaces
     the last reply; Stop keeps what came (and the next reply follows it)."""
     model, _ = chat_model
-    chromium, sync_playwright = chromium_or_skip()
     system, first, second, third = "You are a helpful assistant.", "Hi! Who are you?", "Tell me more, please.", "And then?"
     sampling = dict(temperature=0.9, top_p=0.95, top_k=50)
     conv = [{"role": "system", "content": system}, {"role": "user", "content": first}]
     expected1 = chat_reference(model, conv, 40, 7, **sampling)
     assert expected1[2] >= 8, "premise: the first reply is long enough to be seen streaming"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            page.goto(chat_server.url + "/")
-            page.wait_for_function("document.body.classList.contains('chat')", timeout=10000)
-            views = page.evaluate("['#prompt', '#out', '#go', '#conversation', '#system', '#send'].map("
-                                  "(s) => document.querySelector(s).offsetParent !== null)")
-            assert views == [False, False, False, True, True, True], "the chat view, not the completion view"
-            page.fill("#system", system)
-            for field, value in [("max_tokens", "40"), ("temperature", "0.9"), ("top_p", "0.95"), ("top_k", "50"),
-                                 ("seed", "7")]:
-                page.fill(f"#{field}", value)
-            # turn 1, read by the page one event at a time: the bubble grows with each delta
-            page.fill("#message", first)
-            page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/chat/completions"])
-            page.evaluate("""() => { window.lengths = [];
-                new MutationObserver(() => { const r = document.querySelectorAll('#conversation .msg.assistant');
-                    if (r.length) window.lengths.push(r[r.length - 1].textContent.length); })
-                .observe(document.querySelector('#conversation'), {childList: true, characterData: true, subtree: true}); }""")
-            reply1, stats1, error1 = chat_on_page(page, lambda: page.click("#send"))
-            assert not error1 and reply1 == expected1[0], (reply1, stats1)
-            lengths = page.evaluate("window.lengths")
-            assert len(set(lengths)) >= 4, f"the reply did not stream in: {lengths}"
-            assert "tokens/s" in stats1 and stats1.startswith(f"{expected1[2]} tokens"), stats1
-            # turn 2 (Enter sends): the reply follows the whole conversation
-            page.fill("#message", second)
-            reply2, stats2, error2 = chat_on_page(page, lambda: page.press("#message", "Enter"))
-            conv += [{"role": "assistant", "content": reply1}, {"role": "user", "content": second}]
-            assert not error2 and reply2 == chat_reference(model, conv, 40, 7, **sampling)[0], (reply2, stats2)
-            # Regenerate with another seed: the last reply is replaced
-            page.fill("#seed", "8")
-            reply3, stats3, error3 = chat_on_page(page, lambda: page.click("#regenerate"))
-            assert not error3 and reply3 == chat_reference(model, conv, 40, 8, **sampling)[0] != reply2, (reply3, stats3)
-            bubbles = page.eval_on_selector_all("#conversation .msg", "els => els.map((e) => [e.className, e.textContent])")
-            assert bubbles == [["msg user", first], ["msg assistant", reply1], ["msg user", second], ["msg assistant", reply3]]
-            os.makedirs(ARTIFACTS, exist_ok=True)
-            page.screenshot(path=os.path.join(ARTIFACTS, "serve_chat_page.png"), full_page=True)
-            # Stop: the stream stalls after its first content, Stop aborts it, the partial reply stays
-            conv += [{"role": "assistant", "content": reply3}, {"role": "user", "content": third}]
-            expected4 = chat_reference(model, conv, 40, 8, **sampling)[0]
-            page.evaluate(WRAP_NEXT_STREAM, ["stall", "/v1/chat/completions"])
-            page.fill("#message", third)
-            page.click("#send")
-            page.wait_for_function("document.querySelector('#conversation .msg.assistant.running').textContent.length > 0",
-                                   timeout=30000)
-            page.click("#chat_stop")
-            page.wait_for_function("!document.querySelector('#send').disabled", timeout=10000)
-            stopped = page.eval_on_selector("#conversation .msg:last-child", "e => [e.className, e.textContent]")
-            assert stopped[0] == "msg assistant stopped" and stopped[1] and expected4.startswith(stopped[1]), (stopped, expected4)
-            assert "stopped" in page.text_content("#stats")
-            # ... and Regenerate drops it for a whole reply
-            reply5, _, error5 = chat_on_page(page, lambda: page.click("#regenerate"))
-            assert not error5 and reply5 == expected4 and page.locator("#conversation .msg.assistant").count() == 3
-        finally:
-            browser.close()
+    with page_at(chat_server.url, height=900) as page:
+        page.wait_for_function("document.body.classList.contains('chat')", timeout=10000)
+        views = page.evaluate("['#prompt', '#out', '#go', '#conversation', '#system', '#send'].map("
+                              "(s) => document.querySelector(s).offsetParent !== null)")
+        assert views == [False, False, False, True, True, True], "the chat view, not the completion view"
+        page.fill("#system", system)
+        for field, value in [("max_tokens", "40"), ("temperature", "0.9"), ("top_p", "0.95"), ("top_k", "50"),
+                             ("seed", "7")]:
+            page.fill(f"#{field}", value)
+        # turn 1, read by the page one event at a time: the bubble grows with each delta
+        page.fill("#message", first)
+        page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/chat/completions"])
+        page.evaluate("""() => { window.lengths = [];
+            new MutationObserver(() => { const r = document.querySelectorAll('#conversation .msg.assistant');
+                if (r.length) window.lengths.push(r[r.length - 1].textContent.length); })
+            .observe(document.querySelector('#conversation'), {childList: true, characterData: true, subtree: true}); }""")
+        reply1, stats1, error1 = chat_on_page(page, lambda: page.click("#send"))
+        assert not error1 and reply1 == expected1[0], (reply1, stats1)
+        lengths = page.evaluate("window.lengths")
+        assert len(set(lengths)) >= 4, f"the reply did not stream in: {lengths}"
+        assert "tokens/s" in stats1 and stats1.startswith(f"{expected1[2]} tokens"), stats1
+        # turn 2 (Enter sends): the reply follows the whole conversation
+        page.fill("#message", second)
+        reply2, stats2, error2 = chat_on_page(page, lambda: page.press("#message", "Enter"))
+        conv += [{"role": "assistant", "content": reply1}, {"role": "user", "content": second}]
+        assert not error2 and reply2 == chat_reference(model, conv, 40, 7, **sampling)[0], (reply2, stats2)
+        # Regenerate with another seed: the last reply is replaced
+        page.fill("#seed", "8")
+        reply3, stats3, error3 = chat_on_page(page, lambda: page.click("#regenerate"))
+        assert not error3 and reply3 == chat_reference(model, conv, 40, 8, **sampling)[0] != reply2, (reply3, stats3)
+        bubbles = page.eval_on_selector_all("#conversation .msg", "els => els.map((e) => [e.className, e.textContent])")
+        assert bubbles == [["msg user", first], ["msg assistant", reply1], ["msg user", second], ["msg assistant", reply3]]
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        page.screenshot(path=os.path.join(ARTIFACTS, "serve_chat_page.png"), full_page=True)
+        # Stop: the stream stalls after its first content, Stop aborts it, the partial reply stays
+        conv += [{"role": "assistant", "content": reply3}, {"role": "user", "content": third}]
+        expected4 = chat_reference(model, conv, 40, 8, **sampling)[0]
+        page.evaluate(WRAP_NEXT_STREAM, ["stall", "/v1/chat/completions"])
+        page.fill("#message", third)
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#conversation .msg.assistant.running').textContent.length > 0",
+                               timeout=30000)
+        page.click("#chat_stop")
+        page.wait_for_function("!document.querySelector('#send').disabled", timeout=10000)
+        stopped = page.eval_on_selector("#conversation .msg:last-child", "e => [e.className, e.textContent]")
+        assert stopped[0] == "msg assistant stopped" and stopped[1] and expected4.startswith(stopped[1]), (stopped, expected4)
+        assert "stopped" in page.text_content("#stats")
+        # ... and Regenerate drops it for a whole reply
+        reply5, _, error5 = chat_on_page(page, lambda: page.click("#regenerate"))
+        assert not error5 and reply5 == expected4 and page.locator("#conversation .msg.assistant").count() == 3
 
 
 @pytest.fixture(scope="module")
@@ -891,39 +892,32 @@ def test_page_defaults_fit_a_64_token_context(short):
     context_length_exceeded; and tokens/s, timed from the first token, read ~1e5 when the stream
     came in one read. Generate with the defaults must stream, show no error, show the context,
     and report a sane tokens/s, also when the whole answer arrives at once (a buffering proxy)."""
-    chromium, sync_playwright = chromium_or_skip()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 720})
-            page.goto(short.url + "/")
-            prompt = page.input_value("#prompt")  # the page's default prompt
-            assert prompt, "the page has no default prompt"
-            n = httpx.post(short.url + "/tokenize", json={"prompt": prompt}, timeout=10).json()["count"]
-            page.wait_for_function(f"document.querySelector('#context').textContent.includes('prompt {n}')", timeout=10000)
-            context = page.text_content("#context")
-            watch_lengths(page)
-            page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/completions"])
-            text, stats, is_error = generate_on_page(page)
-            max_tokens, lengths = page.input_value("#max_tokens"), page.evaluate("window.lengths")
-            os.makedirs(ARTIFACTS, exist_ok=True)
-            page.screenshot(path=os.path.join(ARTIFACTS, "serve_page_context64.png"), full_page=True)
-            # The same with the whole answer held back (0.3 s more), then delivered in one piece, as a
-            # buffering proxy does: the page's request lasts at least `held`, so a rate timed from
-            # its start is at most tokens / held, where one timed from the first token is ~infinite.
-            held = []
+    with page_at(short.url) as page:
+        prompt = page.input_value("#prompt")  # the page's default prompt
+        assert prompt, "the page has no default prompt"
+        n = httpx.post(short.url + "/tokenize", json={"prompt": prompt}, timeout=10).json()["count"]
+        page.wait_for_function(f"document.querySelector('#context').textContent.includes('prompt {n}')", timeout=10000)
+        context = page.text_content("#context")
+        watch_lengths(page)
+        page.evaluate(WRAP_NEXT_STREAM, ["trickle", "/v1/completions"])
+        text, stats, is_error = generate_on_page(page)
+        max_tokens, lengths = page.input_value("#max_tokens"), page.evaluate("window.lengths")
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        page.screenshot(path=os.path.join(ARTIFACTS, "serve_page_context64.png"), full_page=True)
+        # The same with the whole answer held back (0.3 s more), then delivered in one piece, as a
+        # buffering proxy does: the page's request lasts at least `held`, so a rate timed from
+        # its start is at most tokens / held, where one timed from the first token is ~infinite.
+        held = []
 
-            def buffer(route):
-                start = time.monotonic()
-                response = route.fetch()
-                time.sleep(0.3)
-                held.append(time.monotonic() - start)
-                route.fulfill(response=response)
+        def buffer(route):
+            start = time.monotonic()
+            response = route.fetch()
+            time.sleep(0.3)
+            held.append(time.monotonic() - start)
+            route.fulfill(response=response)
 
-            page.route("**/v1/completions", buffer)
-            text2, stats2, is_error2 = generate_on_page(page)
-        finally:
-            browser.close()
+        page.route("**/v1/completions", buffer)
+        text2, stats2, is_error2 = generate_on_page(page)
     assert "context 64" in context, context
     assert not is_error and "400" not in stats and text, stats
     assert len(set(lengths)) >= 5, f"the text did not stream in: {lengths}"
