@@ -452,12 +452,11 @@ class StaticDecoder:
         device = model.transformer.wte.weight.device
         self.caches = model.new_kv_caches(max_batch, model.config.block_size, device, zeroed=True)  # (read whole)
         self.head_t = model.decode_head()
-        self.step_fn = model.decode_step
+        self.step_fn, self.compiled = model.decode_step, set() if compile else None  # (buckets compiled so far)
         self.graphs = compile and device.type == "cuda"
-        if compile:
-            for k, v in self.caches:  # the graphs write into these in place: fixed addresses
-                torch._dynamo.mark_static_address(k)
-                torch._dynamo.mark_static_address(v)
+        if compile:  # fixed addresses: the graphs write the caches in place, and a replay would copy the head
+            for t in [self.head_t, *(t for kv in self.caches for t in kv)]:
+                torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(model.decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
                                          fullgraph=True, dynamic=False)
 
@@ -472,7 +471,15 @@ class StaticDecoder:
             pos = torch.cat([pos, pos.new_zeros(b - B)])
         if self.graphs:  # a new step: the last one's output buffers may be reused (it was cloned)
             torch.compiler.cudagraph_mark_step_begin()
-        return self.step_fn(tokens[:, None], pos, self.caches, self.head_t)[:B].clone()
+        args = (tokens[:, None], pos, self.caches, self.head_t)
+        if self.compiled is None or b in self.compiled:
+            return self.step_fn(*args)[:B].clone()
+        # a new bucket compiles a new graph of decode_step: 9 buckets (or a second decoder) would pass
+        # dynamo's limit of 8 per function, an error under fullgraph=True
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 256)):
+            logits = self.step_fn(*args)[:B].clone()
+        self.compiled.add(b)
+        return logits
 
 
 

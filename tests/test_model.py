@@ -480,6 +480,59 @@ def test_compiled_static_decoder_gives_the_same_greedy_tokens():
     assert torch.equal(m.generate(idx, 30, temperature=0, static_cache=True, compile=True), want)
 
 
+def test_compiled_decode_step_is_ready_for_cuda_graphs(monkeypatch):
+    """What CUDA graphs need, checked on the CPU: StaticDecoder(compile=True) is compiled as under
+    "reduce-overhead" on CUDA (inductor's cudagraphs switch on, its CPU-device veto and graph cache
+    off), and inductor finds no reason to skip the graph (no incompatible op, in-place cache writes
+    only into static inputs), and no big tensor (weights, caches, head) is an input that a replay
+    would copy: only the step's tokens and positions are."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cudagraph_utils, output_code
+    monkeypatch.setattr(cudagraph_utils, "check_lowering_disable_cudagraph", lambda device_nodes: None)
+    seen, post_compile = [], output_code.CompiledFxGraph.post_compile
+
+    def spy(graph, example_inputs, constants, graph_kwargs):
+        static = set(graph.fx_kwargs["static_input_idxs"])
+        seen.append(dict(skip=graph.disabled_cudagraphs_reason, fail=graph.cudagraph_info.cudagraph_fail_reasons,
+                         copied=[tuple(t.shape) for i, t in enumerate(example_inputs)
+                                 if torch.is_tensor(t) and i not in static]))
+        graph_kwargs["cudagraphs"].value = False  # and run it as plain CPU code from here
+        return post_compile(graph, example_inputs, constants, graph_kwargs)
+
+    monkeypatch.setattr(output_code.CompiledFxGraph, "post_compile", spy)
+    settings = {"triton.cudagraphs": True, "fx_graph_cache": False,
+                "triton.cudagraph_support_input_mutation": False}  # (so that it is checked at compile time)
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch(settings):
+            m = make_ours(seed=3, n_layer=2, vocab_size=101)
+            want = M.StaticDecoder(m, 4).step(torch.tensor([5, 7, 9]), torch.tensor([0, 0, 0]))
+            got = M.StaticDecoder(m, 4, compile=True).step(torch.tensor([5, 7, 9]), torch.tensor([0, 0, 0]))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(seen) == 1, seen
+    assert seen[0]["skip"] is None and seen[0]["fail"] == [], seen[0]
+    assert all(math.prod(shape) <= 4 for shape in seen[0]["copied"]), seen[0]["copied"]
+
+
+def test_compiled_static_decoder_compiles_more_buckets_than_dynamos_recompile_limit():
+    """Each bucket of rows is a graph of its own: serve.py's --max_batch 256 is 9 of them, past
+    dynamo's default limit of 8 recompiles of decode_step (here the limit is lowered to 2 and 4
+    buckets are used), which fullgraph=True would turn into an error. Same logits as uncompiled."""
+    torch._dynamo.reset()
+    try:
+        m = make_ours(seed=4, n_layer=1, vocab_size=101)
+        dec, ref = M.StaticDecoder(m, 8, compile=True), M.StaticDecoder(m, 8)
+        with torch._dynamo.config.patch(recompile_limit=2):
+            for B in (1, 2, 3, 5, 1):
+                tokens, pos = torch.arange(B) + 1, torch.arange(B) * 3
+                torch.testing.assert_close(dec.step(tokens, pos), ref.step(tokens, pos), atol=1e-5, rtol=1e-5)
+        assert dec.compiled == {1, 2, 4, 8}
+    finally:
+        torch._dynamo.reset()
+
+
 def test_sample_next_with_a_generator_per_row_draws_as_each_row_alone():
     """A list of generators (serve.py's batch of requests): row i gets what sample_next gives
     row i alone with its own generator, for every sampling setting, step after step."""
