@@ -462,6 +462,7 @@ def bench_decode(args):
     sequence every step, as nanoGPT samples), greedy, at each --decode_batches size."""
     import torch
     import transformers
+    from torch._dynamo.utils import counters
 
     from model import GPT, GPTConfig
     from model_io import DTYPES, best_device, default_dtype, hf_state_dict
@@ -505,6 +506,9 @@ def bench_decode(args):
             t = paired(fns, 1 if args.quick else 3)
         where = f"{device} {str(dtype).removeprefix('torch.')}, {cfg.n_layer}x{cfg.n_embd}, batch {B}, {N} after {P}"
         print(f"decode {where}: greedy tokens the static path shares with the dynamic one: {same:.4f}")
+        if cuda:  # a graph inductor would not capture (it says why under TORCH_LOGS=perf_hints) runs at eager speed
+            skips = counters["inductor"]["cudagraph_skips"]
+            print(f"decode {where}: compiled graphs run without CUDA graphs so far: {skips}")
         for ref in ("dynamic", "transformers", "no cache"):
             rows.append((f"decode {where}: static (tok/s)", B * N / t["static"], B * N / t[ref], f"ours {ref}"
                          if ref != "transformers" else "transformers generate"))

@@ -7,12 +7,16 @@
 # 3. serve.py with 1, 16 and 64 streaming clients, 124M, --compile --max_batch 64: total tokens/s
 #    and time to first token, against the same requests one at a time (bench.py --section serve).
 # Goals: batch 1 >= 2,000 tok/s; batch 16 >= 5x today's rate; serve at 64 clients >= 10x one at a time.
-set -euo pipefail
-PY=${PY:-python}
+# A machine with no network needs the GPT-2 BPE beside the repo: `mkdir -p .cache && cp -r
+# ../shared/tiktoken_cache .cache/` here (.cache/ is git-ignored), then carry .cache with the run.
+set -uo pipefail  # (not -e: a failing part must not cost the other part's figures)
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1  # (a run stopped at its time limit still shows what it printed)
+[ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d .cache/tiktoken_cache ] && export TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken_cache
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 echo "== 1-2. decode"
-$PY bench.py --section decode --decode_batches 1,16,64 --prompt_len 32 --new_tokens 256
+$PY bench.py --section decode --decode_batches 1,16,64 --prompt_len 32 --new_tokens 256 || echo "== decode FAILED: $?"
 echo "== 3. serve"
 $PY bench.py --section serve --n_layer 12 --n_head 12 --n_embd 768 --prompt_len 32 --new_tokens 128 \
-    --serve_clients 1,16,64 --serve_flags "--max_batch 64 --compile --max_requests 128"
+    --serve_clients 1,16,64 --serve_flags "--max_batch 64 --compile --max_requests 128" || echo "== serve FAILED: $?"
