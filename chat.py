@@ -31,23 +31,52 @@ from model_io import CHAT_VOCAB_SIZE, IM_END, IM_START, get_tokenizer
 ROLES = ("system", "user", "assistant")
 
 
+def _pieces(m):
+    """One message's tokens in three pieces: <|im_start|>role\\n; its text and <|im_end|>; \\n."""
+    enc = get_tokenizer()
+    head = [IM_START] + enc.encode_ordinary(m["role"] + "\n")
+    return head, enc.encode_ordinary(m["content"]) + [IM_END], enc.encode_ordinary("\n")
+
+
 def render(messages, generation_prompt=False):
     """messages [{"role", "content"}] -> (token ids, trained flags), one flag per token: True for
     the assistant's text and its closing <|im_end|>. generation_prompt=True ends the tokens with
     an open assistant turn (<|im_start|>assistant\\n), the prompt a reply is sampled after."""
-    enc = get_tokenizer()
     ids, trained = [], []
     for m in messages:
-        head = [IM_START] + enc.encode_ordinary(m["role"] + "\n")
-        body = enc.encode_ordinary(m["content"]) + [IM_END]
-        ids += head + body + enc.encode_ordinary("\n")
-        mine = m["role"] == "assistant"
-        trained += [False] * len(head) + [mine] * len(body) + [False]
+        head, body, tail = _pieces(m)
+        ids += head + body + tail
+        trained += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
     if generation_prompt:
-        head = [IM_START] + enc.encode_ordinary("assistant\n")
+        head = _pieces({"role": "assistant", "content": ""})[0]
         ids += head
         trained += [False] * len(head)
     return ids, trained
+
+
+def fit(messages, limit):
+    """The tokens a reply is sampled after, render(messages, generation_prompt=True), made to fit in
+    `limit` tokens. messages: an optional system message, then the user's messages and the replies
+    in turn, ending with the user's. While too long, the oldest turn (a user message and its reply)
+    is dropped, never the system message nor the last message; if that one alone is still too long,
+    tokens are cut from the start of its text.
+    Returns (ids, dropped: how many messages from the front (after the system message) the prompt
+    leaves out, cut: how many tokens of the last message's text it leaves out)."""
+    system = 1 if messages[0]["role"] == "system" else 0
+    sizes = [len(render([m])[0]) for m in messages]  # render is per message: the sizes add up
+    gen = len(render([], generation_prompt=True)[0])
+    dropped = 0
+    while sum(sizes[:system]) + sum(sizes[system + dropped:]) + gen > limit and system + dropped + 2 < len(messages):
+        dropped += 2
+    kept = messages[:system] + messages[system + dropped:]
+    ids, _ = render(kept, generation_prompt=True)
+    cut = max(0, len(ids) - limit)
+    if cut:
+        head, body, tail = _pieces(kept[-1])
+        if cut >= len(body):  # (body ends with <|im_end|>, which stays)
+            raise cli.Error(f"the system message leaves no room for a message in {limit} tokens")
+        ids = render(kept[:-1])[0] + head + body[cut:] + tail + render([], generation_prompt=True)[0]
+    return ids, dropped, cut
 
 
 def check_messages(messages, where, training=False):

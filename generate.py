@@ -30,7 +30,6 @@ than the room left slides the context window as plain sampling does. Notes go to
 """
 
 import argparse
-import codecs
 import signal
 import sys
 import threading
@@ -40,27 +39,9 @@ import torch
 
 import chat
 import cli
-from model_io import DTYPES, IM_END, IM_START, best_device, default_dtype, get_tokenizer, load_model
+from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get_tokenizer, load_model
 
 MAX_NEW_TOKENS = {"plain": 64, "chat": 256}  # --max_new_tokens's defaults
-
-
-class TextStream:
-    """Token ids to text as they come. Tokens are byte strings, and a character's UTF-8 bytes may
-    be split across tokens: an incremental decoder holds back an incomplete character until its
-    last byte arrives. The pieces add up to enc.decode() of the tokens."""
-
-    def __init__(self, enc):
-        self.enc = enc
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, token):
-        """The text that token completes ('' while a character is incomplete)."""
-        return self.decoder.decode(self.enc.decode_single_token_bytes(token))
-
-    def end(self):
-        """What is left: a trailing incomplete character becomes U+FFFD, as in enc.decode."""
-        return self.decoder.decode(b"", final=True)
 
 
 def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **sampling):
@@ -72,11 +53,12 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
     eot = enc.eot_token
     ids = enc.encode(prompt) or [eot]
     idx = torch.tensor([ids] * num_samples, device=model.transformer.wte.weight.device)
-    # a chat model may sample its markers: decoded as their text
-    streams = [TextStream(get_tokenizer(chat=chat.is_chat_model(model))) for _ in range(num_samples)]
+    token_bytes = get_tokenizer(chat=chat.is_chat_model(model)).decode_single_token_bytes  # (a chat model's markers too)
+    streams = [TextStream() for _ in range(num_samples)]
     pieces = [[] for _ in range(num_samples)]
 
-    def add(row, piece):
+    def add(row, data, final=False):
+        piece, _ = streams[row].push(data, final)
         pieces[row].append(piece)
         if row == 0 and piece and on_text is not None:
             on_text(piece)
@@ -84,17 +66,17 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
     for row in range(num_samples):
         for t in ids:
             if t != eot:
-                add(row, streams[row].add(t))
+                add(row, token_bytes(t))
     t0 = time.perf_counter()
     steps = 0
     for tokens in model.generate_stream(idx, max_new_tokens, eos_token_id=eot, **sampling):
         steps += 1
         for row, t in enumerate(tokens.tolist()):  # a finished row keeps yielding eot: nothing to print
             if t != eot:
-                add(row, streams[row].add(t))
+                add(row, token_bytes(t))
     seconds = time.perf_counter() - t0
     for row in range(num_samples):
-        add(row, streams[row].end())
+        add(row, b"", final=True)
     return ["".join(p) for p in pieces], steps, seconds
 
 
@@ -105,35 +87,6 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
 def reply_room(block_size, max_new_tokens):
     """Tokens of the context kept free for a reply: --max_new_tokens, at most half the context."""
     return min(max_new_tokens, block_size // 2)
-
-
-def chat_prompt(messages, limit):
-    """The tokens a reply is sampled after: chat.render(messages, generation_prompt=True), made to
-    fit in `limit` tokens. messages: an optional system message, then the user's messages and the
-    replies in turn, ending with the user's. While too long, the oldest turn (a user message and
-    its reply) is dropped, never the system message nor the last message; if that one alone is
-    still too long, tokens are cut from the start of its text.
-    Returns (ids, dropped: how many messages from the front (after the system message) the
-    prompt leaves out, cut: how many tokens of the last message's text it leaves out)."""
-    system = 1 if messages[0]["role"] == "system" else 0
-    sizes = [len(chat.render([m])[0]) for m in messages]  # render is per message: the sizes add up
-    gen = len(chat.render([], generation_prompt=True)[0])
-    dropped = 0
-    while sum(sizes[:system]) + sum(sizes[system + dropped:]) + gen > limit and system + dropped + 2 < len(messages):
-        dropped += 2
-    kept = messages[:system] + messages[system + dropped:]
-    ids, _ = chat.render(kept, generation_prompt=True)
-    if len(ids) <= limit:
-        return ids, dropped, 0
-    last = kept[-1]
-    text = get_tokenizer().encode_ordinary(last["content"])
-    cut = len(ids) - limit
-    if cut > len(text):
-        raise cli.Error(f"the system message leaves no room for a message in {limit} tokens")
-    before, _ = chat.render(kept[:-1])
-    head = [IM_START] + get_tokenizer().encode_ordinary(last["role"] + "\n")
-    after = ids[len(before) + len(head) + len(text):]  # <|im_end|>\n<|im_start|>assistant\n
-    return before + head + text[cut:] + after, dropped, cut
 
 
 def check_system_fits(system, block_size, room):
@@ -205,9 +158,9 @@ def chat_loop(model, system=None, max_new_tokens=MAX_NEW_TOKENS["chat"], seed=42
         if not text:
             continue
         messages.append({"role": "user", "content": line})
-        stream, pieces, ended = TextStream(enc), [], False
+        stream, pieces, ended = TextStream(), [], False
         with CtrlC() as ctrl_c:
-            ids, dropped, cut = chat_prompt(messages, block_size - room)
+            ids, dropped, cut = chat.fit(messages, block_size - room)
             if dropped:
                 del messages[len(start) : len(start) + dropped]
                 note(f"history cropped: the {dropped} oldest messages dropped to fit the {block_size}-token context")
@@ -223,13 +176,13 @@ def chat_loop(model, system=None, max_new_tokens=MAX_NEW_TOKENS["chat"], seed=42
                 if t == IM_END:
                     ended = True
                     break
-                piece = stream.add(t)
+                piece, _ = stream.push(enc.decode_single_token_bytes(t))
                 print(piece, end="", flush=True)
                 pieces.append(piece)
             tokens.close()
         stopped = ctrl_c.pressed and not ended
         if not stopped:  # (stopped: the reply is what was printed, an incomplete last character left out)
-            pieces.append(stream.end())
+            pieces.append(stream.push(b"", final=True)[0])
             print(pieces[-1], end="")
         print()
         messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -13,6 +13,7 @@ script runs by default (device and dtype).
 Every failure to load is a cli.Error whose message says what to do.
 """
 
+import codecs
 import functools
 import json
 import os
@@ -78,6 +79,32 @@ def get_tokenizer(chat=False):
             f"TIKTOKEN_CACHE_DIR to a directory holding {R50K_URL} saved under the name {name} "
             "(this repo's ../shared/tiktoken_cache has it)"
         ) from None
+
+
+class TextStream:
+    """Token bytes to text deltas as they come. A character's UTF-8 bytes may be split across tokens:
+    an incremental decoder holds them back until it is complete, and text that may be the start of a
+    stop string is held back too; a stop string itself is never handed out. The deltas add up to
+    tiktoken's decode() of the tokens, cut before the first stop string."""
+
+    def __init__(self, stop=()):
+        self.stop = stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent = "", 0  # everything decoded; how much of it was handed out
+
+    def push(self, data, final=False):
+        """Add bytes (final: the last of them; a trailing incomplete character becomes U+FFFD, as in
+        decode()); returns (text safe to hand out now, stopped)."""
+        self.text += self.decoder.decode(data, final)
+        # A stop string cannot start before self.sent: any text that could begin one was held.
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            end = min(hits)
+        else:
+            held = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = max(self.sent, len(self.text) - held)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta, bool(hits)
 
 
 # -----------------------------------------------------------------------------

@@ -52,7 +52,6 @@ random one.
 
 import argparse
 import asyncio
-import codecs
 import contextlib
 import json
 import os
@@ -70,7 +69,7 @@ import torch
 import chat
 import cli
 from model import EOT_TOKEN, StaticDecoder, sample_next
-from model_io import DTYPES, IM_END, best_device, default_dtype, get_tokenizer, load_model
+from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get_tokenizer, load_model
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
@@ -350,31 +349,6 @@ def parse_tokenize(raw, enc, chat_model=False):
 
 # -----------------------------------------------------------------------------
 # Text: token ids -> the text deltas a stream sends
-
-
-class TextStream:
-    """Turns one choice's token bytes into text deltas. Bytes of a character split across
-    tokens are held back until it is complete (an incremental UTF-8 decoder), and so is text
-    that may be the start of a stop string; a stop string itself is never sent. The deltas
-    add up to tiktoken's decode() of the tokens, cut before the first stop string."""
-
-    def __init__(self, stop):
-        self.stop = stop
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent = "", 0  # everything decoded; how much of it was handed out
-
-    def push(self, data, final=False):
-        """Add bytes (final: the last of them); returns (text safe to send now, stopped)."""
-        self.text += self.decoder.decode(data, final)
-        # A stop string cannot start before self.sent: any text that could begin one was held.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            end = min(hits)
-        else:
-            held = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            end = max(self.sent, len(self.text) - held)
-        delta, self.sent = self.text[self.sent : end], end
-        return delta, bool(hits)
 
 
 # -----------------------------------------------------------------------------

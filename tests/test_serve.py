@@ -24,8 +24,8 @@ from conftest import REPO_ROOT, perturb_  # noqa: E402
 
 import chat  # noqa: E402
 from model import EOT_TOKEN, GPT, GPTConfig  # noqa: E402
-from model_io import IM_END, get_tokenizer, load_model, save_pretrained  # noqa: E402
-from serve import APIError, Engine, Job, Sequence, TextStream, job_events, launch  # noqa: E402
+from model_io import IM_END, TextStream, get_tokenizer, load_model, save_pretrained  # noqa: E402
+from serve import APIError, Engine, Job, Sequence, job_events, launch  # noqa: E402
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", str(REPO_ROOT / "test-artifacts"))
 PROMPTS = ["Hello, I'm a language model,", "The quick brown fox", "Once upon a time", "In 1905, Einstein",
