@@ -458,8 +458,9 @@ def bench_recipe(args):
 
 def bench_decode(args):
     """Sampling speed: ours with the static cache (fixed shapes; compiled into CUDA graphs on CUDA),
-    ours on the dynamic path, transformers' generate (KV cache) and a cache-less loop (the whole
-    sequence every step, as nanoGPT samples), greedy, at each --decode_batches size."""
+    ours on the dynamic path, transformers' generate (KV cache), a cache-less loop (the whole
+    sequence every step, as nanoGPT samples) and on CUDA the static cache uncompiled, greedy, at
+    each --decode_batches size."""
     import torch
     import transformers
     from torch._dynamo.utils import counters
@@ -499,6 +500,8 @@ def bench_decode(args):
                                                           min_new_tokens=N, do_sample=False, pad_token_id=0)),
             "no cache": timed(lambda: ours.generate(prompt, N, temperature=0, use_cache=False)),
         }
+        if cuda:  # is the static cache worth having without CUDA graphs (the default on CUDA if so)?
+            fns["static eager"] = timed(lambda: ours.generate(prompt, N, temperature=0, static_cache=True))
         with torch.no_grad():
             fns["static"]()  # compile and capture outside the timing
             same = (ours.generate(prompt, N, temperature=0, static_cache=True, compile=cuda)
@@ -509,7 +512,7 @@ def bench_decode(args):
         if cuda:  # a graph inductor would not capture (it says why under TORCH_LOGS=perf_hints) runs at eager speed
             skips = counters["inductor"]["cudagraph_skips"]
             print(f"decode {where}: compiled graphs run without CUDA graphs so far: {skips}")
-        for ref in ("dynamic", "transformers", "no cache"):
+        for ref in [r for r in fns if r != "static"]:
             rows.append((f"decode {where}: static (tok/s)", B * N / t["static"], B * N / t[ref], f"ours {ref}"
                          if ref != "transformers" else "transformers generate"))
     return rows

@@ -213,9 +213,9 @@ def main(argv=None):
     a("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
     a("--dtype", choices=list(DTYPES), default=None, help="weights' dtype (default: bf16 on CUDA, else fp32)")
     a("--static_cache", action=argparse.BooleanOptionalAction, default=None,
-      help="decode with fixed shapes (whole-context KV cache; default: on CUDA, where a step is bound by kernel "
-           "launches); the same tokens")
-    a("--compile", action="store_true", help="with the static cache: compile the decode step (on CUDA a CUDA graph; slow start)")
+      help="decode with fixed shapes (whole-context KV cache; default: with --compile, which makes its steps "
+           "CUDA graphs); the same tokens")
+    a("--compile", action="store_true", help="compile the decode step, on the static cache (on CUDA a CUDA graph; slow start)")
     args = p.parse_args(argv)
     if args.chat:
         for flag in ("prompt", "num_samples"):

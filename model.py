@@ -294,9 +294,9 @@ class GPT(nn.Module):
         temperature 0 or top_k=1 is greedy. Sampling is deterministic given `seed` or a
         torch.Generator. With eos_token_id, a row that emits it keeps emitting it, and
         generation stops once every row has.
-        static_cache: decode with fixed shapes (StaticDecoder; default: on CUDA, where a step is
-        bound by kernel launches), the same tokens; compile=True also compiles its step (on CUDA
-        into CUDA graphs: a slow first call, then the fastest steps).
+        static_cache: decode with fixed shapes (StaticDecoder), the same tokens; default: with
+        compile, which compiles its step (on CUDA into CUDA graphs: a slow first call, then the
+        fastest steps). Uncompiled it does more work per step (it attends to the whole context).
         """
         if seed is not None and generator is None:
             generator = torch.Generator(idx.device).manual_seed(seed)
@@ -309,7 +309,7 @@ class GPT(nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             caches, pos, decoder = None, 0, None
             if static_cache is None:
-                static_cache = idx.device.type == "cuda"
+                static_cache = compile
             if use_cache and static_cache:
                 decoder = self.static_decoder(B, compile)
                 caches, head_t = [(k[:B], v[:B]) for k, v in decoder.caches], decoder.head_t

@@ -396,7 +396,7 @@ class Sequence:
 
 class Engine:
     """static_cache: decode steps with fixed shapes (model.StaticDecoder: the batch padded up to a
-    bucket of rows; default on CUDA), compile: compiled into a CUDA graph per bucket. The same
+    bucket of rows; default: with compile), compile: compiled into a CUDA graph per bucket. The same
     tokens either way."""
 
     def __init__(self, model, max_batch, max_requests, static_cache=None, compile=False):
@@ -405,7 +405,7 @@ class Engine:
         enc = get_tokenizer(chat=chat.is_chat_model(model))  # a chat model's markers are text: "<|im_start|>"
         self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(model.config.vocab_size)]
         if static_cache is None:
-            static_cache = self.device.type == "cuda"
+            static_cache = compile
         self.decoder = StaticDecoder(model, max_batch, compile) if static_cache else None
         # Row i of every layer's cache belongs to self.active[i]. Zeroed: the decode step masks the
         # entries past each row's length. The logits exactly as generate() computes them.
@@ -869,7 +869,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' dtype (default: bf16 on CUDA, else fp32)")
     p.add_argument("--static_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="decode with fixed shapes: whole-context KV caches, the batch padded to 1, 2, 4, ... rows "
-                        "(default: on CUDA, where a step is bound by kernel launches; the same tokens)")
+                        "(default: with --compile, which makes its steps CUDA graphs; the same tokens)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: with the static cache, one CUDA graph per batch size "
                         "(slow start, fastest steps); without, the transformer blocks")
@@ -901,7 +901,7 @@ def main(argv=None):
         sock.bind((args.host, args.port))
         model = load_model(args.model)
         model.to(device=device, dtype=DTYPES[dtype])
-        static = args.static_cache if args.static_cache is not None else device.startswith("cuda")
+        static = args.static_cache if args.static_cache is not None else args.compile
         if args.compile and not static:
             for block in model.transformer.h:
                 block.compile(dynamic=True)

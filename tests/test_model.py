@@ -533,6 +533,19 @@ def test_compiled_static_decoder_compiles_more_buckets_than_dynamos_recompile_li
         torch._dynamo.reset()
 
 
+def test_the_static_cache_comes_with_compile_by_default(monkeypatch):
+    """Uncompiled, the static cache does more work per step than the dynamic path, so generate()
+    takes it only when asked or under compile=True (the CUDA graphs are what make it fast)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # (what is compiled is not the point here)
+    m, idx = make_ours(seed=6, vocab_size=101), rand_idx(2, 5, 101)
+    m.generate(idx, 3)
+    assert not m.__dict__.get("_static_decoders")
+    m.generate(idx, 3, compile=True)
+    assert [key[-1] for key in m.__dict__["_static_decoders"]] == [True]
+    m.generate(idx, 3, static_cache=True)
+    assert sorted(key[-1] for key in m.__dict__["_static_decoders"]) == [False, True]
+
+
 def test_sample_next_with_a_generator_per_row_draws_as_each_row_alone():
     """A list of generators (serve.py's batch of requests): row i gets what sample_next gives
     row i alone with its own generator, for every sampling setting, step after step."""
