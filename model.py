@@ -437,7 +437,8 @@ class StaticDecoder:
     """Decode steps at GPU speed: KV caches of the whole context, allocated once, and a step whose
     shapes never change (GPT.decode_step), padded up to a bucket of rows (1, 2, 4, ..., 64, ...).
     A step of a small model on a GPU is bound by launching its ~100 kernels, not by the work;
-    with compile=True on CUDA the step is compiled and captured as one CUDA graph per bucket
+    with compile=True on CUDA the step is compiled (twice: for one row, then for any number of rows,
+    as dynamo makes a size that changed dynamic) and captured as one CUDA graph per bucket
     (torch.compile's "reduce-overhead"), replayed every step. Prefill stays eager (next_logits).
     Row b of the caches is the caller's row b; padding rows write into rows nobody uses yet."""
 
@@ -458,7 +459,7 @@ class StaticDecoder:
             for t in [self.head_t, *(t for kv in self.caches for t in kv)]:
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(model.decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
-                                         fullgraph=True, dynamic=False)
+                                         fullgraph=True)
 
     def step(self, tokens, pos):
         """tokens (B,), pos (B,) -> fp32 logits (B, vocab_size): row b's token goes to position pos[b]
@@ -474,8 +475,8 @@ class StaticDecoder:
         args = (tokens[:, None], pos, self.caches, self.head_t)
         if self.compiled is None or b in self.compiled:
             return self.step_fn(*args)[:B].clone()
-        # a new bucket compiles a new graph of decode_step: 9 buckets (or a second decoder) would pass
-        # dynamo's limit of 8 per function, an error under fullgraph=True
+        # a new bucket may compile a new graph of decode_step, and dynamo's limit of 8 per function
+        # (here shared by every decoder of every model) is an error under fullgraph=True
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 256)):
             logits = self.step_fn(*args)[:B].clone()
         self.compiled.add(b)
