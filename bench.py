@@ -259,7 +259,6 @@ def bench_serve(args):
     """serve.py: k streaming clients at once (continuous batching) vs the same k requests one at a time."""
     import asyncio
     import json
-    import subprocess
 
     import httpx
 
@@ -273,7 +272,7 @@ def bench_serve(args):
     work = tempfile.mkdtemp(prefix="bench-serve-")
     save_pretrained(GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)), work)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-    proc, url = serve.launch(work, *args.serve_flags.split(), stderr=subprocess.DEVNULL, env=env)
+    proc, url = serve.launch(work, *args.serve_flags.split(), env=env, timeout=900)  # (--compile: minutes; errors show)
     P, N = args.prompt_len, 32 if args.quick else args.new_tokens
     g = torch.Generator().manual_seed(0)
     counts = [int(k) for k in args.serve_clients.split(",")]

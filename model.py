@@ -446,7 +446,7 @@ class StaticDecoder:
 
     @staticmethod
     def bucket(n):
-        return next((b for b in StaticDecoder.BUCKETS if b >= n), n)
+        return next((b for b in StaticDecoder.BUCKETS if b >= n), -(-n // 256) * 256)  # (then multiples of 256)
 
     def __init__(self, model, max_batch, compile=False):
         self.model, self.max_batch = model, max_batch
@@ -460,6 +460,13 @@ class StaticDecoder:
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(model.decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
                                          fullgraph=True)
+
+    def warm_up(self):
+        """Compile and capture every bucket up to max_batch now, not at the first batch of each size.
+        (Its steps write into position 0 of the caches' rows: prefill overwrites that before use.)"""
+        for b in sorted({min(self.bucket(n), self.max_batch) for n in range(1, self.max_batch + 1)}):
+            for _ in range(3):  # under reduce-overhead: a warm-up run, the recording, a replay
+                self.step(*self.caches[0][0].new_zeros(2, b, dtype=torch.long))
 
     def step(self, tokens, pos):
         """tokens (B,), pos (B,) -> fp32 logits (B, vocab_size): row b's token goes to position pos[b]

@@ -421,8 +421,12 @@ class Engine:
         self.stats = {"decode_steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0}
         self.closed = False
         self.outbox = []  # this step's (job, event)s, handed to the event loop in one call
+        self.ready, self.failed = threading.Event(), None  # set once a compiled decoder is warm
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
+        self.ready.wait()
+        if self.failed:
+            raise cli.Error(f"compiling the decode step failed: {type(self.failed).__name__}: {self.failed}")
 
     def close(self):
         """Stop after the current step (at server shutdown, so no torch op is cut off mid-way)."""
@@ -447,6 +451,16 @@ class Engine:
                 **self.stats}
 
     def _loop(self):
+        try:  # here, not in __init__: CUDA graphs belong to the thread that records them
+            if self.decoder and self.decoder.compiled is not None:
+                with torch.no_grad():
+                    self.decoder.warm_up()
+        except Exception as e:
+            traceback.print_exc()
+            self.failed = e
+            return
+        finally:
+            self.ready.set()
         while True:
             with self.lock:
                 while not self.waiting and not self.active and not self.closed:
@@ -871,8 +885,8 @@ def main(argv=None):
                    help="decode with fixed shapes: whole-context KV caches, the batch padded to 1, 2, 4, ... rows "
                         "(default: with --compile, which makes its steps CUDA graphs; the same tokens)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: with the static cache, one CUDA graph per batch size "
-                        "(slow start, fastest steps); without, the transformer blocks")
+                   help="torch.compile the decode step: with the static cache, one CUDA graph per batch size, all made "
+                        "before the server answers (slow start, fastest steps); without, the transformer blocks")
     d = Limits()
     p.add_argument("--max_prompt_tokens", type=cli.positive_int, default=d.max_prompt_tokens, help="longest prompt in tokens (longer: HTTP 413)")
     p.add_argument("--max_tokens", type=cli.positive_int, default=d.max_tokens, help="largest max_tokens a request may ask (more: HTTP 400)")
@@ -905,6 +919,8 @@ def main(argv=None):
         if args.compile and not static:
             for block in model.transformer.h:
                 block.compile(dynamic=True)
+        elif args.compile:
+            print(f"serve.py: compiling the decode step for 1 to {args.max_batch} rows (on CUDA, CUDA graphs)...", file=sys.stderr)
         app = create_app(model, os.path.basename(os.path.normpath(args.model)), limits,  # a name, not a path
                          loopback_only=args.host in LOOPBACK_NAMES, static_cache=static, compile=args.compile)
     except (cli.Error, OSError) as e:

@@ -23,6 +23,8 @@ import httpx  # noqa: E402  (the openai client's own HTTP library)
 from conftest import REPO_ROOT, perturb_  # noqa: E402
 
 import chat  # noqa: E402
+import cli  # noqa: E402
+import serve  # noqa: E402
 from model import EOT_TOKEN, GPT, GPTConfig  # noqa: E402
 from model_io import IM_END, TextStream, get_tokenizer, load_model, save_pretrained  # noqa: E402
 from serve import APIError, Engine, Job, Sequence, job_events, launch  # noqa: E402
@@ -253,16 +255,13 @@ def test_text_stream_holds_back_split_characters_and_stop_prefixes():
     assert ts.push(b"", final=True) == (b"\xc3".decode("utf-8", "replace"), False)
 
 
-def test_engine_survives_a_failing_step(tiny, monkeypatch):
-    """A step that raises (a bug, out of memory) fails the requests it was running with an error
-    event and frees their places; the next request is served as before."""
-    model, _ = tiny
-    engine = Engine(model, max_batch=4, max_requests=2)
-    prompt = get_tokenizer().encode(PROMPTS[0])
+def engine_run(engine, prompt):
+    """run(n): n sequences of 10 tokens after prompt, seeds 3, 4, ..., as one request to the engine."""
+    ids = get_tokenizer().encode(prompt)
 
     async def run(n):
         job = Job(asyncio.get_running_loop())
-        seqs = [Sequence(job, c, prompt, 10, 1.0, 1.0, None, torch.Generator().manual_seed(3 + c), TextStream([]))
+        seqs = [Sequence(job, c, ids, 10, 1.0, 1.0, None, torch.Generator().manual_seed(3 + c), TextStream([]))
                 for c in range(n)]
         assert engine.submit(job, seqs)
         texts = [""] * n
@@ -271,6 +270,16 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
                 texts[index] += text
         return texts
 
+    return lambda n: asyncio.run(run(n))
+
+
+def test_engine_survives_a_failing_step(tiny, monkeypatch):
+    """A step that raises (a bug, out of memory) fails the requests it was running with an error
+    event and frees their places; the next request is served as before."""
+    model, _ = tiny
+    engine = Engine(model, max_batch=4, max_requests=2)
+    run = engine_run(engine, PROMPTS[0])
+
     def fail(*args):
         raise RuntimeError("injected failure")
 
@@ -278,13 +287,46 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
         real = model.next_logits
         monkeypatch.setattr(model, "next_logits", fail)
         with pytest.raises(APIError) as e:
-            asyncio.run(run(2))
+            run(2)
         assert e.value.status == 500
         assert engine.load()["requests_in_flight"] == 0 and engine.load()["running"] == 0
         monkeypatch.setattr(model, "next_logits", real)
-        assert asyncio.run(run(2)) == [reference(model, PROMPTS[0], 10, 3 + c)[0] for c in range(2)]
+        assert run(2) == [reference(model, PROMPTS[0], 10, 3 + c)[0] for c in range(2)]
     finally:
         engine.close()
+
+
+def test_a_compiled_engine_is_warm_for_every_bucket_before_it_serves(tiny, monkeypatch):
+    """serve.py --compile compiles (on CUDA: captures) the decode step for every bucket of rows up to
+    --max_batch as the engine starts, in the engine's own thread (a CUDA graph belongs to the thread
+    that records it), not at the first batch of each size. Answers are unchanged; a compile that
+    fails is one error."""
+    model, _ = tiny
+    calls = []
+
+    def compile_(fn, **kw):  # torch.compile's stand-in: notes each step's thread and rows
+        def step(*args):
+            calls.append((threading.current_thread().name, args[0].size(0)))
+            return fn(*args)
+        return step
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    engine = Engine(model, max_batch=5, max_requests=2, compile=True)
+    try:
+        assert engine.decoder.compiled == {1, 2, 4, 5}
+        assert {c[0] for c in calls} == {"engine"} and {c[1] for c in calls} == {1, 2, 4, 5}
+        warm = len(calls)
+        assert engine_run(engine, PROMPTS[1])(3) == [reference(model, PROMPTS[1], 10, 3 + c)[0] for c in range(3)]
+        assert len(calls) > warm and engine.decoder.compiled == {1, 2, 4, 5}
+    finally:
+        engine.close()
+
+    def fail(self):
+        raise RuntimeError("injected compile failure")
+
+    monkeypatch.setattr(serve.StaticDecoder, "warm_up", fail)
+    with pytest.raises(cli.Error, match="^compiling the decode step failed: RuntimeError: injected compile failure$"):
+        Engine(model, max_batch=5, max_requests=2, compile=True)
 
 
 # ----------------------------------------------------------------------------- the API
