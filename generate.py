@@ -231,6 +231,9 @@ def main(argv=None):
     try:
         get_tokenizer()  # fail before loading weights if the BPE cannot be had
         model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])
+        if args.compile and args.static_cache is not False:  # now, so that tokens/s counts no compiling
+            print("(compiling the decode step...)", file=sys.stderr, flush=True)
+            model.static_decoder(1 if args.chat else args.num_samples, compile=True).warm_up()
         if args.chat:
             if not chat.is_chat_model(model):
                 raise cli.Error(f"--model {args.model} is not a chat model (its vocabulary has no chat markers): "

@@ -473,10 +473,10 @@ class StaticDecoder:
         of cache row b and sees that row's entries [0, pos[b]]."""
         B = tokens.size(0)
         b = min(self.bucket(B), self.max_batch)
-        tokens, pos = tokens.contiguous(), pos.contiguous()  # (strides are guarded too: a view would recompile)
-        if b > B:  # padding rows: token 0 at position 0 of rows B..b-1
-            tokens = torch.cat([tokens, tokens.new_zeros(b - B)])
-            pos = torch.cat([pos, pos.new_zeros(b - B)])
+        # new (b,) tensors, with padding rows (token 0 at position 0 of rows B..b-1) if b > B: the
+        # graphs are specialised to strides too, and a caller's view (seq[:, -1]) has its own
+        tokens = torch.cat([tokens, tokens.new_zeros(b - B)])
+        pos = torch.cat([pos, pos.new_zeros(b - B)])
         if self.graphs:  # a new step: the last one's output buffers may be reused (it was cloned)
             torch.compiler.cudagraph_mark_step_begin()
         args = (tokens[:, None], pos, self.caches, self.head_t)

@@ -269,3 +269,28 @@ def test_flags_that_do_not_go_together(argv, flag, capsys):
         generate.main(argv + ["--model", "no_such_model"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and flag in err[0], err
+
+
+def test_compile_warms_the_decoder_before_it_samples(small, monkeypatch, capsys):
+    """generate.py --compile compiles the decode step before sampling (so its tokens/s counts no
+    compiling, and a note says what the wait is), and prints the samples of the uncompiled path."""
+    _, path = small
+    argv = ["--model", path, "--device", "cpu", "--num_samples", "3", "--max_new_tokens", "12", "--seed", "5"]
+    assert generate.main(argv) == 0
+    want = capsys.readouterr().out
+    steps, started = [], []
+
+    def compile_(fn, **kw):  # torch.compile's stand-in: counts the decode steps
+        def step(*args):
+            steps.append(args[0].size(0))
+            return fn(*args)
+        return step
+
+    real = GPT.generate_stream
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(GPT, "generate_stream", lambda *a, **k: (started.append(len(steps)), real(*a, **k))[1])
+    assert generate.main(argv + ["--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want and "(compiling the decode step...)" in err
+    assert started and started[0] > 0 and set(steps[: started[0]]) == {1, 2, 4}  # every bucket up to 3 rows, first
+    assert len(steps) > started[0]  # and the samples came through it

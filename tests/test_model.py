@@ -536,6 +536,24 @@ def test_compiled_static_decoder_compiles_more_buckets_than_dynamos_recompile_li
         torch._dynamo.reset()
 
 
+def test_a_warm_static_decoder_compiles_nothing_more():
+    """StaticDecoder.warm_up (serve.py and generate.py --compile call it before they time or serve
+    anything) compiles what every later step needs: generate() then compiles nothing new, though it
+    passes views of its tokens (with strides of their own) to the decoder."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    try:
+        m = make_ours(seed=7, n_layer=1, vocab_size=101)
+        for rows in (3, 1):  # (a decoder per bucket of rows: 4, then 1)
+            m.static_decoder(rows, compile=True).warm_up()
+            graphs = counters["stats"]["unique_graphs"]
+            m.generate(rand_idx(rows, 6, 101), 5, compile=True)
+            m.generate(rand_idx(rows, 9, 101), 5, compile=True)
+            assert counters["stats"]["unique_graphs"] == graphs, rows
+    finally:
+        torch._dynamo.reset()
+
+
 def test_the_static_cache_comes_with_compile_by_default(monkeypatch):
     """Uncompiled, the static cache does more work per step than the dynamic path, so generate()
     takes it only when asked or under compile=True (the CUDA graphs are what make it fast)."""
