@@ -10,6 +10,7 @@
 # A GPU machine with no network (PyTorch, transformers and httpx installed, no fastapi/uvicorn):
 #   here:  bash tests/gpu_decode.sh prepare   (the GPT-2 BPE and serve.py's wheels for Python 3.12,
 #          into the git-ignored .cache/), then run `bash tests/gpu_decode.sh` there, carrying .cache.
+# DRY=1 runs the same steps on a CPU with a tiny model (tests/test_serve.py does, in CI).
 set -uo pipefail  # (not -e: a failing part must not cost the other part's figures)
 PY=${PY:-python3}
 if [ "${1:-}" = prepare ]; then
@@ -25,8 +26,14 @@ if [ -d .cache/wheels ] && ! $PY -c "import fastapi, uvicorn" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+if [ -n "${DRY:-}" ]; then  # DRY=1: the script's logic on a CPU, with a tiny model and fewer rows
+    dims="--n_layer 2 --n_head 2 --n_embd 64 --quick" decode="--decode_device cpu --decode_preset args" rows=1,4
+else
+    dims="--n_layer 12 --n_head 12 --n_embd 768" decode="--decode_preset gpt2" rows=1,16,64
+fi
 echo "== 1-2. decode"
-$PY bench.py --section decode --decode_batches 1,16,64 --prompt_len 32 --new_tokens 256 || echo "== decode FAILED: $?"
+$PY bench.py --section decode $decode $dims --decode_batches $rows --prompt_len 32 --new_tokens 256 ||
+    echo "== decode FAILED: $?"
 echo "== 3. serve"
-$PY bench.py --section serve --n_layer 12 --n_head 12 --n_embd 768 --prompt_len 32 --new_tokens 128 \
-    --serve_clients 1,16,64 --serve_flags "--max_batch 64 --compile --max_requests 128" || echo "== serve FAILED: $?"
+$PY bench.py --section serve $dims --prompt_len 32 --new_tokens 128 --serve_clients $rows \
+    --serve_flags "--max_batch ${rows##*,} --compile --max_requests 128" || echo "== serve FAILED: $?"

@@ -1079,3 +1079,18 @@ def test_fuzzed_requests_get_4xx_never_500(request, endpoint):
     post()
     assert statuses & {400, 413} and server.post(ok, path=endpoint).status_code == 200
     assert rss() - before < 64 * 1024, (before, rss())  # kB
+
+
+def test_the_gpu_decode_script_runs_on_a_cpu():
+    """tests/gpu_decode.sh (issue #17's GPU figures) is run rarely, on borrowed GPU minutes: DRY=1 runs
+    the same steps here with a tiny model, so a renamed flag or a broken table shows in CI first."""
+    env = dict(os.environ, DRY="1", PY=sys.executable, OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", "tests/gpu_decode.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "FAILED" not in out, out[-3000:]
+    for b in (1, 4):
+        assert re.search(rf"batch {b}, .*greedy tokens the static path shares with the dynamic one: 1\.0000", out), out
+        for ref in ("ours dynamic", "transformers generate", "ours no cache"):
+            assert re.search(rf"batch {b}, .*static \(tok/s\) .*x  {ref}\n", out), (b, ref, out)
+        assert re.search(rf"serve: {b} streaming clients, .*total tok/s.*x  the same requests one at a time", out), out
+        assert re.search(rf"serve: {b} streaming clients, time to first token", out), out
