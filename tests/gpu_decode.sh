@@ -3,7 +3,8 @@
 #   bash tests/gpu_decode.sh
 # 1. the static-cache path's tokens against the dynamic path's, bf16 greedy (agreement printed);
 # 2. decode tokens/s at batch 1, 16 and 64, 124M bf16: static + CUDA graphs against the dynamic
-#    path, transformers' generate and a cache-less loop (bench.py --section decode);
+#    path, transformers' generate, a cache-less loop and the static cache uncompiled (whether it
+#    should be the default on CUDA) (bench.py --section decode);
 # 3. serve.py with 1, 16 and 64 streaming clients, 124M, --compile --max_batch 64: total tokens/s
 #    and time to first token, against the same requests one at a time (bench.py --section serve).
 # Goals: batch 1 >= 2,000 tok/s; batch 16 >= 5x today's rate; serve at 64 clients >= 10x one at a time.
