@@ -490,7 +490,6 @@ class StaticDecoder:
         return logits
 
 
-
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,). temperature 0 or top_k=1 is greedy (argmax).
     top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens
