@@ -8,25 +8,10 @@
 # 3. serve.py with 1, 16 and 64 streaming clients, 124M, --compile --max_batch 64: total tokens/s
 #    and time to first token, against the same requests one at a time (bench.py --section serve).
 # Goals: batch 1 >= 2,000 tok/s; batch 16 >= 5x today's rate; serve at 64 clients >= 10x one at a time.
-# A GPU machine with no network (PyTorch, transformers and httpx installed, no fastapi/uvicorn):
-#   here:  bash tests/gpu_decode.sh prepare   (the GPT-2 BPE and serve.py's wheels for Python 3.12,
-#          into the git-ignored .cache/), then run `bash tests/gpu_decode.sh` there, carrying .cache.
+# On a lent GPU machine: `bash tests/gpu_env.sh prepare` here first (see that file).
 # DRY=1 runs the same steps on a CPU with a tiny model (tests/test_serve.py does, in CI).
 set -uo pipefail  # (not -e: a failing part must not cost the other part's figures)
-PY=${PY:-python3}
-if [ "${1:-}" = prepare ]; then
-    mkdir -p .cache/wheels && cp -r ../shared/tiktoken_cache .cache/ || exit 1
-    exec "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp -d .cache/wheels \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 fastapi uvicorn
-fi
-export PYTHONUNBUFFERED=1  # (a run stopped at its time limit still shows what it printed)
-[ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d .cache/tiktoken_cache ] && export TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken_cache
-if [ -d .cache/wheels ] && ! $PY -c "import fastapi, uvicorn" 2>/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/serve-site .cache/wheels/*.whl &&
-        export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
-$PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+. tests/gpu_env.sh
 if [ -n "${DRY:-}" ]; then  # DRY=1: the script's logic on a CPU, with a tiny model and fewer rows
     dims="--n_layer 2 --n_head 2 --n_embd 64 --quick" decode="--decode_device cpu --decode_preset args" rows=1,4
 else
