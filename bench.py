@@ -502,7 +502,7 @@ def bench_decode(args):
         if cuda:  # is the static cache worth having without CUDA graphs (the default on CUDA if so)?
             fns["static eager"] = timed(lambda: ours.generate(prompt, N, temperature=0, static_cache=True))
         with torch.no_grad():
-            fns["static"]()  # compile and capture outside the timing
+            # (the static path's first call here compiles and captures it, outside the timing)
             same = (ours.generate(prompt, N, temperature=0, static_cache=True, compile=cuda)
                     == ours.generate(prompt, N, temperature=0, static_cache=False))[:, P:].float().mean().item()
             t = paired(fns, 1 if args.quick else 3)

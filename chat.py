@@ -64,9 +64,9 @@ def fit(messages, limit):
     leaves out, cut: how many tokens of the last message's text it leaves out)."""
     system = 1 if messages[0]["role"] == "system" else 0
     sizes = [len(render([m])[0]) for m in messages]  # render is per message: the sizes add up
-    gen = len(render([], generation_prompt=True)[0])
+    gen = render([], generation_prompt=True)[0]  # <|im_start|>assistant\n
     dropped = 0
-    while sum(sizes[:system]) + sum(sizes[system + dropped:]) + gen > limit and system + dropped + 2 < len(messages):
+    while sum(sizes[:system]) + sum(sizes[system + dropped:]) + len(gen) > limit and system + dropped + 2 < len(messages):
         dropped += 2
     kept = messages[:system] + messages[system + dropped:]
     ids, _ = render(kept, generation_prompt=True)
@@ -75,7 +75,7 @@ def fit(messages, limit):
         head, body, tail = _pieces(kept[-1])
         if cut >= len(body):  # (body ends with <|im_end|>, which stays)
             raise cli.Error(f"the system message leaves no room for a message in {limit} tokens")
-        ids = render(kept[:-1])[0] + head + body[cut:] + tail + render([], generation_prompt=True)[0]
+        ids = render(kept[:-1])[0] + head + body[cut:] + tail + gen
     return ids, dropped, cut
 
 

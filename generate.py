@@ -39,6 +39,7 @@ import torch
 
 import chat
 import cli
+from model import StaticDecoder
 from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get_tokenizer, load_model
 
 MAX_NEW_TOKENS = {"plain": 64, "chat": 256}  # --max_new_tokens's defaults
@@ -231,7 +232,7 @@ def main(argv=None):
     try:
         get_tokenizer()  # fail before loading weights if the BPE cannot be had
         model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])
-        if args.compile and args.static_cache is not False:  # now, so that tokens/s counts no compiling
+        if args.compile and StaticDecoder.chosen(args.static_cache, args.compile):  # now: tokens/s counts no compiling
             print("(compiling the decode step...)", file=sys.stderr, flush=True)
             model.static_decoder(1 if args.chat else args.num_samples, compile=True).warm_up()
         if args.chat:

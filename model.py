@@ -308,9 +308,7 @@ class GPT(nn.Module):
             seq = idx  # everything so far, never cropped (the window is cut from it)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             caches, pos, decoder = None, 0, None
-            if static_cache is None:
-                static_cache = compile
-            if use_cache and static_cache:
+            if use_cache and StaticDecoder.chosen(static_cache, compile):
                 decoder = self.static_decoder(B, compile)
                 caches, head_t = [(k[:B], v[:B]) for k, v in decoder.caches], decoder.head_t
             else:
@@ -443,6 +441,12 @@ class StaticDecoder:
     Row b of the caches is the caller's row b; padding rows write into rows nobody uses yet."""
 
     BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+    @staticmethod
+    def chosen(static_cache, compile):
+        """Whether to decode with a StaticDecoder: as asked, else with compile (uncompiled it does
+        more work per step than the dynamic path: it attends to the whole context)."""
+        return compile if static_cache is None else static_cache
 
     @staticmethod
     def bucket(n):

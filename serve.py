@@ -404,9 +404,7 @@ class Engine:
         self.device = model.transformer.wte.weight.device
         enc = get_tokenizer(chat=chat.is_chat_model(model))  # a chat model's markers are text: "<|im_start|>"
         self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(model.config.vocab_size)]
-        if static_cache is None:
-            static_cache = compile
-        self.decoder = StaticDecoder(model, max_batch, compile) if static_cache else None
+        self.decoder = StaticDecoder(model, max_batch, compile) if StaticDecoder.chosen(static_cache, compile) else None
         # Row i of every layer's cache belongs to self.active[i]. Zeroed: the decode step masks the
         # entries past each row's length. The logits exactly as generate() computes them.
         if self.decoder:
@@ -915,7 +913,7 @@ def main(argv=None):
         sock.bind((args.host, args.port))
         model = load_model(args.model)
         model.to(device=device, dtype=DTYPES[dtype])
-        static = args.static_cache if args.static_cache is not None else args.compile
+        static = StaticDecoder.chosen(args.static_cache, args.compile)
         if args.compile and not static:
             for block in model.transformer.h:
                 block.compile(dynamic=True)
