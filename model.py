@@ -277,8 +277,9 @@ class GPT(nn.Module):
         decoders = self.__dict__.setdefault("_static_decoders", {})
         if key not in decoders:
             decoders[key] = StaticDecoder(self, key[0], compile)
-        else:  # the weights may have changed since (train.py samples between steps)
-            decoders[key].head_t.copy_(self.decode_head())
+        else:  # the weights may have changed since (train.py samples between steps): copied in place
+            with torch.no_grad():
+                decoders[key].head_t.copy_(w[: self.config.vocab_size].t())
         return decoders[key]
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
