@@ -589,14 +589,18 @@ def train(run):
         for opt in optimizers:  # fp16: every optimizer's gradients unscaled before clipping
             run.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip).item()
-        if not math.isfinite(grad_norm) and not run.scaler.is_enabled():  # (fp16: the scaler skips the step)
+        skipped = not math.isfinite(grad_norm)
+        if skipped and not run.scaler.is_enabled():
             raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {step}")
         lr = get_lr(step, args)
         set_lr(optimizers, run.base_lrs, lr / args.max_lr)
-        scale_before = run.scaler.get_scale() if run.scaler.is_enabled() else None
-        for opt in optimizers:
-            run.scaler.step(opt)
-        run.scaler.update()
+        # One rule for all optimizers: an inf/NaN anywhere in the gradients (an fp16 overflow) and none
+        # steps. GradScaler checks each optimizer's own gradients only: AdamW would step beside a Muon
+        # overflow (on gradients the clip zeroed) and Muon's orthogonalised update would ignore the clip.
+        if not skipped:
+            for opt in optimizers:
+                run.scaler.step(opt)
+        run.scaler.update()  # fp16: backs the scale off after an overflow
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         if not params_finite(run.raw_model):
@@ -610,8 +614,8 @@ def train(run):
         record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tok_s, "mfu": mfu}
         if len(optimizers) > 1:
             record["muon_lr"] = optimizers[1].param_groups[0]["lr"]
-        if scale_before is not None and run.scaler.get_scale() < scale_before:
-            record["skipped"] = True  # fp16: inf/NaN gradients, the scaler skipped this step
+        if skipped:
+            record["skipped"] = True  # fp16: inf/NaN gradients, no optimizer stepped
         log(run, record)
         if run.rank == 0:
             eta = duration(sum(recent) / len(recent) * (args.max_steps - step - 1))  # (evaluations not counted)

@@ -3,6 +3,7 @@
 Every run is a subprocess on CPU with a tiny model (2 layers, 2 heads, 32 wide, 32-token context)
 over small synthetic uint16 shards, so the whole file runs in a few minutes on two cores.
 """
+import copy
 import json
 import math
 import os
@@ -244,6 +245,69 @@ def test_fp16_gradients_are_unscaled_before_clipping(data_dir, tmp_path, optimiz
         a, b = runs["fp16"][step], runs["fp32"][step]
         assert abs(a["grad_norm"] - b["grad_norm"]) < 0.02 * b["grad_norm"], (step, a, b)
         assert abs(a["train_loss"] - b["train_loss"]) < 0.01, (step, a, b)
+
+
+def optimizer_snapshot(run):
+    """Copies of every parameter, every optimizer's state and the fp16 scale."""
+    params = {n: p.detach().clone() for n, p in run.raw_model.named_parameters()}
+    return params, [copy.deepcopy(opt.state_dict()["state"]) for opt in run.optimizers], run.scaler.get_scale()
+
+
+def same_state(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+@pytest.mark.parametrize("optimizer,where,bad", [
+    ("muon", "muon", math.inf), ("muon", "muon", math.nan), ("muon", "decay", math.inf), ("muon", "decay", math.nan),
+    ("adamw", "decay", math.inf), ("adamw", "decay", math.nan)],
+    ids=["muon-inf_in_muon", "muon-nan_in_muon", "muon-inf_in_adamw", "muon-nan_in_adamw", "adamw-inf", "adamw-nan"])
+def test_fp16_overflow_in_any_gradient_moves_nothing(data_dir, tmp_path, monkeypatch, optimizer, where, bad):
+    """fp16: an inf or NaN planted in one element of one parameter's gradient (a Muon matrix, or a
+    tensor of AdamW's) at step 2: on that step no parameter and no optimizer state changes, the scale
+    backs off, the step is logged as skipped, and the run goes on to its end."""
+    import train
+
+    BAD = 2
+    snaps = {}
+    real_build = train.build
+
+    def build(run, task=None):
+        run = real_build(run, task)
+        named = dict(run.raw_model.named_parameters())
+        victim = named[train.param_groups(run.raw_model, run.args)[where][0]]
+        calls = [0]
+        real_next = run.train_loader.next_batch
+
+        def next_batch():  # one call per step (no accumulation): snapshot before steps BAD-1..BAD+1
+            if calls[0] in (BAD - 1, BAD, BAD + 1):
+                snaps[calls[0]] = optimizer_snapshot(run)
+            calls[0] += 1
+            return real_next()
+
+        def plant(p):
+            if calls[0] - 1 == BAD:
+                p.grad.view(-1)[0] = bad
+
+        run.train_loader.next_batch = next_batch
+        victim.register_post_accumulate_grad_hook(plant)
+        return run
+
+    monkeypatch.setattr(train, "build", build)
+    args = base_args(data_dir, tmp_path / "log", 5, optimizer=optimizer, sample_tokens=0)
+    i = args.index("--dtype")
+    del args[i : i + 2]
+    assert train.main([str(a) for a in args] + ["--fp16"]) == 0
+    log = {r["step"]: r for r in read_log(tmp_path / "log") if "train_loss" in r}
+    assert sorted(log) == list(range(5)) and log[BAD].get("skipped") is True, log
+    (p1, s1, scale1), (p2, s2, scale2), (p3, s3, scale3) = snaps[BAD - 1], snaps[BAD], snaps[BAD + 1]
+    assert not same_state(p1, p2) and not same_state(s1, s2)  # the step before moved (the test can see a step)
+    assert same_state(p2, p3), [n for n in p2 if not torch.equal(p2[n], p3[n])]
+    assert same_state(s2, s3)
+    assert scale3 < scale2, (scale2, scale3)
 
 
 def test_ddp_all_reduces_once_per_optimizer_step(data_dir, tmp_path, monkeypatch):
