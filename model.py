@@ -502,7 +502,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     whose probabilities sum to at least top_p (nucleus sampling).
     generator: a torch.Generator, or a list of B of them, one per row, so that each row draws
     exactly what it would alone (serve.py samples many requests' rows in one call)."""
-    if temperature == 0 or top_k == 1:
+    # (a temperature that rounds to 0 in the logits' dtype, below ~1.4e-45 in float32, is greedy too:
+    # dividing by it would give 0/0 = NaN at the largest logit)
+    if temperature == 0 or top_k == 1 or torch.tensor(temperature, dtype=logits.dtype).item() == 0:
         return logits.argmax(dim=-1)
     # shifted so the largest is 0 first: a tiny temperature then sends the others to -inf (greedy),
     # never to inf - inf = NaN

@@ -935,10 +935,12 @@ def test_from_pretrained_hub_name_offline_says_what_to_do(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=1e-40), dict(temperature=1e-30, top_k=50), dict(top_p=1e-300),
-                                dict(temperature=1e-40, top_p=1e-300, top_k=5)], ids=str)
+                                dict(temperature=1e-40, top_p=1e-300, top_k=5), dict(temperature=1e-300),
+                                dict(temperature=1e-46, top_k=50, top_p=0.9)], ids=str)
 def test_tiny_temperature_or_top_p_is_greedy_not_nan(kw):
-    """A temperature or top_p below what float32 can express means greedy: never NaN (which made
-    every row sample token 0), in sample_next and in generate()."""
+    """A temperature or top_p below what float32 can express (a temperature that even rounds to 0 in
+    float32: 1e-300) means greedy: never NaN (which made every row sample token 0), in sample_next and
+    in generate()."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50257, generator=g) * 4
     got = M.sample_next(logits, generator=torch.Generator().manual_seed(1), **kw)
