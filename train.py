@@ -44,7 +44,8 @@ from model_io import DTYPES, best_device, default_dtype, get_tokenizer, load_mod
 from rundir import RunDir
 
 
-# A recipe is a set of defaults for the flags below; a flag given explicitly wins.
+# A recipe is a set of defaults for the flags below; a flag given explicitly wins. A step count in a
+# recipe that any run length may use is a share of --max_steps ("1.3%": 248 of the default 19,073 steps).
 #   gpt2:   the GPT-2 / GPT-3 paper recipe as build-nanogpt replicates it (AdamW, cosine).
 #   modern: measured on this repo (README: the modern recipe; bench.py --section recipe), the architecture
 #           and checkpoint format unchanged: Muon on the blocks' matrices, warmup-stable-decay.
@@ -52,7 +53,7 @@ RECIPES = {
     "gpt2": dict(optimizer="adamw", schedule="cosine", max_lr=6e-4, min_lr=6e-5, warmup_steps=715, decay_frac=0.2,
                  weight_decay=0.1, muon_lr=None, muon_momentum=None, muon_weight_decay=None,
                  decay_embeddings=True, zero_init_residual=False),
-    "modern": dict(optimizer="muon", schedule="wsd", max_lr=1.8e-3, min_lr=0.0, warmup_steps=250, decay_frac=0.4,
+    "modern": dict(optimizer="muon", schedule="wsd", max_lr=1.8e-3, min_lr=0.0, warmup_steps="1.3%", decay_frac=0.4,
                    weight_decay=0.1, muon_lr=3e-3, muon_momentum=0.95, muon_weight_decay=0.1,
                    decay_embeddings=True, zero_init_residual=True),
 }
@@ -127,8 +128,9 @@ def add_training_flags(p, recipes=RECIPES):
     a("--max_steps", type=cli.positive_int, default=19073, help="optimizer steps")
     a("--optimizer", choices=["adamw", "muon"], default=None,
       help="adamw everywhere, or muon on the blocks' 2-D matrices and adamw on the rest " + recipe_help("optimizer", recipes))
-    a("--warmup_steps", type=cli.non_negative_int, default=None,
-      help="linear learning-rate warm-up steps " + recipe_help("warmup_steps", recipes))
+    a("--warmup_steps", type=cli.steps_or_percent, default=None,
+      help="linear learning-rate warm-up: steps, or a share of --max_steps such as 2%% "
+      + recipe_help("warmup_steps", recipes).replace("%", "%%"))
     a("--max_lr", type=cli.positive_float, default=None, help="peak learning rate of AdamW " + recipe_help("max_lr", recipes))
     a("--min_lr", type=cli.non_negative_float, default=None,
       help="final learning rate of the decay (Muon's: scaled alike) " + recipe_help("min_lr", recipes))
@@ -185,6 +187,7 @@ def parse_args(argv=None, p=None, recipes=RECIPES):
             if v is None and optimizer == "muon":  # --recipe gpt2 --optimizer muon: Muon's settings from modern
                 v = recipes["modern"][k]
             setattr(args, k, v)
+    args.warmup_steps = cli.steps_of(args.warmup_steps, args.max_steps)
     if args.min_lr > args.max_lr:
         raise cli.Error(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}")
     return args
@@ -649,6 +652,9 @@ def main(argv=None, task=None, parser=None):
         if run.rank == 0:
             print(f"recipe {args.recipe}: " + ", ".join(f"{k} {v}" for k, v in run.recipe.items()
                                         if v is not None and k != "name"))
+            if args.warmup_steps > args.max_steps / 4:
+                print(f"warning: the warm-up is {args.warmup_steps} of this run's {args.max_steps} steps; for a short run pass "
+                      f"a share, e.g. --warmup_steps 2%")
             print(f"{run.raw_model.num_params():,} parameters | {run.world_size} process(es) on {run.device} | "
                   f"{args.dtype} | grad accumulation {run.grad_accum} | steps {run.start_step}..{args.max_steps}")
         train(run)

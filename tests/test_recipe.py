@@ -10,6 +10,7 @@ import torch
 
 from conftest import T, base_args, check_ok, error_line, read_log, run_train
 
+import cli
 import train
 from model import GPT, GPTConfig
 from model_io import load_model
@@ -65,12 +66,39 @@ def test_recipe_presets_and_explicit_flags():
     assert g.muon_lr is None and g.decay_embeddings and not g.zero_init_residual
     m = train.parse_args(["--recipe", "modern"])
     for k, v in train.RECIPES["modern"].items():
-        assert getattr(m, k) == v, k
+        assert getattr(m, k) == cli.steps_of(v, m.max_steps), k
     assert m.optimizer == "muon" and m.schedule == "wsd"
     o = train.parse_args(["--recipe", "modern", "--max_lr", "1e-3", "--muon_lr", "5e-3", "--schedule", "cosine"])
     assert (o.max_lr, o.muon_lr, o.schedule, o.optimizer) == (1e-3, 5e-3, "cosine", "muon")
     mixed = train.parse_args(["--optimizer", "muon"])  # the gpt2 recipe with Muon: Muon's settings from modern
     assert mixed.schedule == "cosine" and mixed.muon_lr == train.RECIPES["modern"]["muon_lr"]
+
+
+@pytest.mark.parametrize("max_steps", [100, 1000, 20000])
+def test_modern_recipe_fits_any_run_length(max_steps):
+    """--recipe modern with no schedule flag: the warm-up is under a tenth of the run, then max_lr
+    holds until the last decay_frac of the steps, which decay (to min_lr at the last step)."""
+    a = train.parse_args(["--recipe", "modern", "--max_steps", str(max_steps)])
+    lrs = [train.get_lr(s, a) for s in range(max_steps)]
+    warmup = next(s for s, lr in enumerate(lrs) if lr == a.max_lr) + 1  # steps up to the first at the peak
+    assert 1 <= warmup < max_steps / 10, (warmup, max_steps)
+    assert all(lrs[s] < lrs[s + 1] for s in range(warmup - 1))
+    decay_start = max_steps - round(a.decay_frac * max_steps)
+    assert all(lr == a.max_lr for lr in lrs[warmup:decay_start])
+    assert all(lrs[s] > lrs[s + 1] for s in range(decay_start, max_steps - 1)) and lrs[-1] == a.min_lr
+
+
+def test_warmup_as_a_share_of_the_run(data_dir, tmp_path):
+    """--warmup_steps 10% is a tenth of --max_steps, recorded as the steps it resolved to; a warm-up
+    that swallows the run is warned about."""
+    assert train.parse_args(["--max_steps", "300", "--warmup_steps", "10%"]).warmup_steps == 30
+    assert train.parse_args(["--max_steps", "300", "--warmup_steps", "0%"]).warmup_steps == 0
+    assert train.parse_args(["--max_steps", "300", "--warmup_steps", "0.1%"]).warmup_steps == 1
+    log = tmp_path / "log"
+    proc = run_train(*base_args(data_dir, log, 4, warmup_steps=3, sample_tokens=0))
+    check_ok(proc)
+    assert "warning: the warm-up is 3 of this run's 4 steps" in proc.stdout, proc.stdout
+    assert json.loads((log / "run.json").read_text())["settings"]["warmup_steps"] == 3
 
 
 def test_recipe_is_printed_logged_and_checkpointed(data_dir, tmp_path):
