@@ -234,7 +234,8 @@ def main(argv=None):
         model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])
         if args.compile and StaticDecoder.chosen(args.static_cache, args.compile):  # now: tokens/s counts no compiling
             print("(compiling the decode step...)", file=sys.stderr, flush=True)
-            model.static_decoder(1 if args.chat else args.num_samples, compile=True).warm_up()
+            with model.static_decoder(1 if args.chat else args.num_samples, compile=True) as decoder:
+                decoder.warm_up()
         if args.chat:
             if not chat.is_chat_model(model):
                 raise cli.Error(f"--model {args.model} is not a chat model (its vocabulary has no chat markers): "

@@ -11,6 +11,7 @@ run directories) and the tokenizer are in model_io.py.
 """
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
+_static_decoders_lock = threading.Lock()  # (GPT.static_decoder lends a kept decoder to one caller at a time)
 
 
 # -----------------------------------------------------------------------------
@@ -272,16 +274,22 @@ class GPT(nn.Module):
         return self.next_logits(idx, kv_caches, pos, head_t, attn_mask=mask)
 
     def static_decoder(self, batch, compile=False):
-        """A StaticDecoder for up to `batch` rows on this model's device and dtype, made once and
-        kept: its caches, and under compile its CUDA graphs, serve every later call."""
+        """A StaticDecoder for up to `batch` rows on this model's device and dtype, lent to one user at a
+        time: `with model.static_decoder(B) as dec:` (or dec.release() when done). One is made once and
+        kept: its caches, and under compile its CUDA graphs, serve every later call; while it is lent
+        out (two interleaved generations), a caller gets a new one of its own, not kept."""
         w = self.transformer.wte.weight
         key = (StaticDecoder.bucket(batch), w.device, w.dtype, compile)
-        decoders = self.__dict__.setdefault("_static_decoders", {})
-        if key not in decoders:
-            decoders[key] = StaticDecoder(self, key[0], compile)
-        else:  # the weights may have changed since (train.py samples between steps)
-            self.decode_head(out=decoders[key].head_t)
-        return decoders[key]
+        with _static_decoders_lock:
+            decoders = self.__dict__.setdefault("_static_decoders", {})
+            dec = decoders.get(key)
+            if dec is None or dec.busy:
+                dec = StaticDecoder(self, key[0], compile)
+                decoders.setdefault(key, dec)
+            else:  # the weights may have changed since (train.py samples between steps)
+                self.decode_head(out=dec.head_t)
+            dec.busy = True
+        return dec
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         eos_token_id=None, generator=None, seed=None, use_cache=True, static_cache=None,
@@ -302,16 +310,16 @@ class GPT(nn.Module):
         """
         if seed is not None and generator is None:
             generator = torch.Generator(idx.device).manual_seed(seed)
-        was_training = self.training
+        was_training, decoder = self.training, None
         self.eval()
         try:
             B, T = idx.shape
             bs = self.config.block_size
             seq = idx  # everything so far, never cropped (the window is cut from it)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            caches, pos, decoder = None, 0, None
+            caches, pos = None, 0
             if use_cache and StaticDecoder.chosen(static_cache, compile):
-                decoder = self.static_decoder(B, compile)
+                decoder = self.static_decoder(B, compile)  # (released below, when this generation ends)
                 caches, head_t = [(k[:B], v[:B]) for k, v in decoder.caches], decoder.head_t
             else:
                 head_t = self.decode_head()
@@ -336,6 +344,8 @@ class GPT(nn.Module):
                 if eos_token_id is not None and bool(done.all()):
                     break
         finally:
+            if decoder is not None:
+                decoder.release()
             self.train(was_training)
 
     def generate(self, idx, max_new_tokens, **kwargs):
@@ -455,7 +465,7 @@ class StaticDecoder:
         return next((b for b in StaticDecoder.BUCKETS if b >= n), -(-n // 256) * 256)  # (then multiples of 256)
 
     def __init__(self, model, max_batch, compile=False):
-        self.model, self.max_batch = model, max_batch
+        self.model, self.max_batch, self.busy = model, max_batch, False
         device = model.transformer.wte.weight.device
         self.caches = model.new_kv_caches(max_batch, model.config.block_size, device, zeroed=True)  # (read whole)
         self.head_t = model.decode_head()
@@ -466,6 +476,16 @@ class StaticDecoder:
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(model.decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
                                          fullgraph=True)
+
+    def release(self):
+        """Done with it (see GPT.static_decoder): the next caller may have it."""
+        self.busy = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
     def warm_up(self):
         """Compile and capture every bucket up to max_batch now, not at the first batch of each size.

@@ -545,13 +545,40 @@ def test_a_warm_static_decoder_compiles_nothing_more():
     try:
         m = make_ours(seed=7, n_layer=1, vocab_size=101)
         for rows in (3, 1):  # (a decoder per bucket of rows: 4, then 1)
-            m.static_decoder(rows, compile=True).warm_up()
+            with m.static_decoder(rows, compile=True) as dec:
+                dec.warm_up()
             graphs = counters["stats"]["unique_graphs"]
             m.generate(rand_idx(rows, 6, 101), 5, compile=True)
             m.generate(rand_idx(rows, 9, 101), 5, compile=True)
             assert counters["stats"]["unique_graphs"] == graphs, rows
     finally:
         torch._dynamo.reset()
+
+
+def test_interleaved_static_cache_generations_each_get_their_own_tokens():
+    """Two generate_stream(static_cache=True) generators on one model, advanced alternately (two streams
+    of one --compile process), each yield the tokens of their solo run: the kept decoder (its caches) is
+    lent to one generation at a time, the other makes its own. Once both end, the kept one is free again
+    and reused (no decoder is added for a later call)."""
+    m = make_ours(seed=8, vocab_size=101)
+    a, b = rand_idx(2, 7, 101, seed=1), rand_idx(2, 4, 101, seed=2)  # (one bucket of rows: one kept decoder)
+    n = m.config.block_size + 5  # (past the context: the window slides)
+    want_a = m.generate(a, n, seed=3, static_cache=True, top_k=20)[:, 7:]
+    want_b = m.generate(b, n, seed=4, static_cache=True, temperature=0)[:, 4:]
+    assert torch.equal(want_a, m.generate(a, n, seed=3, static_cache=False, top_k=20)[:, 7:])  # premise: solo is right
+    kept = dict(m.__dict__["_static_decoders"])
+    gen_a = m.generate_stream(a, n, seed=3, static_cache=True, top_k=20)
+    gen_b = m.generate_stream(b, n, seed=4, static_cache=True, temperature=0)
+    got_a, got_b = [], []
+    for ta, tb in zip(gen_a, gen_b):
+        got_a.append(ta)
+        got_b.append(tb)
+    assert torch.equal(torch.stack(got_a, 1), want_a)
+    assert torch.equal(torch.stack(got_b, 1), want_b)
+    assert m.__dict__["_static_decoders"] == kept
+    dec = m.static_decoder(2)
+    assert dec is next(iter(kept.values()))  # free again: lent out once more
+    dec.release()
 
 
 def test_the_static_cache_comes_with_compile_by_default(monkeypatch):
