@@ -105,8 +105,10 @@ class RunDir:
         if os.path.exists(self.log_path):
             with open(self.log_path, "rb+") as f:
                 data = f.read()
-                if data and not data.endswith(b"\n"):
-                    keep = data.rfind(b"\n") + 1
+                keep = data.rfind(b"\n") + 1
+                if keep < len(data) and _record(data[keep:]):  # a whole record missing only its newline
+                    f.write(b"\n")
+                elif keep < len(data):
                     f.truncate(keep)
                     print(f"warning: {self.log_path} ended in a torn record ({len(data) - keep} bytes of an "
                           f"interrupted write); cut it")
@@ -177,6 +179,14 @@ class RunDir:
             os.rename(d, aside)
             print(f"warning: skipping {d}: {why}; renamed it {os.path.basename(aside)}, resuming from {found[0]}")
         return found
+
+
+def _record(line):
+    """Whether a line of log.jsonl is a whole record (a JSON object)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # (UnicodeDecodeError too)
+        return False
 
 
 def _read_json(path):

@@ -612,6 +612,30 @@ def test_torn_log_line_is_repaired_on_resume(data_dir, ref_run, tmp_path):
     assert_same_numbers(log, ref_run)
 
 
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "resumed"])
+def test_a_last_record_missing_only_its_newline_is_kept(data_dir, ref_run, tmp_path, finished):
+    """log.jsonl's last line a whole record without its newline (an editor can leave that): --resume
+    keeps every record, on a finished run and on one that goes on; only a tail that does not parse is cut."""
+    log = copy_run(ref_run, tmp_path / "log")
+    if not finished:
+        shutil.rmtree(log / "step_000012")
+        text = "".join(ln for ln in (log / "log.jsonl").read_text().splitlines(keepends=True)
+                       if json.loads(ln)["step"] < 8 or "recipe" in ln)
+        (log / "log.jsonl").write_text(text)
+    before = (log / "log.jsonl").read_text()
+    (log / "log.jsonl").write_text(before.rstrip("\n"))
+    proc = run_train(*base_args(data_dir, log, 12, **REF_KW), "--resume")
+    check_ok(proc)
+    assert "torn" not in proc.stdout, proc.stdout
+    after = (log / "log.jsonl").read_text()
+    assert after.startswith(before), (before[-300:], after[-300:])
+    read_log(log)
+    if finished:
+        assert after == before
+    else:
+        assert_same_numbers(log, ref_run)
+
+
 KILL_IN_SAVE = """
 import os, signal, sys, torch
 import rundir
