@@ -15,9 +15,16 @@ GPT-2. Message text is encoded as ordinary text, so a user who types "<|im_end|>
 characters, never the marker. sft.py trains on the assistant's tokens only: each assistant
 message's text and the <|im_end|> that closes it (so the model learns to stop); everything
 else (the markers' lines, system and user text) is context, with target -1.
+
+Messages come in OpenAI's form, read by one set of rules (parse_messages) for conversation files,
+hf: datasets and serve.py's requests: role system, developer (OpenAI's newer name for system),
+user or assistant; content a string or a list of text parts [{"type": "text", "text": ...}],
+joined by newlines; and, from OpenAI's fine-tuning format, an assistant message's "weight": 1
+(the default) trains on it, 0 makes it context.
+
+    python chat.py chats.jsonl   # check a conversation file: one error line, or its first conversation rendered
 """
 
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -39,14 +46,15 @@ def _pieces(m):
 
 
 def render(messages, generation_prompt=False):
-    """messages [{"role", "content"}] -> (token ids, trained flags), one flag per token: True for
-    the assistant's text and its closing <|im_end|>. generation_prompt=True ends the tokens with
-    an open assistant turn (<|im_start|>assistant\\n), the prompt a reply is sampled after."""
+    """messages [{"role", "content"}] (parse_messages') -> (token ids, trained flags), one flag per
+    token: True for the assistant's text and its closing <|im_end|>, unless that message has weight 0.
+    generation_prompt=True ends the tokens with an open assistant turn (<|im_start|>assistant\\n),
+    the prompt a reply is sampled after."""
     ids, trained = [], []
     for m in messages:
         head, body, tail = _pieces(m)
         ids += head + body + tail
-        trained += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
+        trained += [False] * len(head) + [is_trained(m)] * len(body) + [False] * len(tail)
     if generation_prompt:
         head = _pieces({"role": "assistant", "content": ""})[0]
         ids += head
@@ -79,42 +87,72 @@ def fit(messages, limit):
     return ids, dropped, cut
 
 
-def check_messages(messages, where, training=False):
-    """Raise cli.Error naming `where` unless messages is a list of {"role": one of ROLES,
-    "content": str}; training=True also requires an assistant turn (something to learn)."""
+def is_trained(m):
+    return m["role"] == "assistant" and m.get("weight", 1) == 1
+
+
+def parse_messages(messages, where, training=False):
+    """OpenAI's messages -> [{"role": one of ROLES, "content": str}, ...] ("weight" kept where given),
+    or a cli.Error naming `where`. The rules (the module's docstring): "developer" is a system
+    message; content is a string or a non-empty list of text parts, joined by newlines (as vLLM
+    does); "weight" is 0 or 1 (absent or null: 1), and 1 only on an assistant message (only those
+    are trained); other keys are ignored. training=True also requires a trained assistant message."""
     if not isinstance(messages, list) or not messages:
         raise cli.Error(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise cli.Error(f"{where}: message {i} is not an object")
-        if m.get("role") not in ROLES:
-            raise cli.Error(f"{where}: message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise cli.Error(f"{where}: message {i} ({m['role']}) has no 'content' string")
-    if training and not any(m["role"] == "assistant" for m in messages):
-        raise cli.Error(f"{where}: no assistant turn (nothing to learn from)")
+        role, content, weight = m.get("role"), m.get("content"), m.get("weight")
+        role = "system" if role == "developer" else role
+        if role not in ROLES:
+            raise cli.Error(f"{where}: message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}, "
+                            "developer")
+        if isinstance(content, list) and content:
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise cli.Error(f"{where}: message {i} ({role}): content parts must be text, "
+                                "{\"type\": \"text\", \"text\": \"...\"} (no images, audio or files)")
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise cli.Error(f"{where}: message {i} ({role}) has no 'content' string (or list of text parts)")
+        if weight is not None and (type(weight) is not int or weight not in (0, 1)):
+            raise cli.Error(f"{where}: message {i} ({role}) has weight {weight!r}; weight must be 0 or 1")
+        if weight == 1 and role != "assistant":
+            raise cli.Error(f"{where}: message {i} ({role}) has weight 1, but only assistant messages are trained")
+        out.append({"role": role, "content": content} | ({} if weight is None else {"weight": weight}))
+    if training and not any(is_trained(m) for m in out):
+        raise cli.Error(f"{where}: no assistant turn" + (" of weight 1" if any(m["role"] == "assistant" for m in out)
+                                                         else "") + " (nothing to learn from)")
+    return out
+
+
+def check_messages(messages, where, training=False):
+    """Raise cli.Error naming `where` unless parse_messages takes messages."""
+    parse_messages(messages, where, training)
 
 
 def read_conversations(path):
     """The conversations of a JSON-lines file, one {"messages": [...]} per line (OpenAI's
-    fine-tuning format); blank lines are skipped. A bad line is a cli.Error naming file and line."""
+    fine-tuning format), each as parse_messages returns it; blank lines are skipped. A bad line is
+    a cli.Error naming file and line."""
     out = []
     for where, record in cli.read_jsonl(path):
         if not isinstance(record, dict) or "messages" not in record:
             raise cli.Error(f"{where}: expected an object with a 'messages' list")
-        check_messages(record["messages"], where, training=True)
-        out.append(record["messages"])
+        out.append(parse_messages(record["messages"], where, training=True))
     if not out:
         raise cli.Error(f"{path} holds no conversations")
     return out
 
 
 def rows(conversations, seq_len):
-    """Conversations -> (tokens (N, seq_len + 1) int64, trained (N, seq_len + 1) bool, counts): one
+    """Conversations -> (tokens (N, seq_len + 1) uint16, trained (N, seq_len + 1) bool, counts): one
     row per conversation, padded with <|endoftext|> (never trained). A conversation longer than a
-    row is cropped at its end; one whose crop leaves no assistant token is skipped. counts says how
-    many were kept, cropped and skipped."""
-    tokens, trained = [], []
+    row is cropped at its end; one whose crop leaves no trained token is skipped. counts says how
+    many were kept, cropped and skipped. (uint16: 3 bytes a token, 3 GB for 1M rows of 1,024.)"""
+    tokens = np.full((len(conversations), seq_len + 1), EOT_TOKEN, dtype=np.uint16)
+    trained = np.zeros((len(conversations), seq_len + 1), dtype=bool)
     counts = {"kept": 0, "cropped": 0, "skipped": 0}
     for messages in conversations:
         ids, flags = render(messages)
@@ -124,11 +162,10 @@ def rows(conversations, seq_len):
                 counts["skipped"] += 1
                 continue
             counts["cropped"] += 1
-        pad = seq_len + 1 - len(ids)
-        tokens.append(ids + [EOT_TOKEN] * pad)
-        trained.append(flags + [False] * pad)
+        n = counts["kept"]
+        tokens[n, : len(ids)], trained[n, : len(ids)] = ids, flags
         counts["kept"] += 1
-    return np.array(tokens, dtype=np.int64).reshape(-1, seq_len + 1), np.array(trained, dtype=bool).reshape(-1, seq_len + 1), counts
+    return tokens[: counts["kept"]], trained[: counts["kept"]], counts
 
 
 class ChatLoader(StepStream):
@@ -146,18 +183,25 @@ class ChatLoader(StepStream):
             raise cli.Error(f"no {split} conversations fit (every one was skipped)")
         self.tokens, self.trained = tokens, trained
         self.epoch_windows = len(tokens)
+        self._order = (None, None)
+
+    def order(self, epoch):
+        """The train conversations' order in `epoch`, drawn by (seed, epoch): computed once, as the
+        stream only moves forward (a resume or reset() may move it back: then again)."""
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.epoch_windows))
+        return self._order[1]
 
     def row(self, g):
+        """The conversation (row of tokens) of stream row g."""
         epoch, i = divmod(g, self.epoch_windows)
-        if self.split == "train":
-            i = int(np.random.default_rng([self.seed, epoch]).permutation(self.epoch_windows)[i])
-        return i
+        return int(self.order(epoch)[i]) if self.split == "train" else i
 
     def next_batch(self):
         idx = [self.row(g) for g in self.next_rows()]
-        x = torch.from_numpy(self.tokens[idx, :-1])
-        y = torch.from_numpy(np.where(self.trained[idx, 1:], self.tokens[idx, 1:], -1))
-        return x, y
+        t = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        y = t[:, 1:].masked_fill(~torch.from_numpy(self.trained[idx, 1:]), -1)
+        return t[:, :-1], y
 
 
 def is_chat_model(model):
@@ -180,10 +224,24 @@ def to_chat_model(model):
     return chat.to(model.transformer.wte.weight.device)
 
 
-if __name__ == "__main__":  # `python chat.py file.jsonl`: check a conversation file, show its first one rendered
-    convs = read_conversations(sys.argv[1]) if len(sys.argv) > 1 else [[{"role": "user", "content": "Hi"},
-                                                                        {"role": "assistant", "content": "Hello!"}]]
-    ids, flags = render(convs[0])
-    enc = get_tokenizer(chat=True)
+def main(argv=None):
+    """`python chat.py [FILE]`: check a conversation file (one error line naming file and line, exit
+    status 2), and show its first conversation rendered, the trained tokens in [brackets]."""
+    p = cli.Parser(description="Check a conversation file (JSON lines of {\"messages\": [...]}) and show its first "
+                   "conversation in the chat template, the tokens sft.py trains on in [brackets].")
+    p.add_argument("file", nargs="?", help="the conversations (default: an example of two messages)")
+    args = p.parse_args(argv)
+    try:
+        convs = read_conversations(args.file) if args.file else [[{"role": "user", "content": "Hi"},
+                                                                   {"role": "assistant", "content": "Hello!"}]]
+        ids, flags = render(convs[0])
+        enc = get_tokenizer(chat=True)
+    except cli.Error as e:  # a bad line, a file that cannot be read, no BPE
+        return cli.fail(e)
     print(f"{len(convs)} conversations; the first, {len(ids)} tokens (trained ones in [brackets]):")
     print("".join(f"[{enc.decode([t])}]" if f else enc.decode([t]) for t, f in zip(ids, flags)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,10 +7,12 @@ Supervised fine-tuning: a trained GPT-2 becomes a chat model that answers in cha
 
 --model is anything generate.py takes: a train.py run (its newest checkpoint), a step_NNNNNN/ or
 Hugging Face-format directory, or gpt2[-medium|-large|-xl]. --data is conversations in OpenAI's
-fine-tuning format, JSON lines of {"messages": [{"role": "system"|"user"|"assistant", "content":
-"..."}]}: local files, or a Hub dataset with a "messages" column named hf:OWNER/NAME[:SPLIT]
-(read through `datasets`, e.g. hf:HuggingFaceTB/smol-smoltalk). The val loss is scored on held-out
-conversations: --val_data, or --val_frac of --data drawn by --seed.
+fine-tuning format, JSON lines of {"messages": [{"role": "system"|"developer"|"user"|"assistant",
+"content": "..." or [{"type": "text", "text": "..."}], "weight": 0|1 (assistant messages; 0: context,
+not trained)}]} (chat.parse_messages): local files, or a Hub dataset with a "messages" column named
+hf:OWNER/NAME[:SPLIT] (read through `datasets`, e.g. hf:HuggingFaceTB/smol-smoltalk). `python chat.py
+FILE` checks a file. The val loss is scored on held-out conversations, at most --val_conversations
+of them (a sample drawn by --seed): --val_data's, or --val_frac of --data.
 
 Batches: one conversation per row of block_size tokens, padded with <|endoftext|> (never packed,
 so a token attends only to its own conversation). A longer conversation is cropped at its end,
@@ -24,6 +26,7 @@ as they do there. Checkpoints are chat models: vocab_size 50,259 (GPT-2's and th
 markers), "chat_format": "chatml" in config.json; transformers loads them as any GPT-2.
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -52,7 +55,10 @@ def parser():
     a("--data", nargs="+", required=True, help="conversation files (JSON lines) or hf:OWNER/NAME[:SPLIT]")
     a("--val_data", nargs="+", default=None, help="held-out conversations (default: --val_frac of --data)")
     a("--val_frac", type=cli.float_range(0, 1, lo_open=True, hi_open=True), default=0.05,
-      help="the share of --data held out for the val loss when there is no --val_data (at least one conversation)")
+      help="the share of --data held out for the val loss when there is no --val_data (at least one conversation, "
+      "at most --val_conversations)")
+    a("--val_conversations", type=cli.positive_int, default=256,
+      help="the most held-out conversations scored at each evaluation (a sample drawn by --seed)")
     a("--conversations_per_step", type=cli.positive_int, default=32,
       help="conversations (rows) per optimizer step, across all processes")
     a("--sample_prompt", default="Hello! What can you do?", help="the user's message sampled at each evaluation")
@@ -63,8 +69,18 @@ def parser():
     a("--eval_step_interval", type=cli.positive_int, default=50, help="validate and sample every N steps")
     a("--save_step", type=cli.positive_int, default=500, help="checkpoint every N steps (and at the end)")
     a("--log_dir", default="log/chat", help="the run's directory (log.jsonl, checkpoints); it holds one run only")
+    a("--zero_init_residual", "--no-zero_init_residual", nargs=0, action=TrainPyOnly, default=None,
+      help=argparse.SUPPRESS)
     p.set_defaults(hellaswag_examples=0)  # HellaSwag scores completions, not chats
     return p
+
+
+class TrainPyOnly(argparse.Action):
+    """A training flag that means nothing here: refused in one line rather than accepted and ignored."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is train.py's (a new model's initialisation); "
+                     "sft.py starts from --model's weights")
 
 
 def read_data(sources):
@@ -91,11 +107,12 @@ def read_hub(spec):
         raise cli.Error(f"cannot load hf:{spec}: {type(e).__name__}: {e}") from None
     if "messages" not in ds.column_names:
         raise cli.Error(f"hf:{spec} has no 'messages' column (columns: {', '.join(ds.column_names)})")
-    out = []
-    for i, messages in enumerate(ds["messages"]):
-        chat.check_messages(messages, f"hf:{spec} row {i}", training=True)
-        out.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    return out
+    return [chat.parse_messages(m, f"hf:{spec} row {i}", training=True) for i, m in enumerate(ds["messages"])]
+
+
+def sample(n, k, seed):
+    """k of range(n), drawn by seed (a set)."""
+    return set(np.random.default_rng(seed).permutation(n)[:k].tolist())
 
 
 class FineTuning:
@@ -116,12 +133,14 @@ class FineTuning:
         conversations = read_data(args.data)
         if args.val_data:
             train_convs, val_convs = conversations, read_data(args.val_data)
+            if len(val_convs) > args.val_conversations:
+                val_convs = [val_convs[i] for i in sorted(sample(len(val_convs), args.val_conversations, args.seed))]
         else:
-            n_val = max(1, round(args.val_frac * len(conversations)))
+            n_val = min(max(1, round(args.val_frac * len(conversations))), args.val_conversations)
             if n_val >= len(conversations):
                 raise cli.Error(f"--data holds {len(conversations)} conversation(s): too few to hold out {n_val} "
                                 "for the val loss; add some or pass --val_data")
-            held_out = set(np.random.default_rng(args.seed).permutation(len(conversations))[:n_val].tolist())
+            held_out = sample(len(conversations), n_val, args.seed)
             train_convs = [c for i, c in enumerate(conversations) if i not in held_out]
             val_convs = [c for i, c in enumerate(conversations) if i in held_out]
         train_rows, val_rows = chat.rows(train_convs, T), chat.rows(val_convs, T)

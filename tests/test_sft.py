@@ -3,12 +3,17 @@ numbers for any layout, bad conversation files, and chat checkpoints in transfor
 
 import json
 import random
+import subprocess
+import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, check_ok, error_line, kill_when, read_log, run_train, train_cmd
+from conftest import REPO_ROOT, check_ok, env, error_line, kill_when, read_log, run_train, train_cmd
 
 import chat
+import sft
 from model import GPT, GPTConfig
 from model_io import CHAT_VOCAB_SIZE, IM_END, IM_START, get_tokenizer, load_model, save_pretrained
 
@@ -104,6 +109,76 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
     assert gen[-len(head):] == head and gen[: -len(head)] == chat.render(messages[:2])[0] and not any(gen_flags)
 
 
+def targets(conversations, seq_len=64):
+    """The trained targets (y >= 0) of each conversation, as sft.py's loader gives them, decoded."""
+    tokens, flags, _ = chat.rows(conversations, seq_len)
+    _, y = chat.ChatLoader(tokens, flags, "val", seq_len, len(tokens), len(tokens) * seq_len).next_batch()
+    return [get_tokenizer(chat=True).decode([int(t) for t in row if t >= 0]) for row in y]
+
+
+def test_weight_0_assistant_messages_are_context(tmp_path):
+    """OpenAI's fine-tuning "weight": an assistant message of weight 0 is context (targets -1), of
+    weight 1 (or none) trained; the tokens are the same either way."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there.", "weight": 0},
+             {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Bye.", "weight": 1},
+             {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
+    path = write_conversations(tmp_path / "w.jsonl", [{"messages": turns}])
+    convs = chat.read_conversations(path)  # as sft.py reads --data
+    assert targets(convs) == ["Bye.<|im_end|>Yes.<|im_end|>"]
+    unweighted = [{k: v for k, v in m.items() if k != "weight"} for m in turns]
+    assert chat.render(convs[0])[0] == chat.render(unweighted)[0]
+    assert targets([unweighted]) == ["Hello there.<|im_end|>Bye.<|im_end|>Yes.<|im_end|>"]
+    for weight in (2, -1, 0.5, "1", True):
+        with pytest.raises(chat.cli.Error, match="message 1 .* weight must be 0 or 1"):
+            chat.parse_messages([turns[0], {**turns[1], "weight": weight}], "here")
+    with pytest.raises(chat.cli.Error, match="message 0 .* only assistant messages are trained"):
+        chat.parse_messages([{**turns[0], "weight": 1}, turns[1]], "here")
+    assert chat.parse_messages([{**turns[0], "weight": 0}, turns[3]], "here")[0]["weight"] == 0  # context anyway
+    with pytest.raises(chat.cli.Error, match="here: no assistant turn of weight 1"):
+        chat.parse_messages(turns[:2], "here", training=True)
+
+
+def test_content_parts_and_developer_are_read_as_serve_reads_them(tmp_path):
+    """A conversation file's messages and a chat request's are one format: serve.py's parsing (the
+    reference) and sft.py's reading give the same messages, and refuse the same ones."""
+    serve = pytest.importorskip("serve")
+    reply = {"role": "assistant", "content": "Yo"}
+    good = [[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}, reply],
+            [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there", "x": 1}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Yo"}]}],
+            [{"role": "system", "content": [{"type": "text", "text": ""}]},
+             {"role": "user", "content": "", "name": "a"}, reply]]
+    bad = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, reply],
+           [{"role": "user", "content": []}, reply], [{"role": "user", "content": [{"type": "text"}]}, reply],
+           [{"role": "user", "content": ["Hi"]}, reply], [{"role": "robot", "content": "Hi"}, reply]]
+    path = write_conversations(tmp_path / "ok.jsonl", [{"messages": m} for m in good])
+    assert chat.read_conversations(path) == [serve.chat_messages(m) for m in good]
+    for messages in bad:
+        with pytest.raises(serve.APIError):
+            serve.chat_messages(messages)
+        with pytest.raises(chat.cli.Error, match="line 1: message 0"):
+            chat.read_conversations(write_conversations(tmp_path / "bad.jsonl", [{"messages": messages}]))
+
+
+def test_chat_py_checks_a_file_in_one_line(tmp_path):
+    """`python chat.py FILE`, the checker of a conversation file: a bad line is one error line naming
+    file and line; a good file shows its first conversation, the trained tokens in brackets."""
+    def check(path):
+        return subprocess.run([sys.executable, str(REPO_ROOT / "chat.py"), str(path)], env=env(), capture_output=True,
+                              text=True, timeout=60)
+
+    path = write_conversations(tmp_path / "bad.jsonl", [conversation("Hi"), conversation("Hi", 7)])
+    err = error_line(check(path))
+    assert f"{path}, line 2" in err and "'content'" in err, err
+    assert "cannot read" in error_line(check(tmp_path / "missing.jsonl"))
+    weighted = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 0},
+                             {"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Hey you"}]}
+    proc = check(write_conversations(tmp_path / "ok.jsonl", [weighted, conversation("Hi")]))
+    check_ok(proc)
+    assert "2 conversations" in proc.stdout and "Yo<|im_end|>" in proc.stdout, proc.stdout
+    assert "[Hey][ you][<|im_end|>]" in proc.stdout, proc.stdout
+
+
 def test_markup_typed_by_a_user_is_text_not_a_marker():
     ids, _ = chat.render([{"role": "user", "content": "<|im_end|><|im_start|>assistant"}])
     assert ids.count(IM_END) == 1 and ids.count(IM_START) == 1
@@ -115,6 +190,60 @@ def test_over_long_conversations_are_cropped_or_skipped_and_counted():
     long_question = conversation(" ".join(["word"] * 80))["messages"]  # no assistant token fits
     tokens, flags, counts = chat.rows([short, long_answer, long_question], 32)
     assert counts == {"kept": 2, "cropped": 1, "skipped": 1} and tokens.shape == (2, 33) and flags[1, 1:].any()
+
+
+def test_chat_loader_batches_equal_a_per_row_reference(monkeypatch):
+    """Many conversations, three epochs, 2 ranks x 2 micro-steps: every micro-batch is what a naive
+    per-row computation gives (row g: epoch g // N's seeded permutation, at g % N), and each loader
+    draws an epoch's order once, not once per row."""
+    N, T, B, world, seed = 1000, 8, 4, 2, 5
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CHAT_VOCAB_SIZE, (N, T + 1)).astype(np.uint16)
+    trained = rng.random((N, T + 1)) < 0.5
+    total = 2 * world * B * T  # 16 rows a step: an epoch ends inside a micro-batch (1000 = 62.5 steps)
+    steps = 3 * N // (2 * world * B) + 1
+    want = {}
+    for g in range(steps * 2 * world * B):
+        epoch, i = divmod(g, N)
+        r = int(np.random.default_rng([seed, epoch]).permutation(N)[i])
+        row = tokens[r].astype(np.int64)
+        want[g] = (row[:-1], np.where(trained[r, 1:], row[1:], -1))
+    draws = []
+    default_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda *a: draws.append(a) or default_rng(*a))
+    loaders = [chat.ChatLoader(tokens, trained, "train", T, B, total, r, world, seed) for r in range(world)]
+    for step in range(steps):
+        for m in range(2):
+            for r, loader in enumerate(loaders):
+                x, y = loader.next_batch()
+                first = step * 2 * world * B + (m * world + r) * B
+                assert x.dtype == y.dtype == torch.int64
+                assert np.array_equal(x.numpy(), np.stack([want[g][0] for g in range(first, first + B)])), (step, m, r)
+                assert np.array_equal(y.numpy(), np.stack([want[g][1] for g in range(first, first + B)])), (step, m, r)
+    assert len(draws) <= world * 4, f"{len(draws)} orders drawn for 4 epochs"
+
+
+def test_val_set_is_capped(tmp_path):
+    """--val_conversations caps the held-out conversations (default 256): a 100k-conversation file
+    no longer scores 5,000 at every evaluation; the rest of --data is trained on."""
+    n = 6000  # --val_frac 0.05 of it is 300
+    data = write_conversations(tmp_path / "d.jsonl", [conversation(f"Hi {i}", f"Yo {i}") for i in range(n)])
+    val = write_conversations(tmp_path / "v.jsonl", [conversation(f"Q {i}", f"A {i}") for i in range(300)])
+
+    def split(*flags):
+        args = sft.parser().parse_args(["--model", "x", "--data", str(data), *flags])
+        args.max_steps = 1
+        train_loader, val_loader = sft.FineTuning().loaders(args, SimpleNamespace(block_size=32), 0, 1)
+        texts = [chat.get_tokenizer(chat=True).decode(row.tolist()) for row in val_loader.tokens]
+        return train_loader.epoch_windows, val_loader.epoch_windows, args.val_tokens, texts
+
+    n_train, n_val, val_tokens, _ = split()
+    assert (n_train, n_val, val_tokens) == (n - 256, 256, 256 * 32)
+    assert split("--val_conversations", "1000")[:2] == (n - 300, 300)
+    n_train, n_val, _, texts = split("--val_data", str(val))  # a sample of --val_data, in file order
+    assert (n_train, n_val) == (n, 256)
+    numbers = [int(t.split("A ")[1].split("<")[0]) for t in texts]
+    assert numbers == sorted(numbers) and len(set(numbers)) == 256
 
 
 # ----------------------------------------------------------------------------- sft.py
@@ -173,6 +302,8 @@ def test_sft_two_gloo_ranks_and_accumulation_equal_one_process(base, varied, tmp
     ('{"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}', "role 'robot'"),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "Yo"}]}', "no 'content'"),
     ('{"messages": [{"role": "user", "content": "Hi"}]}', "no assistant turn"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 2}]}',
+     "weight must be 0 or 1"),
 ])
 def test_bad_conversation_file_is_one_error_line_naming_file_and_line(base, tmp_path, line, says):
     data = tmp_path / "bad.jsonl"
@@ -180,6 +311,15 @@ def test_bad_conversation_file_is_one_error_line_naming_file_and_line(base, tmp_
     err = error_line(run_sft(*sft_args(base, data, tmp_path / "log", 2)))
     assert f"{data}, line 3" in err and says in err, err
     assert not (tmp_path / "log" / "log.jsonl").exists()
+
+
+def test_zero_init_residual_is_refused_in_one_line(base, persona, tmp_path):
+    """sft.py starts from a trained model: train.py's --zero_init_residual would do nothing here."""
+    for flag in ("--zero_init_residual", "--no-zero_init_residual"):
+        err = error_line(run_sft(*sft_args(base, persona, tmp_path / "log", 1), flag))
+        assert flag in err and "train.py" in err, err
+    assert not (tmp_path / "log" / "log.jsonl").exists()
+    assert "zero_init_residual" not in sft.parser().format_help()
 
 
 def test_chat_checkpoint_loads_in_transformers_with_the_same_logits(base, tmp_path):
