@@ -136,14 +136,20 @@ class RunDir:
         final = os.path.join(self.path, f"step_{step:06d}")
         tmp = os.path.join(self.path, f".tmp-step_{step:06d}")
         shutil.rmtree(tmp, ignore_errors=True)  # a write of this run that was interrupted
-        save_pretrained(model, tmp)
-        torch.save({**state, "run_id": self.run_id}, os.path.join(tmp, "trainer_state.pt"))
-        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in ("config.json", "model.safetensors", "trainer_state.pt")}
-        with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
-            json.dump({"run_id": self.run_id, "step": step, "files": files}, f)
-        for name in os.listdir(tmp):
-            cli.sync(os.path.join(tmp, name))
-        cli.sync(tmp)
+        try:
+            save_pretrained(model, tmp)
+            torch.save({**state, "run_id": self.run_id}, os.path.join(tmp, "trainer_state.pt"))
+            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in ("config.json", "model.safetensors", "trainer_state.pt")}
+            with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
+                json.dump({"run_id": self.run_id, "step": step, "files": files}, f)
+            for name in os.listdir(tmp):
+                cli.sync(os.path.join(tmp, name))
+            cli.sync(tmp)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, RuntimeError):  # torch.save on a full disk: "[enforce fail at inline_container.cc] ..."
+                raise OSError(f"cannot write {final}: {str(e).splitlines()[0]} (is the disk full?)") from None
+            raise
         if os.path.exists(final):  # only after a fallback past a bad one that was then removed by hand
             os.rename(final, f"{final}.replaced-{int(time.time())}")
         os.rename(tmp, final)

@@ -281,8 +281,9 @@ def run_settings(args, config, task=None):
 
 
 def save_checkpoint(run, step):
-    """Rank 0 writes step_NNNNNN/ whole (see rundir.py); the others wait for it."""
-    if run.rank == 0:
+    """Rank 0 writes step_NNNNNN/ whole (see rundir.py); the others wait for it, and stop with it
+    if it fails (a full disk)."""
+    def save():
         state = {"step": step, "optimizer": run.optimizers[0].state_dict(), "scaler": run.scaler.state_dict(),
                  "loader": run.train_loader.state_dict(), "args": vars(run.args), "recipe": run.recipe,
                  "config": dataclasses.asdict(run.raw_model.config)}
@@ -291,23 +292,29 @@ def save_checkpoint(run, step):
         run.run_dir.save(step, run.raw_model, state)
         if run.args.keep_checkpoints > 0:
             run.run_dir.prune(run.args.keep_checkpoints)
-    if run.world_size > 1:
-        dist.barrier()
+
+    rank0_decides(run, save)
+
+
+RANK0_ERRORS = (cli.Error, OSError, FloatingPointError)  # what main() turns into one line
 
 
 def rank0_decides(run, fn):
-    """Run fn() on rank 0 only and give every rank its result; an error there is raised everywhere
-    (no rank is left waiting in a collective)."""
-    result = [None]
+    """Run fn() on rank 0 only and give every rank its result; an error there is raised on every
+    rank, as the same kind of error (no rank is left waiting in a collective)."""
+    result, error = [None], None
     if run.rank == 0:
         try:
             result[0] = ("ok", fn())
-        except (cli.Error, OSError) as e:
-            result[0] = ("error", str(e))
+        except RANK0_ERRORS as e:
+            error = e
+            result[0] = ("error", next(i for i, kind in enumerate(RANK0_ERRORS) if isinstance(e, kind)), str(e))
     if run.world_size > 1:
         dist.broadcast_object_list(result, src=0)
+    if error is not None:
+        raise error
     if result[0][0] == "error":
-        raise cli.Error(result[0][1])
+        raise RANK0_ERRORS[result[0][1]](result[0][2])
     return result[0][1]
 
 
@@ -420,9 +427,12 @@ def build(run, task=None):
     settings = run_settings(args, config, task)
 
     def claim():
-        run.run_dir.claim(settings, resume)
-        run.run_dir.open_log()
-        run.found = run.run_dir.newest_valid(config) if resume else None
+        try:
+            run.run_dir.claim(settings, resume)
+            run.run_dir.open_log()
+            run.found = run.run_dir.newest_valid(config) if resume else None
+        except OSError as e:  # the directory cannot be made or read: an input error
+            raise cli.Error(str(e)) from None
         return run.found[0] if run.found else None
 
     resume_from = rank0_decides(run, claim)

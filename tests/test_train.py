@@ -796,6 +796,70 @@ def test_full_disk_is_one_line_and_resume_continues_exactly(data_dir, ref_run, t
     assert_same_numbers(log, ref_run)
 
 
+def test_full_disk_while_writing_the_trainer_state_is_one_line(data_dir, ref_run, tmp_path):
+    """Files capped at 8 MB: model.safetensors (6.5 MB) fits, trainer_state.pt (AdamW's two moments,
+    13 MB) does not, and torch.save raises a RuntimeError, not an OSError. One line, exit 1, no
+    .tmp-step_* left behind; --resume with room gives the uninterrupted run's numbers."""
+    import resource
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    log = tmp_path / "log"
+    args = [str(a) for a in base_args(data_dir, log, 12, **REF_KW)]
+    proc = subprocess.run(train_cmd(*args), cwd=REPO_ROOT, env={**env(), "PYTHONDONTWRITEBYTECODE": "1"},
+                          capture_output=True, text=True, timeout=180, preexec_fn=small_disk)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-3000:]
+    assert "step_000004" in lines[0], lines
+    assert not checkpoints(log) and not list(log.glob(".tmp-*")), os.listdir(log)
+    check_ok(run_train(*args, "--resume"))
+    assert_same_numbers(log, ref_run)
+
+
+RANK0_SAVE_FAILS = """
+import os, sys
+import rundir
+def save(obj, path, *a, **k):
+    if os.environ["RANK"] == "0":
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    raise AssertionError("only rank 0 writes checkpoints")
+rundir.torch.save = save
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_write_failing_on_rank_0_stops_every_rank(data_dir, tmp_path):
+    """2 gloo ranks, started without torchrun (whose agent would kill the survivors for them):
+    rank 0's checkpoint write fails; both ranks exit non-zero with one error line, at once (rank 1
+    was left waiting in a barrier)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [str(a) for a in base_args(data_dir, tmp_path / "log", 4, save_step=2, sample_tokens=0,
+                                      total_batch_size=8 * T)]
+    procs = []
+    for rank in range(2):
+        e = {**env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK0_SAVE_FAILS, *args], cwd=REPO_ROOT, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert p.returncode == 1 and "Traceback" not in err, (rank, p.returncode, err[-3000:])
+        assert len(lines) == 1 and "unexpected pos" in lines[0], (rank, err[-3000:])
+    assert not list((tmp_path / "log").glob(".tmp-*"))
+
+
 def test_wsd_schedule_follows_its_formula():
     """--schedule wsd: linear warm-up, max_lr until the last decay_frac of the steps, then linear to
     min_lr, reached at the last step; cosine unchanged."""
