@@ -27,20 +27,27 @@ context with room for the reply (--max_new_tokens, at most half the context), it
 (your message and the reply, together) are dropped for good, the system message kept, and a
 note says so; a message too long to fit even alone loses tokens from its start. A reply longer
 than the room left slides the context window as plain sampling does. Notes go to stderr.
+
+Ctrl-C (outside --chat) exits with status 130, a stdout closed by its reader (`| head -1`) with 141,
+as SIGINT and SIGPIPE would end a program; neither prints a traceback.
 """
 
 import argparse
+import os
 import signal
 import sys
 import threading
 import time
 
-import torch
+if __name__ == "__main__":  # Ctrl-C while torch loads ends it quietly, as SIGINT does (see the end of the file)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-import chat
-import cli
-from model import StaticDecoder
-from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get_tokenizer, load_model
+import torch  # noqa: E402
+
+import chat  # noqa: E402
+import cli  # noqa: E402
+from model import StaticDecoder  # noqa: E402
+from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get_tokenizer, load_model  # noqa: E402
 
 MAX_NEW_TOKENS = {"plain": 64, "chat": 256}  # --max_new_tokens's defaults
 
@@ -133,7 +140,7 @@ def chat_loop(model, system=None, max_new_tokens=MAX_NEW_TOKENS["chat"], seed=42
     device = model.transformer.wte.weight.device
     start = [{"role": "system", "content": system}] if system is not None else []
     messages, replies = list(start), 0
-    echo = not sys.stdin.isatty()  # a transcript on stdout shows the messages read from a pipe or file
+    echo = sys.stdin is None or not sys.stdin.isatty()  # a transcript: the messages read from a pipe or file
     if not echo:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -143,6 +150,8 @@ def chat_loop(model, system=None, max_new_tokens=MAX_NEW_TOKENS["chat"], seed=42
          "Ctrl-C stops a reply")
     while True:
         try:
+            if sys.stdin is None:  # (stdin closed, `<&-`: as at its end)
+                raise EOFError
             line = input("you> ")
         except (EOFError, KeyboardInterrupt):
             print()
@@ -246,16 +255,15 @@ def main(argv=None):
             except KeyboardInterrupt:  # a second Ctrl-C while one was being handled
                 print()
                 return 0
+        if chat.is_chat_model(model):
+            print("(a chat model: --chat talks to it; plain sampling prints its markers as text)", file=sys.stderr)
+        n = args.num_samples
+        if n > 1:
+            print("--- sample 1 ---")
+        texts, steps, seconds = sample(model, args.prompt, max_new_tokens, n, seed=args.seed, **sampling,
+                                       on_text=lambda s: print(s, end="", flush=True))
     except cli.Error as e:
         return cli.fail(e)
-
-    if chat.is_chat_model(model):
-        print("(a chat model: --chat talks to it; plain sampling prints its markers as text)", file=sys.stderr)
-    n = args.num_samples
-    if n > 1:
-        print("--- sample 1 ---")
-    texts, steps, seconds = sample(model, args.prompt, max_new_tokens, n, on_text=lambda s: print(s, end="", flush=True),
-                                   seed=args.seed, **sampling)
     print()
     for i, text in enumerate(texts[1:], 2):
         print(f"--- sample {i} ---\n{text}")
@@ -263,5 +271,21 @@ def main(argv=None):
     return 0
 
 
+def quietly(main):
+    """main()'s exit status, where Ctrl-C is 130 and a closed stdout (`| head -1`) 141, as SIGINT and SIGPIPE
+    would make it, without a traceback; Python itself turns both into exceptions."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (SIG_DFL while torch loaded: see the imports)
+    try:
+        status = main()
+        sys.stdout.flush()  # now, not at exit, where a broken pipe would be a message
+        return status
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (what is still buffered goes nowhere)
+        return 141
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quietly(main))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,91 @@ def test_compile_warms_the_decoder_before_it_samples(small, monkeypatch, capsys)
     assert out == want and "(compiling the decode step...)" in err
     assert started and started[0] > 0 and set(steps[: started[0]]) == {1, 2, 4}  # every bucket up to 3 rows, first
     assert len(steps) > started[0]  # and the samples came through it
+
+
+# ----------------------------------------------------------------------------------------------
+# generate.py's ends: Ctrl-C, a closed stdout or stdin, a batch too big, no --model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base (not chat) model: plain sampling."""
+    return chat_checkpoint(tmp_path_factory.mktemp("base"), 0, chat_model=False)
+
+
+def sample_cmd(model_dir, *args):
+    return [sys.executable, GENERATE, "--model", model_dir, "--device", "cpu", *map(str, args)]
+
+
+def assert_quiet(stderr):
+    for word in ("Traceback", "Exception ignored", "KeyboardInterrupt", "BrokenPipeError"):
+        assert word not in stderr, stderr
+
+
+def test_a_stdout_closed_by_head_ends_quietly(base):
+    """`generate.py --num_samples 2 | head -1` (a real pipe): head prints its line, generate.py exits 141 (as
+    SIGPIPE would end it) at its next write, without a traceback, long before its 2000 tokens are done."""
+    gen = subprocess.Popen(sample_cmd(base[1], "--num_samples", 2, "--max_new_tokens", 2000), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
+    head = subprocess.Popen(["head", "-1"], stdin=gen.stdout, stdout=subprocess.PIPE)
+    gen.stdout.close()  # (head's stdin is now the pipe's only reader)
+    try:
+        out, _ = head.communicate(timeout=120)
+        err = gen.stderr.read().decode()
+        rc = gen.wait(timeout=120)
+    finally:
+        for p in (gen, head):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert out == b"--- sample 1 ---\n"
+    assert rc == 141, (rc, err)
+    assert_quiet(err)
+    assert " tokens/s " not in err  # (it stopped: it did not finish the samples)
+
+
+def test_ctrl_c_while_sampling_exits_130_quietly(base):
+    """SIGINT while sample 1 streams: exit 130, no traceback (outside --chat, which has its own Ctrl-C)."""
+    proc = subprocess.Popen(sample_cmd(base[1], "--max_new_tokens", 100000), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
+    try:
+        prompt = "Hello, I'm a language model,"
+        got = proc.stdout.read(len(prompt.encode()) + 20)  # the prompt, then the sample streaming
+        assert got.startswith(prompt.encode()), got
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert_quiet(err.decode())
+
+
+def test_ctrl_c_while_it_starts_ends_it_quietly(base):
+    """SIGINT half a second in (Python still importing torch, on this machine): no traceback either; it
+    ends as SIGINT ends a program (killed by it, or exit 130)."""
+    proc = subprocess.Popen(sample_cmd(base[1]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err.decode())
+    assert_quiet(err.decode())
+
+
+@pytest.mark.parametrize("stdin", ["closed", "devnull"])
+def test_chat_with_stdin_closed_or_empty_ends_quietly(talker, stdin):
+    """--chat with stdin closed (`<&-`: Python's sys.stdin is None) or at its end at once (`< /dev/null`):
+    as at EOF, exit 0, an empty line on stdout, no traceback."""
+    _, path = talker
+    kw = dict(preexec_fn=lambda: os.close(0)) if stdin == "closed" else dict(stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, GENERATE, "--chat", "--model", path, "--device", "cpu"], capture_output=True,
+                          text=True, env=env(), cwd=REPO_ROOT, timeout=120, **kw)
+    assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc.stderr)
+    assert proc.stdout.endswith("\n") and proc.stdout.strip() in ("", "you>"), proc.stdout
