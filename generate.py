@@ -9,10 +9,11 @@ directory, or OpenAI's weights; or, with --chat, talk to a chat model (one sft.p
 
 The text streams to stdout as it is made. All --num_samples samples are drawn together, as one
 batch (one forward pass per token for all of them); sample 1 streams live, the others follow it
-once the batch is done, each under a header. A sample ends at <|endoftext|> (not printed) or
-after --max_new_tokens. An empty --prompt samples unconditionally, from <|endoftext|> as GPT-2
-does. The speed goes to stderr. For a fixed --seed the tokens are those of
-model.generate(prompts, max_new_tokens, seed=..., eos_token_id=50256) on the same batch.
+once the batch is done, each under a header. A batch that needs more memory than the device has
+free (its KV caches and logits, estimated before it starts) is refused, with the most it can take.
+A sample ends at <|endoftext|> (not printed) or after --max_new_tokens. An empty --prompt samples
+unconditionally, from <|endoftext|> as GPT-2 does. The speed goes to stderr. For a fixed --seed
+the tokens are those of model.generate(prompts, max_new_tokens, seed=..., eos_token_id=50256) on the same batch.
 
 --chat: a conversation in the terminal. Type a message at `you> `; the reply streams after
 `assistant> ` and ends at <|im_end|> or after --max_new_tokens. Every reply sees the whole
@@ -86,6 +87,50 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
     for row in range(num_samples):
         add(row, b"", final=True)
     return ["".join(p) for p in pieces], steps, seconds
+
+
+def batch_bytes(model, rows, prompt_len, max_new_tokens, static=False):
+    """About the memory sample() needs for a batch of rows, besides the weights: the KV caches (the whole
+    context for the static cache's bucket of rows), the prefill's widest activations, and the (rows, vocab)
+    fp32 logits, which sampling copies up to ~10 times (top_p sorts them, with int64 indices)."""
+    c, itemsize = model.config, model.transformer.wte.weight.element_size()
+    T = min(prompt_len, c.block_size)
+    S = c.block_size if static else min(c.block_size, T + max_new_tokens)
+    kv = (StaticDecoder.bucket(rows) if static else rows) * 2 * c.n_layer * S * c.n_embd * itemsize
+    return kv + rows * (8 * T * c.n_embd * itemsize + 4 * c.n_head * T * T + 10 * 4 * c.vocab_size)
+
+
+def free_memory(device):
+    """Bytes free on device (CPU: MemAvailable, else all the physical memory), or None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) << 10 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_batch_fits(model, device, n, prompt_len, max_new_tokens, static=False):
+    """cli.Error if n samples, drawn as one batch, need more memory than the device has free."""
+    need, free = batch_bytes(model, n, prompt_len, max_new_tokens, static), free_memory(device)
+    if free is None or need <= free:
+        return
+    fit = free // batch_bytes(model, 1, prompt_len, max_new_tokens, static)
+    raise cli.Error(f"--num_samples {n}: drawn as one batch they need about {need / 2**30:,.1f} GiB (KV caches and "
+                    f"logits), more than the {free / 2**30:,.1f} GiB free on {device}: "
+                    + (f"ask for at most {fit}, or lower --max_new_tokens" if fit else "free some memory"))
+
+
+def out_of_memory(e):
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)  # (CPU's)
 
 
 # -----------------------------------------------------------------------------
@@ -239,9 +284,12 @@ def main(argv=None):
     device = args.device or best_device()
     dtype = args.dtype or default_dtype(device)
     try:
-        get_tokenizer()  # fail before loading weights if the BPE cannot be had
+        enc = get_tokenizer()  # fail before loading weights if the BPE cannot be had
         model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])
-        if args.compile and StaticDecoder.chosen(args.static_cache, args.compile):  # now: tokens/s counts no compiling
+        static = StaticDecoder.chosen(args.static_cache, args.compile)
+        if not args.chat:
+            check_batch_fits(model, device, args.num_samples, len(enc.encode(args.prompt)) or 1, max_new_tokens, static)
+        if args.compile and static:  # now: tokens/s counts no compiling
             print("(compiling the decode step...)", file=sys.stderr, flush=True)
             with model.static_decoder(1 if args.chat else args.num_samples, compile=True) as decoder:
                 decoder.warm_up()
@@ -260,8 +308,15 @@ def main(argv=None):
         n = args.num_samples
         if n > 1:
             print("--- sample 1 ---")
-        texts, steps, seconds = sample(model, args.prompt, max_new_tokens, n, seed=args.seed, **sampling,
-                                       on_text=lambda s: print(s, end="", flush=True))
+        try:
+            texts, steps, seconds = sample(model, args.prompt, max_new_tokens, n, seed=args.seed, **sampling,
+                                           on_text=lambda s: print(s, end="", flush=True))
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            sys.stdout.flush()
+            raise cli.Error(f"out of memory on {device} drawing {n} samples of {max_new_tokens} tokens as one batch: "
+                            "lower --num_samples or --max_new_tokens") from None
     except cli.Error as e:
         return cli.fail(e)
     print()

@@ -383,3 +383,37 @@ def test_chat_with_stdin_closed_or_empty_ends_quietly(talker, stdin):
     assert proc.returncode == 0, proc.stderr
     assert_quiet(proc.stderr)
     assert proc.stdout.endswith("\n") and proc.stdout.strip() in ("", "you>"), proc.stdout
+
+
+def run_limited(cmd, spare):
+    """cmd with `spare` bytes of address space over this process's own (torch imported)."""
+    import resource
+    own = next(int(ln.split()[1]) << 10 for ln in open("/proc/self/status") if ln.startswith("VmSize:"))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (own + spare, own + spare))
+
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO_ROOT, timeout=120, preexec_fn=limit)
+
+
+def one_error_line(proc):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+def test_too_many_samples_for_one_batch_is_one_line_before_any_allocation(base):
+    """--num_samples 1e9 (one batch: petabytes of logits): refused at once, one line saying the most this
+    machine can take, under a 2 GiB memory limit that building the batch would break."""
+    line = one_error_line(run_limited(sample_cmd(base[1], "--num_samples", "1e9"), 2 << 30))
+    assert "--num_samples 1000000000" in line and "GiB" in line and "at most" in line, line
+    fit = int(line.split("at most ")[1].split(",")[0])
+    assert 0 < fit < 10**9, line
+
+
+def test_a_batch_that_runs_out_of_memory_is_one_line(base):
+    """A batch the estimate lets through (it counts the machine's free memory, not a process limit) but
+    that cannot be allocated: one line saying so, not the allocator's traceback."""
+    proc = run_limited(sample_cmd(base[1], "--num_samples", 4000, "--max_new_tokens", 4), 1 << 30)
+    line = one_error_line(proc)
+    assert ("out of memory" in line and "--num_samples" in line) or "at most" in line, line
