@@ -2,7 +2,7 @@
 Sample text from a GPT-2: a train.py run, one of its checkpoints, a Hugging Face-format
 directory, or OpenAI's weights; or, with --chat, talk to a chat model (one sft.py made).
 
-    python generate.py --model log/small --prompt "Hello, I'm a language model," --num_samples 3
+    python generate.py --prompt "Hello, I'm a language model," --num_samples 3   # log/small: ./run.sh's model
     python generate.py --model log/small/step_000080 --temperature 0          # greedy
     python generate.py --model gpt2 --prompt "The meaning of life is" --top_p 0.9 --max_new_tokens 200
     python generate.py --chat --model log/chat --system "You are a helpful assistant."
@@ -12,8 +12,9 @@ batch (one forward pass per token for all of them); sample 1 streams live, the o
 once the batch is done, each under a header. A batch that needs more memory than the device has
 free (its KV caches and logits, estimated before it starts) is refused, with the most it can take.
 A sample ends at <|endoftext|> (not printed) or after --max_new_tokens. An empty --prompt samples
-unconditionally, from <|endoftext|> as GPT-2 does. The speed goes to stderr. For a fixed --seed
-the tokens are those of model.generate(prompts, max_new_tokens, seed=..., eos_token_id=50256) on the same batch.
+unconditionally, from <|endoftext|> as GPT-2 does (and <|endoftext|> in a prompt is that token).
+The speed goes to stderr. For a fixed --seed the tokens are those of
+model.generate(prompts, max_new_tokens, seed=..., eos_token_id=50256) on the same batch.
 
 --chat: a conversation in the terminal. Type a message at `you> `; the reply streams after
 `assistant> ` and ends at <|im_end|> or after --max_new_tokens. Every reply sees the whole
@@ -47,10 +48,17 @@ import torch  # noqa: E402
 
 import chat  # noqa: E402
 import cli  # noqa: E402
-from model import StaticDecoder  # noqa: E402
-from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get_tokenizer, load_model  # noqa: E402
+from model import PRESETS, StaticDecoder  # noqa: E402
+from model_io import (DTYPES, IM_END, TextStream, best_device, checkpoint_dirs, default_dtype,  # noqa: E402
+                      get_tokenizer, load_model)
 
 MAX_NEW_TOKENS = {"plain": 64, "chat": 256}  # --max_new_tokens's defaults
+
+
+def prompt_ids(prompt):
+    """The tokens of --prompt: text, where `<|endoftext|>` is that token; '' is <|endoftext|> alone."""
+    enc = get_tokenizer()
+    return enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
 
 
 def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **sampling):
@@ -58,9 +66,8 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
     on_text(piece) is called with sample 1's text as it is made, the prompt first.
     sampling: generate_stream's temperature, top_k, top_p, seed.
     Returns (texts: prompt + completion of each sample, steps: tokens made per row, seconds)."""
-    enc = get_tokenizer()
-    eot = enc.eot_token
-    ids = enc.encode(prompt) or [eot]
+    eot = get_tokenizer().eot_token
+    ids = prompt_ids(prompt)
     idx = torch.tensor([ids] * num_samples, device=model.transformer.wte.weight.device)
     token_bytes = get_tokenizer(chat=chat.is_chat_model(model)).decode_single_token_bytes  # (a chat model's markers too)
     streams = [TextStream() for _ in range(num_samples)]
@@ -131,6 +138,27 @@ def check_batch_fits(model, device, n, prompt_len, max_new_tokens, static=False)
 
 def out_of_memory(e):
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)  # (CPU's)
+
+
+def runs_under(root="log"):
+    """The models under root that --model takes (train.py runs with checkpoints, HF-format dirs): root and its dirs."""
+    try:
+        dirs = [root] + sorted(os.path.join(root, d) for d in os.listdir(root))
+    except OSError:
+        return []
+    return [d for d in dirs if checkpoint_dirs(d) or os.path.isfile(os.path.join(d, "config.json"))]
+
+
+def load(spec):
+    """load_model(spec); when spec names no model at all, the error says which ones it can see."""
+    try:
+        return load_model(spec)
+    except cli.Error as e:
+        if spec in PRESETS or checkpoint_dirs(spec) or os.path.isfile(os.path.join(spec, "config.json")):
+            raise  # (a model that is there but wrong: its own error)
+        runs = runs_under("log")
+        seen = f"models under log/: {', '.join(runs)}" if runs else "no model under log/ (./run.sh trains log/small)"
+        raise cli.Error(f"{e}; {seen}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -251,8 +279,8 @@ def chat_loop(model, system=None, max_new_tokens=MAX_NEW_TOKENS["chat"], seed=42
 def main(argv=None):
     p = cli.Parser(description=__doc__)
     a = p.add_argument
-    a("--model", default="log", help="train.py run dir (its newest checkpoint), a step_NNNNNN/ or other "
-      "HF-format dir, or gpt2[-medium|-large|-xl] (downloads once)")
+    a("--model", default="log/small", help="train.py run dir (its newest checkpoint), a step_NNNNNN/ or other "
+      "HF-format dir, or gpt2[-medium|-large|-xl] (downloads once) (default: log/small, the run ./run.sh trains)")
     a("--prompt", default="Hello, I'm a language model,", help="text to continue ('': unconditional; not with --chat)")
     a("--chat", action="store_true", help="talk to a chat model (one sft.py made) in the terminal: see above")
     a("--system", default=None, help="--chat: the system message that starts the conversation (default: none)")
@@ -284,11 +312,11 @@ def main(argv=None):
     device = args.device or best_device()
     dtype = args.dtype or default_dtype(device)
     try:
-        enc = get_tokenizer()  # fail before loading weights if the BPE cannot be had
-        model = load_model(args.model).to(device=device, dtype=DTYPES[dtype])
+        get_tokenizer()  # fail before loading weights if the BPE cannot be had
+        model = load(args.model).to(device=device, dtype=DTYPES[dtype])
         static = StaticDecoder.chosen(args.static_cache, args.compile)
         if not args.chat:
-            check_batch_fits(model, device, args.num_samples, len(enc.encode(args.prompt)) or 1, max_new_tokens, static)
+            check_batch_fits(model, device, args.num_samples, len(prompt_ids(args.prompt)), max_new_tokens, static)
         if args.compile and static:  # now: tokens/s counts no compiling
             print("(compiling the decode step...)", file=sys.stderr, flush=True)
             with model.static_decoder(1 if args.chat else args.num_samples, compile=True) as decoder:

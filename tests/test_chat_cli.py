@@ -417,3 +417,34 @@ def test_a_batch_that_runs_out_of_memory_is_one_line(base):
     proc = run_limited(sample_cmd(base[1], "--num_samples", 4000, "--max_new_tokens", 4), 1 << 30)
     line = one_error_line(proc)
     assert ("out of memory" in line and "--num_samples" in line) or "at most" in line, line
+
+
+def test_the_default_model_is_the_main_jobs_run_and_a_missing_one_names_the_runs_it_sees(base, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """No --model: log/small (what ./run.sh trains). Missing, the error names the models under log/ (run
+    directories with checkpoints, HF-format dirs), or says there are none."""
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(["--device", "cpu"], capsys)
+    assert rc == 2 and len(err) == 1 and "'log/small'" in err[0] and "no model under log/" in err[0], err
+    step = tmp_path / "log" / "mine" / "step_000010"
+    step.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        (step / f).write_bytes((Path(base[1]) / f).read_bytes())
+    (tmp_path / "log" / "notes").mkdir()
+    rc, err = run_main(["--device", "cpu"], capsys)
+    assert rc == 2 and len(err) == 1 and "models under log/: log/mine" in err[0] and "notes" not in err[0], err
+    (tmp_path / "log" / "mine").rename(tmp_path / "log" / "small")
+    assert generate.main(["--device", "cpu", "--max_new_tokens", "5", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out == generate.sample(base[0], "Hello, I'm a language model,", 5, seed=1, top_k=50)[0][0] + "\n"
+
+
+def test_endoftext_written_in_a_prompt_is_that_token(base):
+    """--prompt 'Hi<|endoftext|>There': the document separator between two texts, not an error."""
+    model, _ = base
+    enc = get_tokenizer()
+    ids = enc.encode("Hi") + [enc.eot_token] + enc.encode("There")
+    want = model.generate(torch.tensor([ids]), 6, seed=2, eos_token_id=enc.eot_token)[0, len(ids):].tolist()
+    want = want[: want.index(enc.eot_token)] if enc.eot_token in want else want
+    texts, _, _ = generate.sample(model, "Hi<|endoftext|>There", 6, seed=2)
+    assert texts == ["HiThere" + enc.decode(want)]
