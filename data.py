@@ -4,9 +4,11 @@ Token shards on disk -> training batches, the same for any number of GPUs.
 fineweb.py writes uint16 .npy shards named <prefix>_val_NNNNNN.npy / <prefix>_train_NNNNNN.npy.
 A shard is found by its exact name, <prefix>_<split>_ and 6 digits, whose prefix holds no split
 name of its own (my_val_data_train_000001.npy is refused, never read as train). Where fineweb.py
-wrote a manifest.json, the shards are the ones it lists, each checked at open to be there with
-its listed token count, and a complete manifest must list every shard on disk. Their sha256 is
-checked by fineweb.py --verify, not here: at every start that would read the whole dataset.
+wrote a manifest.json (checked field by field), the shards are the ones it lists, each checked at
+open to be there with its listed token count, and it must list every shard on disk; a dataset
+fineweb.py has not finished (complete: false) is refused. A shard is a regular file in the
+directory (no FIFO, no link out of it). Their sha256 is checked by fineweb.py --verify, not
+here: at every start that would read the whole dataset.
 Token ids are checked against vocab_size batch by batch: a max over a 64x1025 batch takes ~3 us,
 where checking whole shards at open would read each 100M-token shard (~0.1 s from disk).
 
@@ -28,23 +30,24 @@ global batches. The loader's state is two integers (step, micro-step).
 
 import bisect
 import functools
-import json
 import os
 
 import numpy as np
 import torch
 
 import cli
-from fineweb import SHARD_NAME, SPLIT_IN_PREFIX
+from fineweb import SHARD_NAME, SPLIT_IN_PREFIX, building, file_problem, read_manifest
 
 
 def open_shard(path, min_tokens=2, listed=None):
     """Memory-map a token shard, checking that it is a 1-D uint16 .npy of at least min_tokens
-    (and of exactly `listed` tokens, when manifest.json lists it)."""
+    (and of exactly `listed` tokens, when manifest.json lists it), in a regular file of its directory."""
     name = os.path.basename(path)
-    if listed is not None and not os.path.isfile(path):
-        raise cli.Error(f"{name}: missing, though manifest.json lists it ({path}); run the fineweb.py command "
-                        "that made the dataset again to rebuild it")
+    if why := file_problem(path):  # before any open: a FIFO would block it forever
+        if listed is not None:
+            raise cli.Error(f"{name}: {why}, though manifest.json lists it ({path}); run the fineweb.py command that "
+                            "made the dataset again to rebuild it")
+        raise cli.Error(f"{name}: {why} ({path}); a shard must be a file in the dataset's directory")
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle
     except Exception as e:  # truncated file, pickled objects, not an .npy at all
@@ -75,21 +78,21 @@ def find_shards(path, split):
             raise cli.Error(f"{name}: ambiguous shard name, its prefix {m[1]!r} holds a split name ({path}); rename it")
         if m[2] == split:
             on_disk.append(name)
-    manifest = os.path.join(path, "manifest.json")
-    if not os.path.exists(manifest):  # hand-made shards
+    info = read_manifest(path)  # checked field by field
+    if info is None:  # hand-made shards
         if not on_disk:
             raise cli.Error(f"no '<prefix>_{split}_NNNNNN.npy' shards in {path!r} (make them with fineweb.py)")
         return [(os.path.join(path, name), None) for name in on_disk]
-    try:
-        with open(manifest) as f:
-            info = json.load(f)
-        listed = {s["name"]: s["tokens"] for s in info["shards"] if s["split"] == split}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise cli.Error(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
-    if info.get("complete"):
-        for name in on_disk:
-            if name not in listed:
-                raise cli.Error(f"{name}: a {split} shard that {manifest} does not list; move it out of {path!r}")
+    manifest = os.path.join(path, "manifest.json")
+    if not info["complete"]:  # its shards so far: a resume on the finished dataset would find other data
+        raise cli.Error(f"{path}: the dataset is incomplete ({manifest} says complete: false): "
+                        + ("fineweb.py is writing it now; wait for it to finish" if building(path) else
+                           "fineweb.py stopped before finishing it; run the fineweb.py command that made it again "
+                           "to finish it"))
+    listed = {s["name"]: s["tokens"] for s in info["shards"] if s["split"] == split}
+    for name in on_disk:
+        if name not in listed:
+            raise cli.Error(f"{name}: a {split} shard that {manifest} does not list; move it out of {path!r}")
     if not listed:
         raise cli.Error(f"{manifest} lists no {split} shards (make them with fineweb.py)")
     return [(os.path.join(path, name), listed[name]) for name in sorted(listed)]

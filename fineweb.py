@@ -22,6 +22,11 @@ where in the document stream each shard ends. Re-running the same command after 
 Ctrl-C keeps the finished shards and continues; the result is byte-identical to an
 uninterrupted run.
 
+One builder at a time: the output directory is locked (fcntl.flock, as train.py locks its run
+directory) while fineweb.py writes it, and a second fineweb.py into it is refused at once.
+manifest.json is checked field by field wherever it is read (here and by data.py): a hand-edited
+one is one error line naming the field.
+
 Shards are never trusted blindly: every re-run, even of a complete dataset, checks that each
 shard the manifest lists is on disk at its size (header and file size, not the hash). From the
 first missing or wrong-size shard on, the dataset is rebuilt, byte-identical, as a resumed run
@@ -40,7 +45,9 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import reprlib
 import signal
+import stat
 import sys
 import threading
 import traceback
@@ -50,6 +57,11 @@ from multiprocessing.connection import wait
 import numpy as np
 
 import cli
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, the rest works
+    fcntl = None
 
 EOT = 50256
 TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model_io.get_tokenizer loads it
@@ -270,22 +282,93 @@ def shard_name(prefix, index):
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
+MANIFEST_FIX = "restore it, or delete the directory and build the dataset again with fineweb.py"
+
+
+def plain_shard_name(name):
+    """Whether name is a shard's name (as data.py finds shards) and nothing else: no directory, no '..'."""
+    m = isinstance(name, str) and not re.search(r"[/\\\0]", name) and SHARD_NAME.fullmatch(name)
+    return bool(m) and not SPLIT_IN_PREFIX.search(m[1])
+
+
+def check_manifest(m, file):
+    """Check manifest m, read from file, field by field: what fineweb.py and data.py read of it has
+    its type and shape, and a shard's name is a plain file name in the dataset's directory."""
+    def need(obj, key, where, ok, what):
+        if key not in obj or not ok(obj[key]):
+            found = f"{reprlib.repr(obj[key])}, not {what}" if key in obj else f"missing (it must be {what})"
+            raise cli.Error(f"{file}: {where}{key} is {found}; {MANIFEST_FIX}")
+        return obj[key]
+
+    def count(v):  # an int >= 0, and not a bool (which is an int too)
+        return type(v) is int and v >= 0
+
+    if not isinstance(m, dict):
+        raise cli.Error(f"{file}: not a JSON object but {reprlib.repr(m)}; {MANIFEST_FIX}")
+    need(m, "complete", "", lambda v: type(v) is bool, "true or false")
+    need(m, "tokens", "", count, "a token count (an integer >= 0)")
+    if m.get("prefix") is not None:
+        need(m, "prefix", "", lambda v: isinstance(v, str), "a string")
+    seen = set()
+    for i, s in enumerate(need(m, "shards", "", lambda v: isinstance(v, list), "a list")):
+        where = f"shards[{i}]."
+        if not isinstance(s, dict):
+            raise cli.Error(f"{file}: shards[{i}] is {reprlib.repr(s)}, not an object; {MANIFEST_FIX}")
+        name = need(s, "name", where, plain_shard_name,
+                    "a shard's file name in the dataset's directory (<prefix>_<split>_NNNNNN.npy, no path)")
+        if name in seen:
+            raise cli.Error(f"{file}: {where}name is {name!r}, a shard listed before it; {MANIFEST_FIX}")
+        seen.add(name)
+        split = SHARD_NAME.fullmatch(name)[2]
+        need(s, "split", where, lambda v: v == split, f"{split!r} as its name says")
+        need(s, "tokens", where, count, "a token count (an integer >= 0)")
+        need(s, "sha256", where, lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v), "a sha256 (hex)")
+        need(s, "end_doc", where, count, "a document count (an integer >= 0)")
+        need(s, "end_skip", where, count, "a token count (an integer >= 0)")
+
+
 def read_manifest(path):
-    """The manifest.json of directory path, or None."""
-    path = os.path.join(path, "manifest.json")
-    if not os.path.exists(path):
-        return None
+    """The manifest.json of directory path, checked (check_manifest), or None where there is none."""
+    file = os.path.join(path, "manifest.json")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise cli.Error(f"{path} is unreadable ({e}); remove it to start over") from None
+        st = os.stat(file)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise cli.Error(f"cannot read {file}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would wait for a writer forever
+        raise cli.Error(f"{file} is not a regular file; {MANIFEST_FIX}")
+    try:
+        with open(file) as f:
+            m = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise cli.Error(f"{file} is unreadable ({type(e).__name__}: {e}); {MANIFEST_FIX}") from None
+    check_manifest(m, file)
+    return m
+
+
+def file_problem(path):
+    """Why the file at path cannot be a shard, whatever it holds, or None: missing, not a regular
+    file, or a link out of its directory. Checked with os.stat before any open: opening a FIFO
+    would wait for a writer forever."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a FIFO, a device or a directory)"
+    root, real = os.path.realpath(os.path.dirname(path)), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        return f"a link to {real}, outside the dataset's directory"
+    return None
 
 
 def shard_problem(path, tokens):
     """Why the file at path is not a shard of `tokens` tokens (from its header and size), or None."""
-    if not os.path.isfile(path):
-        return "missing"
+    if why := file_problem(path):
+        return why
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
         if a.dtype == np.uint16 and a.shape == (tokens,) and os.path.getsize(path) == a.offset + a.nbytes:
@@ -336,7 +419,7 @@ def verify(path):
         for name in sorted(set(filter(SHARD_NAME.fullmatch, os.listdir(path))) - {s["name"] for s in shards}):
             print(f"{os.path.join(path, name)}: not listed in manifest.json (another dataset's? move it away)")
             bad += 1
-    total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    total = sum(os.path.getsize(f) for f in files if file_problem(f) is None)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="verifying")
     for shard, f in zip(shards, files):
         why = shard_problem(f, shard["tokens"])
@@ -397,31 +480,67 @@ def remove_empty(created):
             return
 
 
+def lock_dir(path):
+    """Lock directory path for this builder, as rundir.py locks train.py's run directory: flock on
+    the directory itself (no file is added to it). Another fineweb.py into it is refused at once.
+    Returns the descriptor that holds the lock (None where there is no fcntl)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise cli.Error(f"{path} is being written by another fineweb.py (it holds the directory's lock); wait for "
+                        "it to finish, or choose another --path") from None
+    return fd
+
+
+def building(path):
+    """Whether a fineweb.py is writing directory path now (holds its lock)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at close
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def run(args):
     if os.path.exists(args.path) and not os.path.isdir(args.path):
         raise cli.Error(f"output path {args.path!r} exists and is not a directory")
-    if args.prefix is None:  # a dataset being resumed or checked keeps the prefix it was made with
-        recorded = read_manifest(args.path)
-        args.prefix = recorded.get("prefix") if recorded and recorded.get("prefix") else default_prefix(args.source)
-    if SPLIT_IN_PREFIX.search(args.prefix):
-        raise cli.Error(f"--prefix {args.prefix!r} holds _train or _val as a word: its shards would read as the "
-                         "wrong split; choose another")
-    files = None if args.source == HF_DATASET else local_files(args.source)  # fail fast on a bad source
-    manifest = load_manifest(args)
-    if manifest["complete"]:
-        print(f"{args.path}: already complete ({manifest['tokens']:,} tokens in {len(manifest['shards'])} shards)")
-        return
-    # What can fail at once does so before the output directory is made: the Hub (unreachable,
-    # or no such config) and the BPE (forked workers inherit it). A failure after that removes
-    # the directory made here if it is still empty.
-    docs = documents(args, files)
-    init_worker()
     created = make_dirs(args.path)
+    lock = lock_dir(args.path)  # when refused, the directory is the other builder's: it stays
     try:
+        if args.prefix is None:  # a dataset being resumed keeps the prefix it was made with
+            recorded = read_manifest(args.path)
+            args.prefix = recorded.get("prefix") if recorded and recorded.get("prefix") else default_prefix(args.source)
+        if SPLIT_IN_PREFIX.search(args.prefix):
+            raise cli.Error(f"--prefix {args.prefix!r} holds _train or _val as a word: its shards would read as the "
+                            "wrong split; choose another")
+        files = None if args.source == HF_DATASET else local_files(args.source)  # fail fast on a bad source
+        manifest = load_manifest(args)
+        if manifest["complete"]:
+            print(f"{args.path}: already complete ({manifest['tokens']:,} tokens in {len(manifest['shards'])} shards)")
+            return
+        # What can fail at once does so before any shard is written: the Hub (unreachable, or no
+        # such config) and the BPE (forked workers inherit it).
+        docs = documents(args, files)
+        init_worker()
         build(args, docs, manifest)
     except BaseException:
         remove_empty(created)  # a failed first run leaves no empty directory behind
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def build(args, docs, manifest):

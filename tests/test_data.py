@@ -1146,9 +1146,18 @@ def verify(out):
 
 
 def damage(path, kind):
-    """Delete a shard, cut bytes off its end or add some, or rewrite it (a valid .npy) with fewer tokens."""
+    """Delete a shard, cut bytes off its end or add some, rewrite it (a valid .npy) with fewer tokens,
+    or put in its place a FIFO or a link to a copy of it outside its directory (the same bytes)."""
     if kind == "deleted":
         path.unlink()
+    elif kind == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif kind == "link_out":
+        outside = path.parent.parent / f"outside-{path.name}"
+        shutil.copyfile(path, outside)
+        path.unlink()
+        path.symlink_to(outside)
     elif kind == "cut":
         path.write_bytes(path.read_bytes()[:-100])
     elif kind == "appended":
@@ -1192,40 +1201,203 @@ def test_fineweb_refuses_prefix_with_a_split_name(tmp_path, prefix):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["deleted", "cut", "appended", "fewer_tokens"])
+class no_hang:
+    """Fail, instead of hanging, where the body is still running after `seconds` (a FIFO opened for reading
+    waits for a writer forever; SIGALRM interrupts the open)."""
+
+    def __init__(self, seconds=20):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def timeout(*_):
+            raise TimeoutError(f"still waiting after {self.seconds} s")
+
+        self.old = signal.signal(signal.SIGALRM, timeout)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+@pytest.mark.parametrize("kind", ["deleted", "cut", "appended", "fewer_tokens", "fifo", "link_out"])
 def test_loader_checks_shards_against_manifest(dataset, kind):
-    """With a manifest, a deleted or truncated shard is a cli.Error naming it, not a smaller dataset."""
+    """With a manifest, a deleted or truncated shard is a cli.Error naming it, not a smaller dataset;
+    so is a FIFO in its place (at once: never opened) or a link to a copy outside the directory."""
     import cli
     from data import DataLoader
 
     name = final_shards(dataset)[2]
     damage(dataset / name, kind)
-    with pytest.raises(cli.Error, match=re.escape(name)) as ei:
+    with no_hang(), pytest.raises(cli.Error, match=re.escape(name)) as ei:
         DataLoader(str(dataset), "train", T, 1, T)
-    if kind in ("deleted", "fewer_tokens"):  # a cut or grown file is no whole .npy, manifest or not
+    if kind in ("deleted", "fewer_tokens", "fifo", "link_out"):  # a cut or grown file is no whole .npy, manifest or not
         assert "manifest.json" in str(ei.value)
+    assert {"fifo": "not a regular file", "link_out": "outside"}.get(kind, "") in str(ei.value)
     assert DataLoader(str(dataset), "val", T, 1, T).num_tokens == 512  # the val split is intact
 
 
 def test_loader_complete_manifest_lists_every_shard(dataset):
-    """A shard on disk that a complete manifest does not list is refused; an incomplete manifest
-    (fineweb.py still running) gives exactly its listed shards."""
+    """A shard on disk that a complete manifest does not list is refused."""
     import cli
     from data import DataLoader
 
-    m = load_manifest(dataset)
     stray = "src_train_000099.npy"
     np.save(dataset / stray, shard_values(0, 4 * T + 1))
     with pytest.raises(cli.Error, match=stray):
         DataLoader(str(dataset), "train", T, 1, T)
     assert DataLoader(str(dataset), "val", T, 1, T).num_tokens == 512
 
+
+def one_line_error(fn):
+    """The message of the cli.Error that fn() raises, checked to be one line."""
+    import cli
+
+    with no_hang(), pytest.raises(cli.Error) as ei:
+        fn()
+    msg = str(ei.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_loader_refuses_an_incomplete_dataset(dataset, tmp_path):
+    """A manifest that says complete: false (fineweb.py still writing, or stopped) is refused with one line
+    naming fineweb.py, by the loader and by train.py, for either split: trained on, its shards so far would
+    be the data, and a --resume once the dataset is finished would meet other data."""
+    import conftest
+    from data import DataLoader
+
+    m = load_manifest(dataset)
     m["complete"] = False
-    m["shards"] = m["shards"][:-1]
+    m["shards"] = m["shards"][:-1]  # as fineweb.py leaves it, mid-run
     (dataset / "manifest.json").write_text(json.dumps(m))
-    ld = DataLoader(str(dataset), "train", T, 1, T)
-    assert ld.num_tokens == sum(s["tokens"] for s in m["shards"] if s["split"] == "train")
-    assert [os.path.basename(f) for f in ld.files] == [s["name"] for s in m["shards"][1:]]
+    for split in ("train", "val"):
+        msg = one_line_error(lambda: DataLoader(str(dataset), split, T, 1, T))
+        assert "incomplete" in msg and "complete: false" in msg and "fineweb.py" in msg, msg
+        assert "stopped" in msg and str(dataset) in msg, msg
+    proc = conftest.run_train(*conftest.base_args(dataset, tmp_path / "run", 2))
+    line = conftest.error_line(proc)
+    assert "incomplete" in line and "fineweb.py" in line, line
+
+
+OUTSIDE = "../ok/x_train_000001.npy"  # a valid shard, outside the dataset's directory
+EDITS = {  # manifest.json edited by hand -> (the field the error names, how)
+    "tokens_text": ("shards[2].tokens", lambda m: m["shards"][2].update(tokens="40000x")),
+    "tokens_null": ("shards[2].tokens", lambda m: m["shards"][2].update(tokens=None)),
+    "tokens_negative": ("shards[2].tokens", lambda m: m["shards"][2].update(tokens=-512)),
+    "tokens_bool": ("shards[2].tokens", lambda m: m["shards"][2].update(tokens=True)),
+    "tokens_float": ("shards[2].tokens", lambda m: m["shards"][2].update(tokens=512.0)),
+    "tokens_missing": ("shards[2].tokens", lambda m: m["shards"][2].pop("tokens")),
+    "name_int": ("shards[2].name", lambda m: m["shards"][2].update(name=5)),
+    "name_outside": ("shards[2].name", lambda m: m["shards"][2].update(name=OUTSIDE)),
+    "name_absolute": ("shards[2].name", lambda m: m["shards"][2].update(name="ABSOLUTE")),
+    "name_subdir": ("shards[2].name", lambda m: m["shards"][2].update(name="sub/src_train_000002.npy")),
+    "name_twice": ("shards[3].name", lambda m: m["shards"].__setitem__(3, m["shards"][2])),
+    "split_wrong": ("shards[2].split", lambda m: m["shards"][2].update(split="val")),
+    "sha256_int": ("shards[2].sha256", lambda m: m["shards"][2].update(sha256=7)),
+    "shard_not_object": ("shards[2]", lambda m: m["shards"].__setitem__(2, "src_train_000002.npy")),
+    "shards_not_list": ("shards", lambda m: m.update(shards={"src_train_000002.npy": 512})),
+    "complete_text": ("complete", lambda m: m.update(complete="yes")),
+    "total_text": ("tokens", lambda m: m.update(tokens="many")),
+}
+
+
+def edit_manifest(dataset, edit):
+    """Apply EDITS[edit] to dataset's manifest.json; returns the field the error must name. A shard named
+    outside the directory or in a subdirectory is there, valid and of the listed size, in place of the one
+    it replaces: only its name can refuse it."""
+    outside = dataset.parent / "ok" / "x_train_000001.npy"
+    outside.parent.mkdir(exist_ok=True)
+    name = final_shards(dataset)[2]
+    if edit in ("name_outside", "name_absolute"):
+        os.replace(dataset / name, outside)
+    elif edit == "name_subdir":
+        (dataset / "sub").mkdir()
+        os.replace(dataset / name, dataset / "sub" / name)
+    m = load_manifest(dataset)
+    field, change = EDITS[edit]
+    change(m)
+    for s in m["shards"] if isinstance(m["shards"], list) else []:
+        if isinstance(s, dict) and s.get("name") == "ABSOLUTE":
+            s["name"] = str(outside)
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    return field
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_loader_refuses_a_hand_edited_manifest(built, dataset, edit):
+    """Each field of manifest.json the loader reads is checked by type and shape: a bad one is one line
+    naming the file and the field (not a traceback, not a size check skipped, not a file outside the
+    directory read); and the same manifest is one line from fineweb.py too."""
+    from data import DataLoader
+
+    field = edit_manifest(dataset, edit)
+    for split in ("train", "val"):
+        msg = one_line_error(lambda: DataLoader(str(dataset), split, T, 1, T))
+        assert f"{dataset / 'manifest.json'}: {field} is " in msg, msg
+    if edit in ("tokens_text", "name_int", "name_outside"):
+        for proc in (rebuild(built, dataset), verify(dataset)):
+            assert_clean_error(proc, f"{dataset / 'manifest.json'}: {field} is ")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "cut_json", "deep_json"])
+def test_loader_refuses_a_manifest_it_cannot_read(dataset, kind):
+    """A manifest.json that is a FIFO (refused at once, never opened), a directory, cut-off JSON or JSON
+    nested too deeply: one line naming it."""
+    from data import DataLoader
+
+    path = dataset / "manifest.json"
+    text = path.read_text()
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text(text[: len(text) // 2] if kind == "cut_json" else "[" * 100_000)
+    msg = one_line_error(lambda: DataLoader(str(dataset), "train", T, 1, T))
+    assert str(path) in msg and ("not a regular file" if kind in ("fifo", "directory") else "unreadable") in msg, msg
+
+
+def test_train_refuses_a_hand_edited_manifest(dataset, tmp_path):
+    """Through train.py: a manifest with "tokens": "40000x" is one line naming the file and the field."""
+    import conftest
+
+    field = edit_manifest(dataset, "tokens_text")
+    proc = conftest.run_train(*conftest.base_args(dataset, tmp_path / "run", 2))
+    line = conftest.error_line(proc)
+    assert f"manifest.json: {field} is '40000x'" in line, line
+
+
+def test_loader_shards_are_regular_files_in_the_directory(train_dir, tmp_path):
+    """Hand-made shards (no manifest): a FIFO named like one is refused at once, without opening it, and so
+    is a link to a file outside the directory; a link to a file inside it is read as the file."""
+    from data import DataLoader
+
+    ref = DataLoader(str(train_dir), "train", T, 1, T)
+    name = "toy_train_000002.npy"
+    (train_dir / "sub").mkdir()
+    os.replace(train_dir / name, train_dir / "sub" / "real.npy")
+    (train_dir / name).symlink_to(Path("sub") / "real.npy")
+    ld = DataLoader(str(train_dir), "train", T, 1, T)
+    assert ld.num_tokens == ref.num_tokens and [ld.window(g).tolist() for g in range(N_WIN)] == \
+        [ref.window(g).tolist() for g in range(N_WIN)]
+
+    (train_dir / name).unlink()
+    (train_dir / name).symlink_to(train_dir / "sub" / "real.npy")  # absolute, still inside
+    assert DataLoader(str(train_dir), "train", T, 1, T).num_tokens == ref.num_tokens
+
+    (train_dir / name).unlink()
+    os.mkfifo(train_dir / name)
+    msg = one_line_error(lambda: DataLoader(str(train_dir), "train", T, 1, T))
+    assert name in msg and "not a regular file" in msg, msg
+
+    (train_dir / name).unlink()
+    os.replace(train_dir / "sub" / "real.npy", tmp_path / "real.npy")
+    (train_dir / name).symlink_to(tmp_path / "real.npy")
+    msg = one_line_error(lambda: DataLoader(str(train_dir), "train", T, 1, T))
+    assert name in msg and "outside" in msg, msg
+    assert DataLoader(str(train_dir), "val", T, 1, T).num_tokens == (4 * T + 5) + (3 * T + 1)  # val is elsewhere
 
 
 def test_loader_token_out_of_vocab_raises(train_dir):
@@ -1254,10 +1426,11 @@ def test_loader_token_out_of_vocab_raises(train_dir):
         ld.next_batch()
 
 
-@pytest.mark.parametrize("kind", ["deleted", "cut", "appended", "fewer_tokens"])
+@pytest.mark.parametrize("kind", ["deleted", "cut", "appended", "fewer_tokens", "fifo", "link_out"])
 def test_fineweb_rerun_rebuilds_a_missing_or_wrong_size_shard(built, dataset, kind):
-    """Re-running a complete dataset checks each shard's size: a deleted or truncated shard is
-    reported, and it and the shards after it are rebuilt byte-identical; those before are untouched."""
+    """Re-running a complete dataset checks each shard's size and kind: a deleted or truncated shard, a
+    FIFO or a link out of the directory is reported, and it and the shards after it are rebuilt
+    byte-identical, as regular files; those before are untouched."""
     names = final_shards(dataset)
     before = {n: (dataset / n).stat().st_mtime_ns for n in names}
     damage(dataset / names[2], kind)
@@ -1267,6 +1440,7 @@ def test_fineweb_rerun_rebuilds_a_missing_or_wrong_size_shard(built, dataset, ki
     assert "already complete" not in proc.stdout
     for n in names + ["manifest.json"]:
         assert (dataset / n).read_bytes() == (built[1] / n).read_bytes(), n
+        assert (dataset / n).is_file() and not (dataset / n).is_symlink(), n
     assert [(dataset / n).stat().st_mtime_ns for n in names[:2]] == [before[n] for n in names[:2]]
 
 
@@ -1304,3 +1478,60 @@ def test_fineweb_verify(built, dataset):
     # no manifest: not a dataset of fineweb.py
     (dataset / "manifest.json").unlink()
     assert_clean_error(verify(dataset), "manifest.json")
+
+
+GATED = """
+import os, sys, time
+import fineweb
+write_shard = fineweb.write_shard
+gate = sys.argv.pop(1)
+def write_gated(path, tokens):  # the third shard waits for the gate file (the first two are in the manifest)
+    if path.endswith("_000002.npy"):
+        open(gate + ".reached", "w").close()
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    return write_shard(path, tokens)
+fineweb.write_shard = write_gated
+sys.exit(fineweb.main(sys.argv[1:]))
+"""
+
+
+def test_fineweb_second_builder_into_a_path_is_refused(built, tmp_path):
+    """While one fineweb.py builds a dataset, a second one into the same --path is one line at once and
+    writes nothing (the loader meanwhile says the dataset is being written); the first one's dataset is
+    byte-identical to a build alone, and once it is done the same command finds it complete."""
+    from data import DataLoader
+
+    src, ref = built
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    args = ["--source", src, "--path", out, "--shard_size", 512]
+    first = subprocess.Popen([sys.executable, "-c", GATED, str(gate), *map(str, args), "--workers", "1"], cwd=REPO_ROOT,
+                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not Path(f"{gate}.reached").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.time() - t0 < 60, "the first builder never reached its third shard"
+            time.sleep(0.01)
+        manifest = (out / "manifest.json").read_bytes()
+        assert len(json.loads(manifest)["shards"]) == 2
+        t0 = time.time()
+        assert_clean_error(run_fineweb(*args), str(out), "another fineweb.py")
+        assert time.time() - t0 < 30  # at once: not after the first one ends
+        assert (out / "manifest.json").read_bytes() == manifest
+        assert sorted(os.listdir(out)) == sorted(final_shards(ref)[:2] + ["manifest.json"])
+        msg = one_line_error(lambda: DataLoader(str(out), "train", T, 1, T))
+        assert "incomplete" in msg and "fineweb.py is writing it now" in msg, msg
+        gate.touch()
+        stdout, stderr = first.communicate(timeout=60)
+        assert first.returncode == 0, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert final_shards(out) == final_shards(ref)
+    for n in final_shards(ref) + ["manifest.json"]:
+        assert (out / n).read_bytes() == (ref / n).read_bytes(), n
+    again = run_fineweb(*args)
+    check_ok(again)
+    assert "already complete" in again.stdout, again.stdout
