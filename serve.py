@@ -161,6 +161,10 @@ CHAT_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools
                     "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
                     "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
                     "prediction": (None,), **_OFF}
+# Any other field is refused as OpenAI refuses it ("Unrecognized request argument"), but for OpenAI's
+# "user" (an end user's id, for abuse monitoring: it changes no answer)
+KNOWN = {*REQUEST_SCHEMA["properties"], *UNSUPPORTED, "user"}
+CHAT_KNOWN = {*CHAT_REQUEST_SCHEMA["properties"], *CHAT_UNSUPPORTED, "user"}
 
 
 def _number(body, name, default, lo, hi, integer=False):
@@ -196,9 +200,9 @@ def _prompts(p, enc, vocab_size):
     return out
 
 
-def _json_object(raw, unsupported):
-    """A request body -> its JSON object, or APIError (400) when it is not one or turns on an
-    unsupported field."""
+def _json_object(raw, unsupported, known):
+    """A request body -> its JSON object, or APIError (400) when it is not one, has a field not in
+    `known` or turns on an unsupported one."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -207,6 +211,9 @@ def _json_object(raw, unsupported):
         raise APIError(400, "request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
+    for name in body:
+        if name not in known:
+            raise APIError(400, f"Unrecognized request argument supplied: {name[:60]}", name[:60])
     for name, off in unsupported.items():
         if body.get(name) not in off:
             raise APIError(400, f"{name} is not supported by this server", name)
@@ -266,7 +273,7 @@ def _check_length(longest, max_tokens, block_size, limits, param, context_param,
 def parse_request(raw, enc, block_size, limits):
     """The body of POST /v1/completions -> CompletionRequest, or APIError (400 or 413). enc: the
     model's tokenizer (a chat model's has its markers: token-id prompts may hold them)."""
-    body = _json_object(raw, UNSUPPORTED)
+    body = _json_object(raw, UNSUPPORTED, KNOWN)
     if "prompt" not in body:
         raise APIError(400, "prompt is required", "prompt")
     r = _sampling(body, limits)
@@ -307,7 +314,7 @@ def parse_chat_request(raw, block_size, limits):
     """The body of POST /v1/chat/completions -> CompletionRequest (one prompt: the conversation
     rendered with an open assistant turn; eos <|im_end|>), or APIError (400 or 413). Without
     max_tokens (or max_completion_tokens, which wins) a reply may fill the context."""
-    body = _json_object(raw, CHAT_UNSUPPORTED)
+    body = _json_object(raw, CHAT_UNSUPPORTED, CHAT_KNOWN)
     if "messages" not in body:
         raise APIError(400, "messages is required", "messages")
     given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"

@@ -527,7 +527,7 @@ def test_malformed_and_invalid_requests_get_400(limited):
     for field, value in [("temperature", "hot"), ("temperature", 3), ("top_p", 0), ("max_tokens", 0),
                          ("max_tokens", 2.5), ("n", True), ("seed", "x"), ("stop", ["a"] * 5), ("stop", 7),
                          ("stream", "yes"), ("echo", True), ("logprobs", 2), ("prompt", [[1, 2], 3]),
-                         ("prompt", [99999]), ("prompt", []), ("prompt", None)]:
+                         ("prompt", [99999]), ("prompt", []), ("prompt", None), ("temprature", 0.5)]:
         body = {"prompt": "Hi", "max_tokens": 3, field: value}
         assert error_of(limited.post(body), 400)["param"] == field, (field, value)
 
@@ -673,7 +673,7 @@ def test_chat_errors_are_openais(chat_server):
     assert error_of(chat_server.chat({"max_tokens": 3}), 400)["param"] == "messages"
     for field, value in [("max_tokens", 0), ("max_completion_tokens", 2000), ("n", 9), ("temperature", "hot"),
                          ("top_p", 0), ("seed", 1.5), ("stop", 7), ("stream", "yes"), ("tools", [{"type": "function"}]),
-                         ("logprobs", True), ("response_format", {"type": "json_object"})]:
+                         ("logprobs", True), ("response_format", {"type": "json_object"}), ("max_token", 3)]:
         assert error_of(chat_server.chat({**ok, field: value}), 400)["param"] == field, (field, value)
     # OpenAI's developer role is a system message, and content may be a list of text parts
     r = chat_server.chat({**ok, "seed": 1, "messages": [{"role": "developer", "content": "Be brief."},
