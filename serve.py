@@ -369,7 +369,7 @@ class Job:
     def __init__(self, loop):
         self.loop, self.events = loop, asyncio.Queue()
         self.cancelled = False
-        self.live = 0  # its sequences still in the engine (set by submit, then engine thread only)
+        self.live = 0  # its sequences still in the engine (set by submit, then under the engine's lock)
 
     @staticmethod
     def deliver(outbox):  # on the event loop: a step's events, [(job, event), ...]
@@ -422,7 +422,7 @@ class Engine:
         self.active = []  # engine thread only
         self.waiting = deque()  # guarded by self.lock, as is requests_in_flight
         self.lock = threading.Condition()
-        self.requests_in_flight = 0  # jobs with a sequence waiting or decoding
+        self.requests_in_flight = 0  # jobs with a sequence waiting or decoding (a cancelled one leaves at once)
         self.stats = {"decode_steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0}
         self.closed = False
         self.outbox = []  # this step's (job, event)s, handed to the event loop in one call
@@ -450,6 +450,18 @@ class Engine:
             self.waiting.extend(seqs)
             self.lock.notify()
         return True
+
+    def cancel(self, job):
+        """Cancel a job (on the event loop, when its client leaves): its sequences still waiting for
+        a row leave the queue now, so that it no longer counts toward max_requests; running ones
+        leave the batch at the next step."""
+        job.cancel()
+        with self.lock:
+            if any(s.job is job for s in self.waiting):
+                for s in self.waiting:
+                    if s.job is job:
+                        self._retire(s)
+                self.waiting = deque(s for s in self.waiting if s.job is not job)
 
     def load(self):
         return {"requests_in_flight": self.requests_in_flight, "running": len(self.active), "waiting": len(self.waiting),
@@ -564,12 +576,12 @@ class Engine:
             self._retire(s)
 
     def _retire(self, s):
-        if s.retired:
-            return
-        s.retired = True
-        s.job.live -= 1
-        if s.job.live == 0:
-            with self.lock:
+        with self.lock:  # the engine thread retires the sequences it took, cancel() those still waiting
+            if s.retired:
+                return
+            s.retired = True
+            s.job.live -= 1
+            if s.job.live == 0:
                 self.requests_in_flight -= 1
 
 
@@ -716,14 +728,14 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
         if not engine.submit(job, seqs):
             return error(APIError(429, f"the server is busy: {limits.max_requests} requests are in flight; retry later",
                                   code="rate_limit_exceeded", type="rate_limit_error"))
-        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        watcher = asyncio.create_task(cancel_on_disconnect(request, lambda: engine.cancel(job)))
         head = {"id": f"{id_prefix}{secrets.token_hex(12)}", "created": int(time.time()), "model": model_id}
         prompt_tokens = sum(len(p) for p in req.prompts)
         usage = lambda counts: {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),  # noqa: E731
                                 "total_tokens": prompt_tokens + sum(counts)}
 
         def cleanup():
-            job.cancel()  # a no-op when it finished; else its sequences leave the batch at the next step
+            engine.cancel(job)  # a no-op when it finished
             watcher.cancel()
 
         if req.stream:
@@ -822,11 +834,11 @@ async def read_body_now(request, limit):
     return bytes(body)
 
 
-async def cancel_on_disconnect(request, job):
-    """Once the body is read, the next ASGI message is the client's disconnect."""
+async def cancel_on_disconnect(request, cancel):
+    """Once the body is read, the next ASGI message is the client's disconnect: then cancel()."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancel()
+    cancel()
 
 
 async def job_events(job, n):

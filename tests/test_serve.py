@@ -560,6 +560,29 @@ def test_requests_over_the_in_flight_cap_get_429(limited, plain):
     assert r.choices[0].text == reference(plain[0], "Hi", 8, 4)[0]  # and serving as before
 
 
+def test_a_cancelled_queued_request_leaves_the_queue_at_once(plain, tmp_path):
+    """--max_requests 2, one row: a long request decodes, a second waits for the row and its client
+    leaves. The second no longer counts: a third is queued (not 429) while the first still runs, and
+    gets generate()'s text once the first is stopped."""
+    s = Server(plain[1], tmp_path / "serve.log", "--max_batch", "1", "--max_requests", "2")
+    try:
+        running = s.client.completions.create(model="m", seed=1, stream=True, n=8, **LONG)  # 8 x 1000 tokens in turn
+        next(iter(running))
+        with pytest.raises(httpx.ReadTimeout):
+            s.post({"prompt": "Hi", "max_tokens": 8, "seed": 2}, timeout=httpx.Timeout(30, read=0.3))
+        deadline = time.monotonic() + 2
+        while (h := s.health())["requests_in_flight"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert h["running"] == 1 and h["waiting"] == 7, h  # the first one's 7 other choices wait; it still runs
+        queued = s.client.completions.create(model="m", prompt="Hi", max_tokens=8, seed=4, stream=True)  # no 429
+        running.close()
+        assert read_stream(queued)[0][0] == reference(plain[0], "Hi", 8, 4)[0]
+        assert s.wait_idle()["requests_in_flight"] == 0
+    finally:
+        s.stop()
+    assert "Traceback" not in open(s.log_path).read()
+
+
 def test_bad_model_is_one_error_line(tmp_path):
     r = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
