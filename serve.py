@@ -53,6 +53,7 @@ random one.
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -929,7 +930,13 @@ def main(argv=None):
         # --port 0 can print the port it got.
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise cli.Error(f"port {args.port} on {args.host} is in use (another server?): choose another with --port "
+                            "(--port 0: any free one)") from None
         model = load_model(args.model)
         model.to(device=device, dtype=DTYPES[dtype])
         static = StaticDecoder.chosen(args.static_cache, args.compile)

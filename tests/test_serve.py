@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402  (the openai client's own HTTP library)
-from conftest import REPO_ROOT, perturb_  # noqa: E402
+from conftest import REPO_ROOT, error_line, perturb_  # noqa: E402
 
 import chat  # noqa: E402
 import cli  # noqa: E402
@@ -581,6 +581,19 @@ def test_a_cancelled_queued_request_leaves_the_queue_at_once(plain, tmp_path):
     finally:
         s.stop()
     assert "Traceback" not in open(s.log_path).read()
+
+
+def test_a_used_port_is_one_error_line_naming_port(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--model", str(tmp_path / "nope"),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    line = error_line(r)
+    assert f"port {port}" in line and "--port" in line, line
 
 
 def test_bad_model_is_one_error_line(tmp_path):
