@@ -74,6 +74,7 @@ from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
+TOKEN_BYTES = 128  # GPT-2's longest token: n tokens are at most 128 n UTF-8 bytes, so at most 128 n characters
 
 
 @dataclass
@@ -179,10 +180,10 @@ def _number(body, name, default, lo, hi, integer=False):
     return v
 
 
-def _prompts(p, enc, vocab_size):
+def _prompts(p, enc, vocab_size, max_tokens=None):
     """prompt: a string, a list of strings, a list of token ids, or a list of lists of token ids.
     In a string, the tokenizer's special tokens (<|endoftext|>; a chat model's markers too) are
-    those tokens."""
+    those tokens. A string too long to be max_tokens tokens is refused before it is tokenized."""
     is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
     if isinstance(p, str):
         p = [p]
@@ -193,6 +194,8 @@ def _prompts(p, enc, vocab_size):
     out = []
     for x in p:
         if isinstance(x, str):
+            if max_tokens is not None:
+                _check_chars(len(x), max_tokens, "prompt")
             # an empty prompt starts from <|endoftext|>, as GPT-2 was trained to start documents
             x = enc.encode(x, allowed_special="all") or [EOT_TOKEN]
         elif not all(0 <= t < vocab_size for t in x):
@@ -257,6 +260,14 @@ def _check_choices(n, limits):
                        f"asked for {n}", "n")
 
 
+def _check_chars(chars, max_tokens, param):
+    """413 for a text of `chars` characters that cannot be max_tokens tokens, found without
+    tokenizing it (a megabyte takes up to a second)."""
+    if chars > max_tokens * TOKEN_BYTES:
+        raise APIError(413, f"the prompt has {chars} characters, more than {max_tokens} tokens hold; this server "
+                       f"takes at most {max_tokens} tokens", param, "prompt_too_long")
+
+
 def _check_length(longest, max_tokens, block_size, limits, param, context_param, chat_prompt=False):
     """A prompt of `longest` tokens: 413 past --max_prompt_tokens, 400 context_length_exceeded when
     it and max_tokens do not fit the model's context."""
@@ -282,7 +293,7 @@ def parse_request(raw, enc, block_size, limits):
     n_prompts = len(body["prompt"]) if isinstance(body["prompt"], list) and body["prompt"] and \
         not isinstance(body["prompt"][0], int) else 1
     _check_choices(r.n * n_prompts, limits)
-    r.prompts = _prompts(body["prompt"], enc, enc.n_vocab)
+    r.prompts = _prompts(body["prompt"], enc, enc.n_vocab, limits.max_prompt_tokens)
     _check_length(max(len(p) for p in r.prompts), r.max_tokens, block_size, limits, "prompt", "max_tokens")
     return r
 
@@ -321,7 +332,9 @@ def parse_chat_request(raw, block_size, limits):
     given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     r = _sampling(body, limits, given, max_tokens_default=None)
     _check_choices(r.n, limits)
-    r.prompts = [chat.render(chat_messages(body["messages"]), generation_prompt=True)[0]]
+    messages = chat_messages(body["messages"])
+    _check_chars(sum(len(m["content"]) for m in messages), limits.max_prompt_tokens, "messages")
+    r.prompts = [chat.render(messages, generation_prompt=True)[0]]
     r.eos = IM_END
     length = len(r.prompts[0])
     if r.max_tokens is None:  # as much as fits (at least 1, else the error below says why)
@@ -656,10 +669,11 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
     async def read_request(request, parse):
-        """check_origin, then the body, then parse(raw) -> its result, or the Response to answer instead."""
+        """check_origin, then the body, then parse(raw) -> its result, or the Response to answer instead.
+        parse runs in a thread: tokenizing a long prompt must not stop the event loop."""
         try:
             check_origin(request.headers, loopback_only)
-            return parse(await read_body(request, limits.max_body_bytes, limits.body_timeout))
+            return await asyncio.to_thread(parse, await read_body(request, limits.max_body_bytes, limits.body_timeout))
         except APIError as e:
             return error(e)
         except Disconnected:
@@ -667,10 +681,12 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
 
     @app.post("/tokenize", openapi_extra=body_schema(TOKENIZE_SCHEMA))
     async def tokenize(request: Request):
-        ids = await read_request(request, lambda raw: parse_tokenize(raw, enc, is_chat))
-        if isinstance(ids, Response):
-            return ids
-        return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
+        def answer(raw):  # the JSON made here too, in read_request's thread: FastAPI's encoder is slow for 1M ids
+            ids = parse_tokenize(raw, enc, is_chat)
+            return Response(json.dumps({"count": len(ids), "max_model_len": block_size, "tokens": ids}),
+                            media_type="application/json")
+
+        return await read_request(request, answer)
 
     @app.post("/v1/completions", openapi_extra=body_schema(REQUEST_SCHEMA))
     async def completions(request: Request):

@@ -1051,6 +1051,62 @@ def test_stalled_and_aborted_uploads_do_not_hold_or_flood_the_server(plain, tmp_
     assert len(lines) < 50 and not any("Traceback" in ln for ln in lines), "\n".join(lines[-60:])
 
 
+def test_a_prompt_too_long_is_refused_before_it_is_tokenized(monkeypatch):
+    """More characters than --max_prompt_tokens tokens can hold: 413 without tokenizing it (a megabyte
+    of digits takes about a second). The bound never refuses a prompt that fits: no token is longer
+    than serve.TOKEN_BYTES bytes, and a 64-token prompt of the longest ones is taken."""
+    enc, limits = get_tokenizer(), serve.Limits(max_prompt_tokens=64)
+    lengths = [len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)]
+    assert max(lengths) == serve.TOKEN_BYTES and all(len(t) <= serve.TOKEN_BYTES for t in ("<|im_start|>", "<|im_end|>"))
+    seen = []
+
+    class Spy:  # the tokenizer, noting the length of each text it is given
+        n_vocab = enc.n_vocab
+
+        def encode(self, text, **kw):
+            seen.append(len(text))
+            return enc.encode(text, **kw)
+
+    parse = lambda body: serve.parse_request(json.dumps(body), Spy(), 1024, limits)  # noqa: E731
+    for prompt in ["7" * (64 * 128 + 1), ["Hi", "7" * 1_000_000]]:
+        with pytest.raises(APIError) as e:
+            parse({"prompt": prompt, "max_tokens": 1})
+        assert e.value.status == 413 and e.value.body["error"]["code"] == "prompt_too_long"
+    assert max(seen) == 2, seen  # "Hi" only
+    longest = enc.decode_single_token_bytes(lengths.index(128)).decode("utf-8") * 64
+    assert len(enc.encode(longest)) == 64 and len(longest.encode()) == 64 * 128  # premise: 64 tokens of 128 bytes
+    assert parse({"prompt": longest, "max_tokens": 1}).prompts == [enc.encode(longest)]
+    monkeypatch.setattr(chat, "render", lambda *a, **k: pytest.fail("tokenized"))
+    with pytest.raises(APIError) as e:
+        serve.parse_chat_request(json.dumps({"messages": [{"role": "user", "content": "7" * 5000}] * 2}), 1024, limits)
+    assert e.value.status == 413 and e.value.body["error"]["param"] == "messages"
+
+
+def test_tokenizing_does_not_hold_up_the_server(server):
+    """Two clients have a megabyte of digits counted by /tokenize at once (about a second of
+    tokenizing each): meanwhile /health answers within 0.5 s (tokenizing runs in a thread, not on
+    the event loop)."""
+    import random
+
+    prompt = "".join(random.Random(0).choices("0123456789", k=1_000_000))
+    counts = []
+
+    def count():
+        counts.append(httpx.post(server.url + "/tokenize", json={"prompt": prompt}, timeout=60).json()["count"])
+
+    clients = [threading.Thread(target=count) for _ in range(2)]
+    for t in clients:
+        t.start()
+    waits = []
+    while any(t.is_alive() for t in clients):
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        waits.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    assert counts[0] == counts[1] and 250_000 < counts[0] < 1_000_000, counts  # (test_tokenize_counts_... checks counts)
+    assert len(waits) >= 3 and max(waits) < 0.5, waits
+
+
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_fuzzed_requests_get_4xx_never_500(request, endpoint):
     """Bodies built from the declared OpenAPI schema's fields with any JSON values (and any JSON
