@@ -87,6 +87,7 @@ class Limits:
     max_batch: int = 16  # sequences decoded together: rows of the KV cache
     max_body_bytes: int = 1 << 20
     body_timeout: float = 10.0  # seconds to receive a request's body (a stalled upload gets 408)
+    header_timeout: float = 10.0  # seconds to receive a request's head (the connection is closed after)
 
 
 class APIError(Exception):
@@ -874,19 +875,102 @@ async def job_events(job, n):
         yield events
 
 
+class Listener(socket.socket):
+    """The listening socket, which keeps the process's open connections under `limit`: past it,
+    accept() closes a new one at once (asyncio accepts bursts of connections before any protocol
+    sees one; out of file descriptors, accept() would fail and asyncio would stop accepting for a
+    second). GuardedHTTP counts closed ones out."""
+    limit, connections = 1 << 30, 0
+
+    def accept(self):
+        conn, addr = super().accept()
+        if self.connections >= self.limit:
+            conn.close()
+            raise BlockingIOError  # to asyncio: nothing more to accept this turn
+        self.connections += 1
+        return conn, addr
+
+
+def guarded_http(listener, header_timeout, max_connections):
+    """uvicorn's HTTP protocol (h11 or httptools) with what uvicorn lacks: its own limits are a
+    request head's size and the idle time between keep-alive requests, so a client that sends one
+    byte and waits holds a file descriptor for ever, and enough of them stop accept(). Here a
+    connection that has not sent a whole request head within header_timeout seconds of opening (or
+    of its last response) is closed, and past max_connections each new connection closes the one
+    that has waited longest for its head (itself if none is waiting)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    waiting = {}  # connection -> the timer that closes it, oldest first
+
+    class GuardedHTTP(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.await_head()
+            if listener.connections > max_connections:
+                oldest = next(iter(waiting))
+                waiting.pop(oldest).cancel()
+                oldest.transport.close()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self in waiting and self.cycle is not None and not self.cycle.response_complete:  # a head arrived
+                waiting.pop(self).cancel()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self.await_head()  # the next request's (unless one was pipelined)
+
+        def connection_lost(self, exc):
+            listener.connections -= 1
+            if self in waiting:
+                waiting.pop(self).cancel()
+            super().connection_lost(exc)
+
+        def await_head(self):
+            if self not in waiting:
+                waiting[self] = self.loop.call_later(header_timeout, self.too_slow)
+
+        def too_slow(self):
+            waiting.pop(self, None)
+            self.transport.close()
+
+    return GuardedHTTP
+
+
+def connection_caps(reserve=64):
+    """(max_connections, limit) for guarded_http and Listener: limit keeps `reserve` of the
+    process's file descriptors free (for files opened later), and max_connections is an eighth
+    below it (room for the connections arriving while the ones they replace close)."""
+    limit, in_use = 1 << 20, 64
+    with contextlib.suppress(ImportError, OSError):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = limit if soft == resource.RLIM_INFINITY else soft
+        in_use = len(os.listdir("/proc/self/fd"))  # Linux; elsewhere a guess
+    room = limit - in_use - reserve
+    if room < 16:
+        raise cli.Error(f"this process may open {limit} files (ulimit -n), {in_use} are open: too few to serve; "
+                        "raise the limit")
+    return room - room // 8, room
+
+
 def sse(obj):
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def launch(model, *flags, stderr=None, env=None, timeout=120):
+def launch(model, *flags, stderr=None, env=None, timeout=120, preexec_fn=None):
     """Start serve.py in a subprocess on a free local port (--port 0) and wait until it answers
-    /health; returns (process, base URL). For the tests and bench.py."""
+    /health; returns (process, base URL). For the tests and bench.py. preexec_fn: as Popen's (a
+    test's resource limits)."""
     import subprocess
 
     import httpx
 
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--model", str(model), "--port", "0",
-                             "--log_level", "warning", *flags], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+                             "--log_level", "warning", *flags], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            env=env, preexec_fn=preexec_fn)
     first = []  # the line with the URL (read in a thread, to time out on a server that hangs)
     reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -930,6 +1014,8 @@ def main(argv=None):
     p.add_argument("--max_body_bytes", type=cli.positive_int, default=d.max_body_bytes, help="largest request body in bytes (larger: HTTP 413)")
     p.add_argument("--body_timeout", type=cli.positive_float, default=d.body_timeout,
                    help="seconds to receive a request body (slower: HTTP 408)")
+    p.add_argument("--header_timeout", type=cli.positive_float, default=d.header_timeout,
+                   help="seconds to receive a request's head, from connecting or the last response (slower: closed)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the server's log level")
     args = p.parse_args(argv)
@@ -944,7 +1030,7 @@ def main(argv=None):
     try:
         # Bind here rather than in uvicorn: a taken port fails before the model loads, and
         # --port 0 can print the port it got.
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock = Listener(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((args.host, args.port))
@@ -963,6 +1049,7 @@ def main(argv=None):
             print(f"serve.py: compiling the decode step for 1 to {args.max_batch} rows (on CUDA, CUDA graphs)...", file=sys.stderr)
         app = create_app(model, os.path.basename(os.path.normpath(args.model)), limits,  # a name, not a path
                          loopback_only=args.host in LOOPBACK_NAMES, static_cache=static, compile=args.compile)
+        max_connections, sock.limit = connection_caps()
     except (cli.Error, OSError) as e:
         return cli.fail(e)
     c = model.config
@@ -970,7 +1057,9 @@ def main(argv=None):
     kind = "a chat model, " if chat.is_chat_model(model) else ""
     print(f"serve.py: {args.model} ({kind}{c.n_layer} layers x {c.n_embd}, context {c.block_size}) on {device} {dtype}, "
           f"at http://{host}:{sock.getsockname()[1]}/", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=1))
+    # asyncio's loop, not uvloop: Listener.accept is asyncio's
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=1, loop="asyncio",
+                                           http=guarded_http(sock, args.header_timeout, max_connections)))
     server.run(sockets=[sock])
     return 0
 

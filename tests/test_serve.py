@@ -72,11 +72,11 @@ LONG = {"prompt": "Hello", "max_tokens": 1000}  # about a second of decoding on 
 class Server:
     """serve.py in a subprocess on a free local port, its stderr kept in log_path."""
 
-    def __init__(self, model_dir, log_path, *flags):
+    def __init__(self, model_dir, log_path, *flags, preexec_fn=None):
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared 2-core machine; the model is tiny
-        self.proc, self.url = launch(model_dir, *flags, stderr=self.log, env=env)
+        self.proc, self.url = launch(model_dir, *flags, stderr=self.log, env=env, preexec_fn=preexec_fn)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
     def health(self):
@@ -1105,6 +1105,71 @@ def test_tokenizing_does_not_hold_up_the_server(server):
         time.sleep(0.05)
     assert counts[0] == counts[1] and 250_000 < counts[0] < 1_000_000, counts  # (test_tokenize_counts_... checks counts)
     assert len(waits) >= 3 and max(waits) < 0.5, waits
+
+
+def test_half_sent_requests_and_huge_prompts_do_not_stall_the_server(plain, tmp_path):
+    """Under a limit of 1024 open files: 1,100 connections each send one byte of a request head and
+    wait, and 8 clients post 1 MB prompts in a loop (413: too long). /health answers in under 2 s
+    throughout; every half-sent request is closed within --header_timeout, and the server's open
+    files return to what they were."""
+    import random
+    import resource
+    import socket
+
+    def fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    s = Server(plain[1], tmp_path / "serve.log", "--header_timeout", "4", preexec_fn=fd_limit)
+    host, port = s.url.split("//")[1].split(":")
+    fds = lambda: len(os.listdir(f"/proc/{s.proc.pid}/fd"))  # noqa: E731
+    body = json.dumps({"prompt": "".join(random.Random(0).choices("0123456789", k=1_000_000)), "max_tokens": 1})
+    stop, answers = threading.Event(), []
+
+    def flood():
+        with httpx.Client(timeout=60, headers={"Content-Type": "application/json"}) as c:
+            while not stop.is_set():
+                try:
+                    answers.append(c.post(s.url + "/v1/completions", content=body).status_code)
+                except httpx.TransportError:  # its idle connection was closed for a waiting one
+                    answers.append("closed")
+
+    floods = [threading.Thread(target=flood) for _ in range(8)]
+    held = []
+    try:
+        assert s.post({"prompt": "Hi", "max_tokens": 1}).status_code == 200
+        baseline = fds()
+        for t in floods:
+            t.start()
+        for _ in range(1100):
+            held.append(socket.create_connection((host, int(port)), timeout=10))
+            held[-1].sendall(b"P")
+        opened, waits = time.monotonic(), []
+        while time.monotonic() < opened + 3:  # while most are still held (--header_timeout 4)
+            t0 = time.monotonic()
+            assert httpx.get(s.url + "/health", timeout=30).status_code == 200
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.1)
+        stop.set()
+        for t in floods:
+            t.join(60)
+        assert max(waits) < 2, waits
+        assert set(answers) - {"closed"} == {413}, answers
+        for c in held:  # closed: to make room for another, or at --header_timeout
+            c.settimeout(max(0.1, opened + 4 + 3 - time.monotonic()))
+            with contextlib.suppress(ConnectionResetError):
+                assert c.recv(1) == b""
+        deadline = time.monotonic() + 10
+        while fds() > baseline + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert fds() <= baseline + 2, (fds(), baseline)
+        assert s.post({"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        s.stop()
+    lines = open(s.log_path).read().splitlines()
+    assert not any("Traceback" in ln or "Too many open files" in ln for ln in lines), "\n".join(lines[-40:])
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
