@@ -348,6 +348,15 @@ def test_completions_equal_generate(server, tiny):
     assert finishes == {"stop", "length"}, "premise: the cases end both at <|endoftext|> and at max_tokens"
 
 
+def test_a_tiny_temperature_is_greedy(server):
+    """temperature 1e-300 (legal: 0 to 2) samples as temperature 0 does, the most likely token each
+    time: the same text for every seed and choice."""
+    for prompt in PROMPTS[:3]:
+        greedy = server.post({"prompt": prompt, "max_tokens": 20, "temperature": 0}).json()["choices"][0]["text"]
+        r = server.post({"prompt": prompt, "max_tokens": 20, "temperature": 1e-300, "n": 2, "seed": 5}).json()
+        assert [c["text"] for c in r["choices"]] == [greedy, greedy], (prompt, r, greedy)
+
+
 def test_stream_equals_nonstream_equals_generate_with_n(server, tiny):
     """n choices with seed s: choice c is generate(seed=s + c); streamed == not streamed."""
     model, _ = tiny
