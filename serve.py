@@ -20,18 +20,20 @@ prompt is <|endoftext|>); {"messages": [...]} (a chat model), the conversation's
 /v1/chat/completions renders it. The page uses it to fit its max tokens into the context left.
 
 Chat (a chat model only; a base model answers 400 saying to fine-tune it with sft.py): the
-request's messages (roles system, user, assistant; OpenAI's "developer" is system; content a
-string or text parts) are rendered by chat.render(messages, generation_prompt=True), ChatML
-ending in an open assistant turn, and that is the prompt: its tokens are usage.prompt_tokens,
-and it has /v1/completions' limits (413 past --max_prompt_tokens; 400 context_length_exceeded
-when it and max_tokens do not fit). A reply ends at <|im_end|> (the chat model's eos, not part of
-the text; finish_reason "stop", as for a stop string) or at max_tokens ("length"); max_tokens
-(or max_completion_tokens, which wins) defaults to the room the context leaves. A stream sends
-each choice's {"role": "assistant"} delta first, then its content deltas, then a chunk with its
-finish_reason. Everything else (sampling, n, stop, seed, stream_options, the engine) is shared
-with /v1/completions. /v1/completions serves a chat model too: its markers are special tokens
-in a prompt's text and text in a completion, so ChatML written by hand with stop "<|im_end|>"
-gets the chat endpoint's reply; a completion still ends at <|endoftext|>.
+request's messages, read by chat.parse_messages as sft.py reads conversation files (roles
+system, user, assistant; OpenAI's "developer" is system; content a string or text parts; a
+"weight" of 0 or 1 is checked and changes nothing here), are rendered by chat.render(messages,
+generation_prompt=True), ChatML ending in an open assistant turn, and that is the prompt: its
+tokens are usage.prompt_tokens, and it has /v1/completions' limits (413 past
+--max_prompt_tokens; 400 context_length_exceeded when it and max_tokens do not fit). A reply
+ends at <|im_end|> (the chat model's eos, not part of the text; finish_reason "stop", as for a
+stop string) or at max_tokens ("length"); max_tokens (or max_completion_tokens, which wins)
+defaults to the room the context leaves. A stream sends each choice's {"role": "assistant"}
+delta first, then its content deltas, then a chunk with its finish_reason. Everything else
+(sampling, n, stop, seed, stream_options, the engine) is shared with /v1/completions.
+/v1/completions serves a chat model too: its markers are special tokens in a prompt's text and
+text in a completion, so ChatML written by hand with stop "<|im_end|>" gets the chat endpoint's
+reply; a completion still ends at <|endoftext|>.
 
 How it runs: one engine thread owns the model. Each turn of its loop it admits waiting
 sequences (one per choice of a request) into free rows of a KV cache allocated at start and
@@ -148,7 +150,9 @@ CHAT_REQUEST_SCHEMA = {
     "properties": {
         "messages": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["role", "content"],
-            "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]}, "content": _CONTENT}}},
+            "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]}, "content": _CONTENT,
+                           "weight": {"enum": [0, 1], "description": "sft.py's (1 only on an assistant message); "
+                                      "changes no reply"}}}},
         **_SAMPLING,
         "max_tokens": {"type": "integer", "minimum": 1, "description": "default: the room the context leaves"},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "max_tokens' newer name; wins"},
@@ -299,28 +303,13 @@ def parse_request(raw, enc, block_size, limits):
     return r
 
 
-def _content(m, i):
-    """A message's content: a string, or OpenAI's list of text parts (joined by newlines, as vLLM
-    does); None when absent (check_messages says so)."""
-    c = m.get("content")
-    if isinstance(c, list) and c:
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-            raise APIError(400, f"message {i}: this server takes text only (a string, or parts of type text)", "messages")
-        return "\n".join(p["text"] for p in c)
-    return c
-
-
 def chat_messages(messages):
-    """OpenAI's messages -> chat.py's [{"role", "content"}], or APIError (400, param messages).
-    OpenAI's "developer" role is a system message."""
-    if isinstance(messages, list):
-        messages = [{"role": "system" if m.get("role") == "developer" else m.get("role"), "content": _content(m, i)}
-                    if isinstance(m, dict) else m for i, m in enumerate(messages)]
+    """OpenAI's messages -> chat.py's [{"role", "content"}], read by chat.parse_messages (the rules
+    sft.py reads conversation files by), or APIError (400, param messages)."""
     try:
-        chat.check_messages(messages, "invalid messages")
+        return chat.parse_messages(messages, "invalid messages")
     except cli.Error as e:
         raise APIError(400, str(e), "messages") from None
-    return messages
 
 
 def parse_chat_request(raw, block_size, limits):

@@ -744,6 +744,37 @@ def test_chat_errors_are_openais(chat_server):
     assert chat_server.chat(ok).status_code == 200  # and still serving
 
 
+def test_chat_requests_read_messages_by_chat_pys_rules(chat_server):
+    """One set of rules for a request's messages and sft.py's conversation files (chat.parse_messages):
+    each of these is taken by both (the prompt is chat.render of what chat.py read) or refused by both
+    (400, param messages, chat.py's message)."""
+    hi, yo = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}
+    cases = [[{"role": "developer", "content": "Be brief."}, hi],
+             [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "you", "x": 1}]}],
+             [hi, {**yo, "weight": 0}, hi], [hi, {**yo, "weight": 1}, hi], [hi, {**yo, "weight": None}, hi],
+             [{**hi, "weight": 0}], [{**hi, "name": "a"}],
+             [{**hi, "weight": 1}], [hi, {**yo, "weight": 2}, hi], [hi, {**yo, "weight": "1"}, hi],
+             [hi, {**yo, "weight": True}, hi], [hi, {**yo, "weight": 1.0}, hi],
+             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+             [{"role": "user", "content": []}], [{"role": "user", "content": [{"type": "text"}]}],
+             [{"role": "user", "content": ["Hi"]}], [{"role": "tool", "content": "Hi"}], [hi, "Hi"]]
+    taken = 0
+    for messages in cases:
+        try:
+            expected = chat.parse_messages(messages, "invalid messages")
+        except cli.Error as e:
+            err = error_of(chat_server.chat({"messages": messages, "max_tokens": 1}), 400)
+            assert (err["message"], err["param"]) == (str(e), "messages"), (messages, err)
+            tokenized = httpx.post(chat_server.url + "/tokenize", json={"messages": messages}, timeout=10)
+            assert error_of(tokenized, 400)["message"] == str(e), messages
+            continue
+        r = chat_server.chat({"messages": messages, "max_tokens": 1})
+        assert r.status_code == 200, (messages, r.text)
+        assert r.json()["usage"]["prompt_tokens"] == len(chat.render(expected, generation_prompt=True)[0]), messages
+        taken += 1
+    assert taken == 7  # premise: the cases hold both kinds
+
+
 def test_chat_needs_a_chat_model(server, chat_server, chat_model):
     """A base model answers /v1/chat/completions with a 400 that says to fine-tune it with sft.py;
     /v1/models says which kind a model is; a chat model still serves /v1/completions (its markers are
