@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import matplotlib.image
 import nbformat
+import numpy as np
 import pytest
 import torch
 from nbclient import NotebookClient
@@ -21,7 +22,7 @@ from nbclient import NotebookClient
 from conftest import REPO_ROOT, T, base_args, check_ok, env, error_line, read_log, run_train
 from generate import sample
 from model import EOT_TOKEN, GPT, GPTConfig
-from model_io import get_tokenizer, load_model
+from model_io import get_tokenizer, load_model, save_pretrained
 
 NOTEBOOKS = ["benchmark.ipynb", "generate.ipynb"]
 TOKENS_PER_STEP = 4 * T  # base_args' total_batch_size
@@ -47,13 +48,15 @@ def newest_model(run_dir):
     return load_model(run_dir / "step_000012").eval()
 
 
-def execute(name, log_dir, monkeypatch, extra_code=None):
-    """Execute a copy of the repo's notebook (plus an optional last cell) with LOG_DIR=log_dir."""
+def execute(name, log_dir, monkeypatch, extra_code=None, first_code=None):
+    """Execute a copy of the repo's notebook (plus an optional first and last cell) with LOG_DIR=log_dir."""
     path = REPO_ROOT / name
     before = path.read_bytes()
     nb = nbformat.reads(before.decode(), as_version=4)
     if extra_code:
         nb.cells.append(nbformat.v4.new_code_cell(extra_code))
+    if first_code:
+        nb.cells.insert(0, nbformat.v4.new_code_cell(first_code))
     monkeypatch.setenv("LOG_DIR", str(log_dir))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
@@ -93,6 +96,74 @@ def assert_png(data, min_side=200):
 # benchmark.ipynb
 # ----------------------------------------------------------------------------------------------
 
+# A first cell that wraps Figure.savefig: each figure the notebook saves is measured as saved (its
+# extent, its legends' and every plotted line's points in display coordinates), and a last cell
+# prints the measurements. (The inline backend's own rendering does not go through Figure.savefig.)
+MEASURE_FIGURES = """
+import json as _json, os as _os
+import matplotlib.figure as _mf
+_savefig, _FIGURES = _mf.Figure.savefig, {}
+
+def _measured_savefig(fig, fname, *args, **kwargs):
+    _savefig(fig, fname, *args, **kwargs)
+    fig.draw_without_rendering()
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    _FIGURES[_os.path.basename(fname)] = {
+        "figure": list(fig.bbox.extents), "title": fig.get_suptitle(),
+        "legends": [list(leg.get_window_extent().extents) for leg in legends],
+        "legend_labels": [t.get_text() for leg in legends for t in leg.get_texts()],
+        "axes": [{"bbox": list(ax.bbox.extents), "lines": [
+            {"label": line.get_label(), "ydata": [float(y) for y in line.get_ydata()],
+             "xy": line.get_transform().transform(line.get_xydata()).tolist()} for line in ax.get_lines()]}
+            for ax in fig.axes]}
+
+_mf.Figure.savefig = _measured_savefig
+"""
+REPORT_FIGURES = "print('FIGURES ' + _json.dumps(_FIGURES))"
+
+
+def execute_measured(log_dir, monkeypatch):
+    """benchmark.ipynb executed with its saved figures measured: (notebook, its text, {file name: figure})."""
+    nb = execute("benchmark.ipynb", log_dir, monkeypatch, extra_code=REPORT_FIGURES, first_code=MEASURE_FIGURES)
+    text = stream_text(nb)
+    head, _, figures = text.partition("FIGURES ")
+    return nb, head, json.loads(figures)
+
+
+def lines_under_legends(fig):
+    """The labels of the plotted lines that a legend covers: any visible point of a line (sampled
+    along its segments: an axhline is only its two ends) strictly inside a legend's box."""
+    covered = set()
+    for ax in fig["axes"]:
+        x0, y0, x1, y1 = ax["bbox"]
+        for line in ax["lines"]:
+            xy = np.array(line["xy"]).reshape(-1, 2)
+            if len(xy) > 1:
+                xy = np.concatenate([np.linspace(a, b, 200) for a, b in zip(xy[:-1], xy[1:])])
+            xy = xy[(xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)]
+            for lx0, ly0, lx1, ly1 in fig["legends"]:
+                if ((xy[:, 0] > lx0) & (xy[:, 0] < lx1) & (xy[:, 1] > ly0) & (xy[:, 1] < ly1)).any():
+                    covered.add(line["label"])
+    return covered
+
+
+def check_legends(figures, names=("loss.png", "hellaswag.png")):
+    """Each saved figure has a legend that lies inside the figure and covers none of its lines."""
+    assert sorted(figures) == sorted(names), figures.keys()
+    for name in names:
+        fig = figures[name]
+        assert fig["legends"], name
+        fx0, fy0, fx1, fy1 = fig["figure"]
+        for lx0, ly0, lx1, ly1 in fig["legends"]:
+            assert fx0 - 0.5 <= lx0 and lx1 <= fx1 + 0.5 and fy0 - 0.5 <= ly0 and ly1 <= fy1 + 0.5, \
+                (name, "legend outside the figure", fig["legends"], fig["figure"])
+        assert not lines_under_legends(fig), (name, "lines under a legend", lines_under_legends(fig))
+
+
+def reference_lines(fig, y):
+    """The lines of a figure drawn at the constant height y (a reference line)."""
+    return [line for ax in fig["axes"] for line in ax["lines"] if line["ydata"] and set(line["ydata"]) == {y}]
+
 def expected_summary(records):
     """The summary computed here from log records: the later line of a step wins."""
     train = {r["step"]: r for r in records if "train_loss" in r}
@@ -122,9 +193,9 @@ def check_summary(text, want, tokens_per_step):
 
 
 def test_benchmark_notebook_on_a_fresh_run(run_dir, newest_model, monkeypatch):
-    """Headless on a real run: two figures inline and as PNGs beside the log; the summary is the log's."""
-    nb = execute("benchmark.ipynb", run_dir, monkeypatch)
-    text = stream_text(nb)
+    """Headless on a real run: two figures inline and as PNGs beside the log, their legends inside the
+    figure and over none of its lines (GPT-2's loss line drawn); the summary is the log's."""
+    nb, text, figures = execute_measured(run_dir, monkeypatch)
     images = png_outputs(nb)
     assert len(images) == 2, text
     for data in images:
@@ -139,6 +210,9 @@ def test_benchmark_notebook_on_a_fresh_run(run_dir, newest_model, monkeypatch):
     want = expected_summary(records)
     assert want["steps"] == 12 and want["mfu"] is None  # CPU: no MFU
     check_summary(text, want, TOKENS_PER_STEP)
+    check_legends(figures)
+    assert len(reference_lines(figures["loss.png"], 3.2924)) == 2  # GPT-2 124M's FineWebEdu val loss, both panels
+    assert "chat" not in text and "chat" not in figures["loss.png"]["title"], text
 
 
 def test_benchmark_notebook_on_a_resumed_350m_run(tmp_path, monkeypatch):
@@ -166,8 +240,7 @@ def test_benchmark_notebook_on_a_resumed_350m_run(tmp_path, monkeypatch):
     lines += [json.dumps(r) for r in resumed[1:]]
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
 
-    nb = execute("benchmark.ipynb", tmp_path, monkeypatch)
-    text = stream_text(nb)
+    nb, text, figures = execute_measured(tmp_path, monkeypatch)
     assert "1 unreadable lines skipped" in text, text
     with torch.device("meta"):
         n_params = GPT(GPTConfig.from_preset("gpt2-medium")).num_params()
@@ -178,6 +251,7 @@ def test_benchmark_notebook_on_a_resumed_350m_run(tmp_path, monkeypatch):
     want = expected_summary(first + resumed[1:])
     assert want["final val"] == (6.0, 19) and want["best val"] == (6.0, 19) and want["best hs"] == (0.31, 12)
     check_summary(text, want, tokens_per_step)
+    check_legends(figures)
 
 
 def test_benchmark_notebook_without_checkpoints_plots_against_steps_only(run_dir, tmp_path, monkeypatch):
@@ -191,6 +265,53 @@ def test_benchmark_notebook_without_checkpoints_plots_against_steps_only(run_dir
     for name in ("loss.png", "hellaswag.png"):
         img = matplotlib.image.imread(tmp_path / name)
         assert img.shape[1] < 2 * img.shape[0], (name, img.shape)  # one panel (two are 3:1)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """4 steps of sft.py on a tiny random 'pretrained' model: val loss at steps 0, 2 and 4, a checkpoint at 4."""
+    d = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)), d / "base")
+    (d / "chats.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {n} plus one?"}, {"role": "assistant", "content": f"{n + 1}."}]}) + "\n"
+        for n in range(40)))
+    log = d / "log"
+    check_ok(run_train("--model", d / "base", "--data", d / "chats.jsonl", "--log_dir", log, "--max_steps", 4,
+                       "--conversations_per_step", 4, "--batch_size_per_device", 4, "--eval_step_interval", 2,
+                       "--save_step", 4, "--sample_tokens", 0, "--dtype", "fp32", "--device", "cpu", "--no-compile",
+                       script=str(REPO_ROOT / "sft.py")))
+    return log
+
+
+@pytest.mark.parametrize("run_json", [True, False], ids=["run.json", "checkpoint-only"])
+def test_benchmark_notebook_on_a_chat_fine_tuning_run(sft_run, run_json, tmp_path, monkeypatch):
+    """An sft.py run: its losses are on chats' assistant tokens, so no GPT-2 FineWebEdu reference line
+    (nor a HellaSwag figure: none was measured); the title and the summary say it is chat fine-tuning.
+    Told by its run.json, or without one (a log copied with its checkpoint) by the checkpoint's arguments."""
+    if not run_json:
+        (tmp_path / "step_000004").mkdir()
+        for name in ("log.jsonl", "step_000004/trainer_state.pt"):
+            (tmp_path / name).write_bytes((sft_run / name).read_bytes())
+        sft_run = tmp_path
+    nb, text, figures = execute_measured(sft_run, monkeypatch)
+    records = read_log(sft_run)
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert sorted(val) == [0, 2, 4] and not any("hellaswag_acc_norm" in r for r in records)
+    check_legends(figures, names=("loss.png",))
+    assert not (sft_run / "hellaswag.png").exists() and "HellaSwag reference" not in text, text
+    loss = figures["loss.png"]
+    assert not reference_lines(loss, 3.2924), loss["legend_labels"]
+    assert not any("GPT" in label or "FineWebEdu" in label for label in loss["legend_labels"]), loss["legend_labels"]
+    # the run's own curves are drawn: val is the log's, on both panels (tokens per step from the checkpoint)
+    vals = [line["ydata"] for ax in loss["axes"] for line in ax["lines"] if line["label"].startswith("val")]
+    assert vals == [[val[s] for s in sorted(val)]] * 2, vals
+    assert "chat fine-tuning" in loss["title"], loss["title"]
+    assert "chat fine-tuning" in text[text.index("value  at step") - 300:], text
+    want = expected_summary(records + [{"step": 0, "hellaswag_acc_norm": 0.0}])
+    rows = summary(text)
+    assert rows["final val loss"] == (f"{want['final val'][0]:.4f}", 4), rows
+    assert rows["tokens seen"][0] == f"{4 * 4 * 64:,}", rows  # conversations_per_step x block_size a step
 
 
 # ----------------------------------------------------------------------------------------------
