@@ -5,6 +5,7 @@ ratios (these machines are noisy; absolute numbers from one run mean little).
     python bench.py                  # every section
     python bench.py --section model  # one section
     python bench.py --quick          # fewer repetitions (a smoke run)
+    python bench.py --markdown t.md  # also the tables for BENCHMARKS.md (date, machine, torch, command)
 
 Sections:
   model    training step (forward + backward + AdamW) and KV-cache sampling, ours against
@@ -25,6 +26,10 @@ Sections:
            micro-step: batches/s against the same batches with the epoch's order drawn again for
            every row (as before #25); the time per batch in ms (target: under 5) and of the
            first, which draws the epoch's order.
+  train    (only when asked for; meant for a GPU: tests/gpu_all.sh) train.py's tokens/s and MFU:
+           --train_steps steps of the --n_layer/--n_embd model, --batch_size x --seq_len a
+           micro-step, on --data (default: fineweb.py over --corpus); the median of the steps after
+           the first two (compilation, warm-up) from its log.jsonl, against step 0 and the MFU goal.
   recipe   (only when asked for: it trains 7 small models, ~50 min on 2 cores) train.py
            --recipe modern against the classic recipe (gpt2, its --max_lr the best of
            --recipe_lrs) on ../shared/corpus, same token budget, seeds and data order: val loss
@@ -36,8 +41,10 @@ import argparse
 import glob
 import multiprocessing as mp
 import os
+import shlex
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -63,6 +70,11 @@ def paired(fns, repeat, warmup=1):
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def repeats(args, default):
+    """Timed calls of each side: one under --quick, else --repeat, else the section's default."""
+    return 1 if args.quick else args.repeat or default
 
 
 # -----------------------------------------------------------------------------
@@ -108,7 +120,7 @@ def bench_model(args):
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
-    repeat = 1 if args.quick else args.repeat
+    repeat = repeats(args, 9)
     t = paired({"ours": step_ours, "theirs": step_theirs}, repeat)
     tokens = B * T
     rows = [(f"train step fp32 L{L} C{C} B{B} T{T} (tok/s)", tokens / t["ours"], tokens / t["theirs"], "transformers")]
@@ -193,7 +205,7 @@ def bench_fineweb(args):
             enc.encode_ordinary(t)
 
     try:
-        t = paired({"ours": ours, "baseline": baseline, "one_core": one_core}, 1 if args.quick else args.repeat)
+        t = paired({"ours": ours, "baseline": baseline, "one_core": one_core}, repeats(args, 9))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     limit = usable_cores() * n_tokens / t["one_core"]
@@ -300,35 +312,34 @@ def bench_serve(args):
                 return sum(await asyncio.gather(*(one(client, b, ttfts) for b in batch)))
             return sum([await one(client, b, ttfts) for b in batch])
 
-    rows = []
     try:
-        for k in counts:
+        for k in counts:  # (rows yielded as they come: a run stopped part-way keeps the first counts')
             ttfts, tokens = {True: [], False: []}, {}
 
             def run(at_once, batch=bodies[:k]):
                 tokens[at_once] = asyncio.run(clients(batch, at_once, ttfts[at_once]))
 
-            # (the sequential side of k=1 is the same thing as the concurrent one, timed twice)
-            run(True), run(False)  # warm-up (under --compile: the graphs of these batch sizes), not counted
+            # warm-up (under --compile: the graphs of these batch sizes), not counted; one row at a time is
+            # the same at every k. (The sequential side of k=1 is the same thing as the concurrent one, timed twice.)
+            run(True)
+            if k == counts[0]:
+                run(False)
             ttfts[True].clear(), ttfts[False].clear()
-            t = paired({"at once": lambda: run(True), "one at a time": lambda: run(False)}, 1 if args.quick else 3,
-                       warmup=0)
-            rows.append((f"serve: {k} streaming clients, {N} tokens each (total tok/s)", tokens[True] / t["at once"],
-                         tokens[False] / t["one at a time"], "the same requests one at a time"))
-            rows.append((f"serve: {k} streaming clients, time to first token (ms)", 1000 * statistics.median(ttfts[True]),
-                         1000 * statistics.median(ttfts[False]), "the same, one at a time"))
+            t = paired({"at once": lambda: run(True), "one at a time": lambda: run(False)}, repeats(args, 3), warmup=0)
+            yield (f"serve: {k} streaming clients, {N} tokens each (total tok/s)", tokens[True] / t["at once"],
+                   tokens[False] / t["one at a time"], "the same requests one at a time")
+            yield (f"serve: {k} streaming clients, time to first token (ms)", 1000 * statistics.median(ttfts[True]),
+                   1000 * statistics.median(ttfts[False]), "the same, one at a time")
     finally:
         proc.terminate()
         proc.wait()
         shutil.rmtree(work, ignore_errors=True)
-    return rows
 
 
 def _recipe_run(args, data, work, name, seed, flags):
     """One train.py run (a subprocess, as users run it); returns {val step: loss}."""
     import json
     import subprocess
-    import sys
 
     steps = args.recipe_steps
     log_dir = os.path.join(work, name)
@@ -398,22 +409,28 @@ def _recipe_step_time(args):
     return t["modern"], t["gpt2"]
 
 
+def _shards(args, work):
+    """--data, or fineweb.py's shards of --corpus, made in work."""
+    import subprocess
+
+    if args.data:
+        return args.data
+    data = os.path.join(work, "data")
+    subprocess.run([sys.executable, "fineweb.py", "--source", args.corpus, "--path", data, "--shard_size", "250000",
+                    "--workers", "1"], check=True, capture_output=True)
+    return data
+
+
 def bench_recipe(args):
     """--recipe modern against the best classic (gpt2) recipe of an lr grid, at the same token budget."""
-    import subprocess
-    import sys
-
     modern_s, gpt2_s = _recipe_step_time(args)
-    step_row = ("recipe: training step, modern's optimizers / gpt2's (ms)", modern_s * 1e3, gpt2_s * 1e3, "gpt2 (AdamW)")
+    yield ("recipe: training step, modern's optimizers / gpt2's (ms)", modern_s * 1e3, gpt2_s * 1e3, "gpt2 (AdamW)")
     if args.recipe_steps == 0:
-        return [step_row]
+        return
 
     work = tempfile.mkdtemp(prefix="bench_recipe_")
-    data = args.recipe_data or os.path.join(work, "data")
     try:
-        if not args.recipe_data:
-            subprocess.run([sys.executable, "fineweb.py", "--source", args.corpus, "--path", data, "--shard_size", "250000",
-                            "--workers", "1"], check=True, capture_output=True)
+        data = _shards(args, work)
         steps, tps = args.recipe_steps, args.recipe_batch * args.recipe_block
         from train import RECIPES
 
@@ -422,7 +439,7 @@ def bench_recipe(args):
         seeds = list(range(args.recipe_seeds))
         extra = args.recipe_flags.split()
         print(f"recipe: {args.recipe_layers} layers x {args.recipe_embd}, T={args.recipe_block}, {tps:,} tokens/step, "
-              f"{steps} steps ({steps * tps:,} tokens), seeds {seeds}, data {args.recipe_data or args.corpus}, "
+              f"{steps} steps ({steps * tps:,} tokens), seeds {seeds}, data {args.data or args.corpus}, "
               f"train.py flags: --dtype fp32 {args.recipe_train_flags}", flush=True)
         grid = {}
         for lr in args.recipe_lrs.split(","):
@@ -439,24 +456,72 @@ def bench_recipe(args):
         for seed in seeds:  # modern given half the tokens: does it reach the baseline's final loss?
             half_args = argparse.Namespace(**{**vars(args), "recipe_steps": steps // 2})
             half[seed] = _recipe_run(half_args, data, work, f"modern, half the steps, seed {seed}", seed, modern_flags)
-
-        print(f"\nval loss (mean over seeds {seeds}; baseline: gpt2 recipe at max_lr {best})")
-        print(f"{'step':>6} {'tokens':>10} {'gpt2':>8} {'modern':>8}")
-        for step in sorted(base[0]):
-            mean = lambda runs: statistics.mean(runs[s][step] for s in seeds)  # noqa: E731
-            print(f"{step:>6} {step * tps:>10,} {mean(base):>8.4f} {mean(modern):>8.4f}")
-        ratios = []
-        for seed in seeds:
-            target = base[seed][steps]
-            hit = _crossing(modern[seed], target, tps)
-            ratios.append(hit / (steps * tps) if hit is not None else float("inf"))
-            print(f"seed {seed}: gpt2 final {target:.4f} | modern reaches it at {ratios[-1]:.2f} of the tokens | "
-                  f"modern with half the tokens ends at {half[seed][steps // 2]:.4f}")
-        spread = f" (seeds: {', '.join(f'{r:.2f}' for r in ratios)})"
-        return [(f"recipe: modern's tokens to gpt2's final val loss / gpt2's{spread}",
-                 statistics.mean(ratios), 1.0, "goal <= 0.6"), step_row]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+    table = [f"val loss (mean over seeds {seeds}; baseline: gpt2 recipe at max_lr {best}, {tps:,} tokens a step)", "",
+             "| step | tokens | gpt2 | modern |", "| ---: | ---: | ---: | ---: |"]
+    for step in sorted(base[0]):
+        mean = lambda runs: statistics.mean(runs[s][step] for s in seeds)  # noqa: E731
+        table.append(f"| {step} | {step * tps:,} | {mean(base):.4f} | {mean(modern):.4f} |")
+    table.append("")
+    ratios = []
+    for seed in seeds:
+        target = base[seed][steps]
+        hit = _crossing(modern[seed], target, tps)
+        ratios.append(hit / (steps * tps) if hit is not None else float("inf"))
+        table.append(f"seed {seed}: gpt2 final {target:.4f} | modern reaches it at {ratios[-1]:.2f} of the tokens | "
+                     f"modern with half the tokens ends at {half[seed][steps // 2]:.4f}")
+    yield "\n".join(table)
+    spread = f" (seeds: {', '.join(f'{r:.2f}' for r in ratios)})"
+    yield (f"recipe: modern's tokens to gpt2's final val loss / gpt2's{spread}", statistics.mean(ratios), 1.0,
+           "goal <= 0.6")
+
+
+def _steady(log_path, skip=2):
+    """train.py's log.jsonl: (the step records after the first skip, step 0's record); every step
+    record has tokens_per_sec and mfu (None where the device's peak is unknown)."""
+    import json
+
+    with open(log_path) as f:
+        steps = [r for r in map(json.loads, f) if "train_loss" in r]
+    if len(steps) <= skip:
+        raise SystemExit(f"{log_path}: {len(steps)} step records, none after the first {skip}: more --train_steps")
+    return steps[skip:], steps[0]
+
+
+def bench_train(args):
+    """train.py's throughput as users run it (a subprocess): the steady-state median of its own
+    per-step tokens/s and MFU, against step 0 (compilation, warm-up) and MFU's goal of 55%."""
+    import subprocess
+
+    L, C, B, T = args.n_layer, args.n_embd, args.batch_size, args.seq_len
+    work = tempfile.mkdtemp(prefix="bench_train_")
+    try:
+        data = _shards(args, work)
+        log_dir, steps = os.path.join(work, "run"), args.train_steps
+        argv = [sys.executable, "train.py", "--path", data, "--log_dir", log_dir, "--n_layer", str(L), "--n_head",
+                str(args.n_head), "--n_embd", str(C), "--block_size", str(T), "--batch_size_per_device", str(B),
+                "--total_batch_size", str(B * T), "--max_steps", str(steps), "--eval_step_interval", str(steps),
+                "--val_tokens", str(B * T), "--save_step", str(10 * steps), "--hellaswag_examples", "0",
+                "--sample_tokens", "0", *args.train_flags.split()]  # (a --total_batch_size here comes last: it wins)
+        t0 = time.time()
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"train.py failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        steady, first = _steady(os.path.join(log_dir, "log.jsonl"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tok_s = statistics.median(r["tokens_per_sec"] for r in steady)
+    mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
+    what = f"train.py {L}x{C}, {B}x{T} a micro-step, {args.train_flags or 'its defaults'}"
+    span = f"steps {steady[0]['step']}-{steady[-1]['step']}"
+    print(f"{what}: median of {span}: {tok_s:,.0f} tok/s"
+          + (f", MFU {statistics.median(mfu) * 100:.1f}%" if mfu else "")
+          + f"; step 0 at {first['tokens_per_sec']:,.0f} tok/s; the whole run {time.time() - t0:.0f} s", flush=True)
+    yield (f"{what}: tokens/s, median of {span}", tok_s, first["tokens_per_sec"], "step 0 (compiling, warming up)")
+    if mfu:
+        yield (f"{what}: MFU (%), median of {span}", statistics.median(mfu) * 100, 55.0, "the goal: 55%")
 
 
 def bench_decode(args):
@@ -486,7 +551,6 @@ def bench_decode(args):
     theirs = theirs.to(device=device, dtype=dtype).eval()
     P, N = args.prompt_len, 32 if args.quick else args.new_tokens
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows = []
     for B in [int(b) for b in args.decode_batches.split(",")]:
         prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(device)
 
@@ -509,16 +573,15 @@ def bench_decode(args):
             # (the static path's first call here compiles and captures it, outside the timing)
             same = (ours.generate(prompt, N, temperature=0, static_cache=True, compile=cuda)
                     == ours.generate(prompt, N, temperature=0, static_cache=False))[:, P:].float().mean().item()
-            t = paired(fns, 1 if args.quick else 3)
+            t = paired(fns, repeats(args, 3))
         where = f"{device} {str(dtype).removeprefix('torch.')}, {cfg.n_layer}x{cfg.n_embd}, batch {B}, {N} after {P}"
         print(f"decode {where}: greedy tokens the static path shares with the dynamic one: {same:.4f}")
         if cuda:  # a graph inductor would not capture (it says why under TORCH_LOGS=perf_hints) runs at eager speed
             skips = counters["inductor"]["cudagraph_skips"]
             print(f"decode {where}: compiled graphs run without CUDA graphs so far: {skips}")
-        for ref in [r for r in fns if r != "static"]:
-            rows.append((f"decode {where}: static (tok/s)", B * N / t["static"], B * N / t[ref], f"ours {ref}"
-                         if ref != "transformers" else "transformers generate"))
-    return rows
+        for ref in [r for r in fns if r != "static"]:  # (yielded batch by batch: see bench_serve)
+            yield (f"decode {where}: static (tok/s)", B * N / t["static"], B * N / t[ref], f"ours {ref}"
+                   if ref != "transformers" else "transformers generate")
 
 
 def bench_chat_loader(args):
@@ -558,15 +621,48 @@ def bench_chat_loader(args):
 
 # fineweb first: see the imports at the top
 SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve,
-            "decode": bench_decode, "chat_loader": bench_chat_loader, "recipe": bench_recipe}
-ON_REQUEST = ("recipe", "decode")  # not in the default set: it trains models for ~40 minutes
+            "decode": bench_decode, "chat_loader": bench_chat_loader, "train": bench_train, "recipe": bench_recipe}
+ON_REQUEST = ("recipe", "decode", "train")  # not in the default set: they train models or want a GPU
+
+
+def without_markdown(argv):
+    """The command line less --markdown FILE (where the tables went is no part of how they were taken)."""
+    out = []
+    for a in argv:
+        if out[-1:] == ["--markdown"]:
+            out.pop()
+        elif not a.startswith("--markdown="):
+            out.append(a)
+    return out
+
+
+def markdown(rows, blocks, argv):
+    """One section's figures for BENCHMARKS.md: a line with the date, the machine, torch and the
+    command, the rows as a table, then the section's own tables (blocks)."""
+    import torch
+
+    machine = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available()
+               else f"CPU, {usable_cores()} usable cores")
+    out = [f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}: `python bench.py {shlex.join(argv)}`",
+           ""]
+    if rows:
+        out += ["| benchmark | ours | reference | ratio | reference |", "| --- | ---: | ---: | ---: | --- |"]
+        fig = lambda v: f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"  # noqa: E731  (0.44, not 0.4)
+        out += [f"| {label} | {fig(ours)} | {fig(ref)} | {ours / ref:.2f}x | {ref_name} |"
+                for label, ours, ref, ref_name in rows]
+        out.append("")
+    return "\n".join(out + [b + "\n" for b in blocks])
 
 
 def main():
     p = cli.Parser(description=__doc__)
     p.add_argument("--section", choices=list(SECTIONS), action="append", help="run only this section (repeatable)")
     p.add_argument("--quick", action="store_true", help="one timed call of each (smoke run)")
-    p.add_argument("--repeat", type=int, default=9, help="timed calls of each side; the median is reported")
+    p.add_argument("--repeat", type=cli.positive_int, default=None,
+                   help="timed calls of each side; the median is reported (default: 9; decode and serve 3)")
+    p.add_argument("--markdown", default=None,
+                   help="also write each section's figures to this file as tables for BENCHMARKS.md (with the date, "
+                   "the machine, torch and the command), rewritten after each row (default: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     p.add_argument("--n_layer", type=int, default=6, help="model and serve sections: layers")
     p.add_argument("--n_head", type=int, default=6, help="model and serve sections: heads")
@@ -584,7 +680,8 @@ def main():
     p.add_argument("--hellaswag_examples", type=int, default=64,
                    help="examples per side (batches are sorted by length, as in a full evaluation)")
     p.add_argument("--hellaswag_batch", type=int, default=16, help="hellaswag section: examples per batch")
-    p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"), help="text for the fineweb and recipe sections")
+    p.add_argument("--corpus", default=os.path.join("..", "shared", "corpus"),
+                   help="text for the fineweb, recipe and train sections")
     p.add_argument("--recipe_steps", type=int, default=100,
                    help="recipe: optimizer steps per run (of --recipe_batch x --recipe_block tokens; 0: the step time only)")
     p.add_argument("--recipe_seeds", type=int, default=2, help="recipe: seeds (initialisation and data order)")
@@ -594,9 +691,14 @@ def main():
     p.add_argument("--recipe_block", type=int, default=256, help="recipe: sequence length")
     p.add_argument("--recipe_batch", type=int, default=16, help="recipe: sequences per step (no accumulation)")
     p.add_argument("--recipe_val_tokens", type=int, default=32768, help="recipe: tokens of each validation")
-    p.add_argument("--recipe_data", default=None, help="recipe: a shard directory (default: fineweb.py over --corpus)")
+    p.add_argument("--data", "--recipe_data", default=None,
+                   help="recipe and train sections: a shard directory (default: fineweb.py over --corpus)")
     p.add_argument("--recipe_train_flags", default="", help="recipe: extra train.py flags for every run (GPU: --device cuda --dtype bf16)")
     p.add_argument("--recipe_flags", default="", help="recipe: extra train.py flags for the modern runs")
+    p.add_argument("--train_steps", type=cli.positive_int, default=10,
+                   help="train section: steps; the median of those after the first two is reported")
+    p.add_argument("--train_flags", default="", help="train section: extra train.py flags (GPU: --dtype bf16 --compile "
+                   "--total_batch_size 524288; default: train.py's, one micro-step a step)")
     args = p.parse_args()
     sections = args.section or [s for s in SECTIONS if s not in ON_REQUEST]
     if set(sections) - {"fineweb"}:
@@ -607,9 +709,21 @@ def main():
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{time.strftime('%Y-%m-%d')}, {usable_cores()} usable cores")
     print(f"{'benchmark':<58} {'ours':>12} {'reference':>12} {'ratio':>7}  reference")
+    argv, done = without_markdown(sys.argv[1:]), []
     for name in sections:
-        for label, ours, ref, ref_name in SECTIONS[name](args):
-            print(f"{label:<58} {ours:>12,.1f} {ref:>12,.1f} {ours / ref:>6.2f}x  {ref_name}")
+        rows, blocks = [], []
+        for item in SECTIONS[name](args):  # rows as they come, and a section's own tables (str)
+            if isinstance(item, str):
+                print(item)
+                blocks.append(item)
+            else:
+                label, ours, ref, ref_name = item
+                print(f"{label:<58} {ours:>12,.1f} {ref:>12,.1f} {ours / ref:>6.2f}x  {ref_name}")
+                rows.append(item)
+            if args.markdown:  # (after each row: a run stopped part-way leaves the rows it had)
+                cli.atomic_write(args.markdown, "\n".join(done + [markdown(rows, blocks, argv)]))
+        if args.markdown:
+            done.append(markdown(rows, blocks, argv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # httpx but no network, no ../shared beside the repo and no fastapi/uvicorn:
 #   here, first:  bash tests/gpu_env.sh prepare   (into the git-ignored .cache/: the GPT-2 BPE, the
 #                 text corpus and serve.py's wheels for Python 3.12; about 17 MB)
-#   there:        bash tests/gpu_decode.sh (or gpu_check.sh, gpu_recipe.sh), carrying .cache
+#   there:        bash tests/gpu_all.sh (or gpu_decode.sh, gpu_check.sh, gpu_recipe.sh), carrying .cache
 # The scripts source this file; it points them at .cache/ where it is there, at ../shared otherwise.
 PY=${PY:-python3}
 if [ "${1:-}" = prepare ]; then
@@ -11,7 +11,9 @@ if [ "${1:-}" = prepare ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 fastapi uvicorn
 fi
 export PYTHONUNBUFFERED=1  # (a run stopped at its time limit still shows what it printed)
-[ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d .cache/tiktoken_cache ] && export TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken_cache
+for bpe in .cache/tiktoken_cache ../shared/tiktoken_cache; do
+    [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d $bpe ] && export TIKTOKEN_CACHE_DIR=$PWD/$bpe
+done
 CORPUS=${CORPUS:-$([ -d .cache/corpus ] && echo .cache/corpus || echo ../shared/corpus)}
 if [ -d .cache/wheels ] && ! $PY -c "import fastapi, uvicorn" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/serve-site .cache/wheels/*.whl &&
