@@ -995,6 +995,94 @@ def test_chat_page_in_headless_chromium(chat_server, chat_model):
 
 
 @pytest.fixture(scope="module")
+def short_chat(tmp_path_factory):
+    """A chat model whose context is 64 tokens (some replies end within 8 tokens, some not), and its server."""
+    model, path = checkpoint(tmp_path_factory.mktemp("short_chat"), eot_boost=0.0, block_size=64, im_end_boost=1.7)
+    s = Server(path, tmp_path_factory.mktemp("logs") / "short_chat.log")
+    yield model, s
+    s.stop()
+    log = open(s.log_path).read()
+    assert "Traceback" not in log, log
+
+
+def test_chat_page_drops_the_oldest_turns_past_the_context(short_chat):
+    """Issue #25: on a 64-token chat model the page refused the third turn ("The conversation has 67
+    tokens; this model's context is 64: start a new chat"). It must do what generate.py --chat does
+    (chat.fit, with reply_room's tokens kept for the reply): drop the oldest turns for good, keep the
+    system prompt, say so in the page, and keep answering. Each request's messages are the terminal's
+    history at that turn, and each reply is generate()'s for them. Max tokens 8, then empty (the
+    server's default: the room the context leaves; 128 kept, at most half the context)."""
+    from generate import reply_room
+
+    model, server = short_chat
+    system, seed = "Be brief.", 7
+    sampling = dict(temperature=0.9, top_p=0.95, top_k=50)
+    texts = ["Hi there, how are you today?", "Tell me a short story.", "What happens next?", "Why is that so?",
+             "And then what?", "Thanks, that was nice!"]
+
+    def converse(page, sent, max_tokens):
+        """Send each of texts, checking each turn against the terminal's; returns ([[role, text]] of the
+        conversation, [[class, text]] of the bubbles on the page, messages dropped at each turn)."""
+        limit = 64 - reply_room(64, max_tokens or 128)
+        history, shown, drops = [{"role": "system", "content": system}], [], []  # the terminal's history; the bubbles
+        for i, text in enumerate(texts):
+            page.fill("#message", text)
+            reply, stats, error = chat_on_page(page, lambda: page.click("#send"))
+            assert not error, (i, stats)
+            history.append({"role": "user", "content": text})
+            ids, dropped, cut = chat.fit(history, limit)
+            del history[1 : 1 + dropped]
+            drops.append(dropped)
+            body = sent[-1]
+            assert cut == 0 and body["messages"] == history, (i, cut, body["messages"], history)
+            assert body.get("max_tokens") == max_tokens and len(ids) + (max_tokens or 0) <= 64, (i, body)
+            assert reply == chat_reference(model, history, max_tokens or 64 - len(ids), seed, **sampling)[0], i
+            history.append({"role": "assistant", "content": reply})
+            shown += [["user", text], ["assistant", reply]]
+            note = page.locator("#conversation .note")
+            if sum(drops):
+                assert note.is_visible() and note.text_content() == (
+                    f"(the {sum(drops)} oldest messages dropped to fit the model's 64-token context)"), i
+            else:
+                assert note.count() == 0, i
+        bubbles = page.eval_on_selector_all("#conversation .msg", "els => els.map((e) => [e.className, e.textContent])")
+        whole = [{"role": r, "content": c} for r, c in shown]
+        assert len(chat.render([history[0], *whole], generation_prompt=True)[0]) > 64  # premise: past the context
+        assert drops[0] == 0 and sum(drops) >= 4, drops  # premise: later turns dropped some
+        assert all(c for r, c in shown if r == "assistant"), shown  # premise: no reply is empty
+        return shown, bubbles, drops
+
+    with page_at(server.url, height=900) as page:
+        page.wait_for_function("document.body.classList.contains('chat')", timeout=10000)
+        page.fill("#system", system)
+        for field, value in [("max_tokens", 8), ("temperature", 0.9), ("top_p", 0.95), ("top_k", 50), ("seed", seed)]:
+            page.fill(f"#{field}", str(value))
+        sent = []
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions")
+                else None)
+        runs = [converse(page, sent, 8)]
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        page.screenshot(path=os.path.join(ARTIFACTS, "serve_chat_page_context64.png"), full_page=True)
+        # New chat starts afresh (nothing dropped, no note); now with the server's max tokens
+        page.click("#clear")
+        assert page.locator("#conversation .note").count() == 0 and page.locator("#conversation .msg").count() == 0
+        page.fill("#max_tokens", "")
+        runs.append(converse(page, sent, None))
+        # a message too long for the context even alone: said, not sent (the terminal cuts its start), and
+        # nothing more dropped
+        note = page.text_content("#conversation .note")
+        page.fill("#message", " ".join(["word"] * 64))
+        _, stats, error = chat_on_page(page, lambda: page.click("#send"))
+        assert error and "Your message and the system prompt come to" in stats and "shorten it" in stats, stats
+        assert page.text_content("#conversation .note") == note and len(sent) == 2 * len(texts)
+        assert page.eval_on_selector_all("#conversation .msg", "els => els.map((e) => [e.className, e.textContent])") \
+            == runs[-1][1] + [["msg user", " ".join(["word"] * 64)]]
+    for shown, bubbles, drops in runs:  # every bubble stays on the page, the dropped ones marked so
+        assert [[c.split()[1], t] for c, t in bubbles] == shown
+        assert ["dropped" in c for c, _ in bubbles] == [k < sum(drops) for k in range(len(shown))], bubbles
+
+
+@pytest.fixture(scope="module")
 def short(tmp_path_factory):
     """A server whose model's context is 64 tokens (rarely ends at <|endoftext|>)."""
     _, path = checkpoint(tmp_path_factory.mktemp("short"), eot_boost=0.0, block_size=64)
