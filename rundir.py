@@ -54,8 +54,11 @@ class RunDir:
 
     # -- one run per directory ------------------------------------------------
 
-    def claim(self, settings, resume):
-        """Lock the directory and make sure it holds this run (or nothing yet); returns the run id."""
+    def claim(self, settings, resume, defaults=None):
+        """Lock the directory and make sure it holds this run (or nothing yet); returns the run id.
+        defaults: the value of each setting that run.json leaves out when it holds it."""
+        if os.path.islink(self.path) and not os.path.exists(self.path):
+            raise cli.Error(f"--log_dir {self.path!r} is a symbolic link to {os.readlink(self.path)!r}, which does not exist")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise cli.Error(f"--log_dir {self.path!r} is a file, not a directory")
         os.makedirs(self.path, exist_ok=True)
@@ -73,6 +76,9 @@ class RunDir:
             old = None
         except ValueError as e:
             raise cli.Error(f"{ident_path} is damaged ({e}); pick another --log_dir") from None
+        if old is not None or os.path.exists(ident_path):  # (a file holding `null` too)
+            if not (isinstance(old, dict) and isinstance(old.get("run_id"), str) and isinstance(old.get("settings"), dict)):
+                raise cli.Error(f"{ident_path} is damaged (not an object with a run_id and settings); pick another --log_dir")
         has_files = bool(checkpoint_dirs(self.path)) or (os.path.isfile(self.log_path) and os.path.getsize(self.log_path) > 0)
         if old is None:
             if has_files and not resume:
@@ -83,18 +89,21 @@ class RunDir:
                                "settings": settings}, indent=2)
             cli.atomic_write(ident_path, text)
             return self.run_id
-        diffs = [k for k in sorted(settings.keys() | old["settings"].keys()) if settings.get(k) != old["settings"].get(k)]
-        where = f"{self.path} holds run {old['run_id']} (started {old['started']})"
+        defaults = defaults or {}
+        there = {**defaults, **old["settings"]}
+        here = {**defaults, **settings}
+        diffs = [k for k in sorted(here.keys() | there.keys(), key=lambda k: (k not in ("optimizer", "schedule"), k))
+                 if here.get(k) != there.get(k)]
+        shown = [k for k in diffs if None not in (here.get(k), there.get(k))] or diffs  # (unset: another optimizer's)
+        differ = ", ".join(f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in shown)
+        where = f"{self.path} holds run {old['run_id']}" + (f" (started {old['started']})" if "started" in old else "")
         if not resume:
             if diffs:
-                k = diffs[0]
-                raise cli.Error(f"{where}, another run ({k} {old['settings'].get(k)!r} there, {settings.get(k)!r} here); "
-                                  f"pick another --log_dir")
+                raise cli.Error(f"{where}, another run ({differ}); pick another --log_dir")
             raise cli.Error(f"{where}, this same run; add --resume to continue it, or pick another --log_dir")
         if diffs:
-            k = diffs[0]
-            raise cli.Error(f"cannot resume: {where} with {k} {old['settings'].get(k)!r}, this command has "
-                              f"{settings.get(k)!r}; use the run's settings or another --log_dir")
+            raise cli.Error(f"cannot resume: {where}, whose settings differ ({differ}); use the run's settings "
+                            f"(its run.json) or another --log_dir")
         self.run_id = old["run_id"]
         return self.run_id
 
@@ -164,13 +173,13 @@ class RunDir:
     def checkpoints(self):
         return checkpoint_dirs(self.path, ("config.json", "model.safetensors", "trainer_state.pt"))
 
-    def newest_valid(self, config):
+    def newest_valid(self, config, muon=False):
         """(directory, model, trainer state) of the newest checkpoint that verifies, or None when
         there is none at all. Each newer one that fails is renamed aside, with a warning saying why."""
         skipped = []
         for d in reversed(self.checkpoints()):
             try:
-                found = (d, *verify(d, config, self.run_id))
+                found = (d, *verify(d, config, self.run_id, muon))
                 break
             except BadCheckpoint as e:
                 skipped.append((d, e))
@@ -196,22 +205,36 @@ def _record(line):
 
 
 def _read_json(path):
+    """A JSON object from a file, or {} when it is missing, damaged or not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError):
         return {}
+    return obj if isinstance(obj, dict) else {}
 
 
-def verify(d, config, run_id):
-    """Load a checkpoint, checking sizes, headers, config, finiteness; raises BadCheckpoint(why)."""
+def _optimizer_state(s):
+    return isinstance(s, dict) and isinstance(s.get("state"), dict) and all(isinstance(v, dict) for v in s["state"].values())
+
+
+def verify(d, config, run_id, muon=False):
+    """Load a checkpoint, checking sizes, headers, config, finiteness; raises BadCheckpoint(why).
+    muon: the run has a Muon optimizer, whose state the checkpoint must hold too."""
     step = int(os.path.basename(d)[5:])
-    meta = _read_json(os.path.join(d, "checkpoint.json"))
-    if meta:  # absent in checkpoints written before checkpoint.json existed
+    meta_path = os.path.join(d, "checkpoint.json")
+    if os.path.exists(meta_path):  # absent in checkpoints written before checkpoint.json existed
+        meta = _read_json(meta_path)
+        files = meta.get("files") if isinstance(meta, dict) else None
+        if not (isinstance(files, dict) and all(isinstance(n, str) and type(v) is int for n, v in files.items())):
+            raise BadCheckpoint("checkpoint.json is damaged (no {file: size} table)")
         if meta.get("run_id") != run_id:
             raise BadCheckpoint(f"it belongs to run {meta.get('run_id')}, not {run_id}")
-        for name, size in meta["files"].items():
-            actual = os.path.getsize(os.path.join(d, name))
+        for name, size in files.items():
+            path = os.path.join(d, name)
+            if os.path.dirname(os.path.normpath(name)) or not os.path.isfile(path):
+                raise BadCheckpoint(f"checkpoint.json names {name!r}, which is not a file there")
+            actual = os.path.getsize(path)
             if actual != size:
                 raise BadCheckpoint(f"{name} has {actual} bytes, {size} were written (truncated or altered)")
     try:
@@ -226,9 +249,15 @@ def verify(d, config, run_id):
         state = torch.load(os.path.join(d, "trainer_state.pt"), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, garbage, or a pickle that needs more than tensors
         raise BadCheckpoint(f"trainer_state.pt does not load as plain tensors ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("step") != step or "optimizer" not in state:
+    if not isinstance(state, dict) or state.get("step") != step or not _optimizer_state(state.get("optimizer")):
         raise BadCheckpoint(f"trainer_state.pt is not the trainer state of step {step}")
+    if not (isinstance(state.get("scaler"), dict) and isinstance(state.get("loader"), dict)):
+        raise BadCheckpoint("trainer_state.pt lacks the scaler's or the loader's state")
+    if muon and not _optimizer_state(state.get("muon")):
+        raise BadCheckpoint("trainer_state.pt holds no Muon optimizer state")
     bad = _finite(model.state_dict()) + _finite(optimizer_tensors(state["optimizer"]))
+    if muon:
+        bad += _finite(optimizer_tensors(state["muon"]))
     if bad:
         raise BadCheckpoint(f"{len(bad)} non-finite tensors ({bad[0]}, ...)")
     if not all(math.isfinite(v) for v in state.get("scaler", {}).values() if isinstance(v, float)):

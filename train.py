@@ -6,7 +6,7 @@ Train GPT-2 on token shards from fineweb.py: one process, or DDP under torchrun.
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29500 train.py --resume ...                            # 2 nodes (README)
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py --resume ...  # fault tolerant
-    torchrun --standalone --nproc_per_node=8 train.py --recipe modern --max_steps 9537 ...  # Muon + wsd (RECIPES)
+    torchrun --standalone --nproc_per_node=8 train.py --recipe modern --max_steps 9537 ...  # Muon + wsd (--recipe)
 
 Every optimizer step sees total_batch_size tokens: batch_size_per_device sequences of block_size
 tokens per process per micro-step, accumulated over total / (batch x block x world) micro-steps.
@@ -73,7 +73,8 @@ PEAK_BF16_FLOPS = [
     ("H100 NVL", 835e12),
     ("GH200", 989e12),
     ("H100", 989e12),  # SXM
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
     ("B200", 2250e12),
     ("A100", 312e12),
     ("L40S", 362e12),
@@ -105,10 +106,10 @@ def parser():
     a = p.add_argument
     a("--path", default="edu_fineweb10B", help="directory of token shards from fineweb.py")
     a("--model", default="gpt2", choices=list(PRESETS), help="architecture preset")
-    a("--n_layer", type=cli.positive_int, default=None, help="override the preset's")
-    a("--n_head", type=cli.positive_int, default=None, help="override the preset's")
-    a("--n_embd", type=cli.positive_int, default=None, help="override the preset's")
-    a("--block_size", type=cli.positive_int, default=None, help="context length = training sequence length")
+    gpt2 = PRESETS["gpt2"] | {"block_size": GPTConfig.block_size}
+    for k, what in (("n_layer", "layers"), ("n_head", "attention heads"), ("n_embd", "width"),
+                    ("block_size", "context length = training sequence length")):
+        a(f"--{k}", type=cli.positive_int, default=None, help=f"{what} (default: --model's, gpt2 {gpt2[k]})")
     a("--total_batch_size", type=cli.positive_int, default=524288, help="tokens per optimizer step")
     a("--val_tokens", type=cli.positive_int, default=None,
       help="tokens scored at each validation, the same for any layout (default 10,485,760 = 20 x 0.5M)")
@@ -187,7 +188,8 @@ def parse_args(argv=None, p=None, recipes=RECIPES):
             if v is None and optimizer == "muon":  # --recipe gpt2 --optimizer muon: Muon's settings from modern
                 v = recipes["modern"][k]
             setattr(args, k, v)
-    args.warmup_steps = cli.steps_of(args.warmup_steps, args.max_steps)
+    if args.max_steps is not None:  # (sft.py knows its own only once it has read the data: build() then)
+        args.warmup_steps = cli.steps_of(args.warmup_steps, args.max_steps)
     if args.min_lr > args.max_lr:
         raise cli.Error(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}")
     return args
@@ -294,6 +296,7 @@ def save_checkpoint(run, step):
             run.run_dir.prune(run.args.keep_checkpoints)
 
     rank0_decides(run, save)
+    run.saved_step = step
 
 
 RANK0_ERRORS = (cli.Error, OSError, FloatingPointError)  # what main() turns into one line
@@ -412,6 +415,7 @@ def build(run, task=None):
     config = task.config(args)
     T = config.block_size
     run.train_loader, run.val_loader = task.loaders(args, config, run.rank, run.world_size)
+    args.warmup_steps = cli.steps_of(args.warmup_steps, args.max_steps)
     run.val_windows = args.val_tokens // T
     if run.val_windows == 0:
         raise cli.Error(f"--val_tokens {args.val_tokens} is less than one sequence of {T} tokens")
@@ -428,9 +432,9 @@ def build(run, task=None):
 
     def claim():
         try:
-            run.run_dir.claim(settings, resume)
+            run.run_dir.claim(settings, resume, LATER_SETTINGS)
             run.run_dir.open_log()
-            run.found = run.run_dir.newest_valid(config) if resume else None
+            run.found = run.run_dir.newest_valid(config, muon=args.optimizer == "muon") if resume else None
         except OSError as e:  # the directory cannot be made or read: an input error
             raise cli.Error(str(e)) from None
         return run.found[0] if run.found else None
@@ -453,13 +457,14 @@ def build(run, task=None):
     run.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in run.optimizers]
     run.scaler = torch.amp.GradScaler(run.device_type, enabled=args.dtype == "fp16")
     run.start_step = 0
+    run.saved_step = None  # the newest checkpoint of this run, for the Ctrl-C message
     if state is not None:
         run.optimizers[0].load_state_dict(state["optimizer"])
         if len(run.optimizers) > 1:
             run.optimizers[1].load_state_dict(state["muon"])
         run.scaler.load_state_dict(state["scaler"])
         run.train_loader.load_state_dict(state["loader"])
-        run.start_step = state["step"]
+        run.start_step = run.saved_step = state["step"]
     if args.compile:
         model = torch.compile(model)
     run.eval_model = model  # validation: not through DDP (no collectives, ranks may score unequal shares)
@@ -564,6 +569,7 @@ def train(run):
     recent = []  # the last steps' times, for the ETA
     for step in range(run.start_step, args.max_steps + 1):
         # here the model has had `step` updates: evaluate it, checkpoint it, then train step `step`
+        run.step = step
         last = step == args.max_steps
         if step % args.eval_step_interval == 0 or last:
             evaluate(run, step)
@@ -637,6 +643,15 @@ def train(run):
                   + f" | eta {eta}" + (" | skipped (fp16 overflow)" if record.get("skipped") else ""))
 
 
+def interrupted(run):
+    """The line Ctrl-C prints: where the run stopped and where --resume takes it up."""
+    step, saved = getattr(run, "step", None), getattr(run, "saved_step", None)
+    if step is None:
+        return "interrupted before training started"
+    again = f"--resume continues from step {saved}" if saved else "no checkpoint yet: --resume starts it again"
+    return f"interrupted at step {step}; {again}"
+
+
 def duration(seconds):
     """1h02m, 3m05s, 42s."""
     s = int(round(seconds))
@@ -676,6 +691,10 @@ def main(argv=None, task=None, parser=None):
     except OSError as e:  # a full disk, a directory gone: --resume continues from the last checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if run is None or getattr(run, "rank", 0) == 0:
+            print(interrupted(run), file=sys.stderr)
+        return 130
     finally:
         if run is not None and getattr(run, "run_dir", None) is not None:
             run.run_dir.close()

@@ -732,6 +732,7 @@ def test_flops_per_token_and_peak_flops():
     assert 6 * (n - emb) <= fpt <= 6 * n + attn + 1
     assert 900e12 <= train.peak_flops("NVIDIA H100 80GB HBM3") <= 1000e12
     assert train.peak_flops("Some Unknown Accelerator 3000") is None
+    assert train.peak_flops("NVIDIA H200 NVL") == 835e12 and train.peak_flops("NVIDIA H200") == 989e12  # NVL: not the SXM's
 
 
 @pytest.mark.parametrize("return_logits", [False, True])

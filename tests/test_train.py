@@ -510,6 +510,52 @@ def test_another_run_into_a_used_log_dir_is_refused(data_dir, tmp_path, keep):
     assert tree_snapshot(log) == before
 
 
+@pytest.mark.parametrize("edit", ["a list", "null", "no settings", "no run_id", "no started"])
+def test_a_hand_edited_run_json_is_one_line(data_dir, ref_run, tmp_path, edit):
+    """run.json edited by hand: one error line naming it, and nothing in the run changed; only the
+    start time, which is for people, may go."""
+    log = copy_run(ref_run, tmp_path / "log")
+    ident = json.loads((log / "run.json").read_text())
+    new = {"a list": [], "null": None}.get(edit, ident)
+    if edit.startswith("no "):
+        del new[edit[3:]]
+    (log / "run.json").write_text(json.dumps(new))
+    before = tree_snapshot(log)
+    proc = run_train(*base_args(data_dir, log, 12, **REF_KW), "--resume")
+    if edit == "no started":
+        check_ok(proc)
+        assert "nothing to do" in proc.stdout
+        return
+    line = error_line(proc)
+    assert "run.json" in line and "damaged" in line, line
+    assert tree_snapshot(log) == before
+
+
+def test_resume_names_the_settings_that_differ(data_dir, tmp_path):
+    """--resume with another optimizer or recipe names the setting and both values (not "None", not
+    only the first setting in alphabetical order)."""
+    log = tmp_path / "log"
+    check_ok(run_train(*base_args(data_dir, log, 2, optimizer="muon", save_step=1, sample_tokens=0)))
+    line = error_line(run_train(*base_args(data_dir, log, 2, optimizer="adamw", save_step=1, sample_tokens=0), "--resume"))
+    assert "optimizer 'muon' there, 'adamw' here" in line, line
+    assert "None" not in line, line
+    log = tmp_path / "modern"
+    modern = base_args(data_dir, log, 2, save_step=1, sample_tokens=0)
+    for flag in ("--warmup_steps", "--max_lr", "--min_lr"):  # the recipes' own
+        i = modern.index(flag)
+        del modern[i : i + 2]
+    check_ok(run_train(*modern, "--recipe", "modern"))
+    line = error_line(run_train(*modern, "--recipe", "gpt2", "--resume"))
+    for k in ("decay_frac", "max_lr", "optimizer 'muon' there, 'adamw' here", "schedule 'wsd' there, 'cosine' here"):
+        assert k in line, (k, line)
+
+
+def test_a_dangling_symlink_as_log_dir_is_one_line(data_dir, tmp_path):
+    (tmp_path / "log").symlink_to(tmp_path / "gone")
+    line = error_line(run_train(*base_args(data_dir, tmp_path / "log", 2)))
+    assert "symbolic link" in line and "gone" in line and "Errno" not in line, line
+
+
 def test_log_dir_without_run_json_is_not_overwritten(data_dir, tmp_path):
     """A directory holding a log.jsonl but no run.json (an older run, or other files) is not taken over."""
     log = tmp_path / "log"
@@ -567,16 +613,49 @@ def damage(ckpt, kind):
         meta = json.loads((ckpt / "checkpoint.json").read_text())
         meta["files"]["trainer_state.pt"] = p.stat().st_size
         (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+    elif kind.startswith("checkpoint_json_"):  # hand-edited checkpoint.json
+        p = ckpt / "checkpoint.json"
+        meta = json.loads(p.read_text())
+        if kind == "checkpoint_json_without_files":
+            del meta["files"]
+        elif kind == "checkpoint_json_files_a_list":
+            meta["files"] = list(meta["files"])
+        else:  # naming a file that is not there
+            meta["files"]["extra.bin"] = 10
+        p.write_text(json.dumps(meta))
+    elif kind in ("nan_muon_state", "no_muon_state"):  # a muon run's checkpoint; sizes updated to match
+        p = ckpt / "trainer_state.pt"
+        state = torch.load(p, weights_only=True)
+        if kind == "no_muon_state":
+            del state["muon"]
+        else:
+            next(iter(state["muon"]["state"].values()))["momentum_buffer"][0, 0] = float("nan")
+        torch.save(state, p)
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        meta["files"]["trainer_state.pt"] = p.stat().st_size
+        (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def muon_ref_run(data_dir, tmp_path_factory):
+    """ref_run's schedule under --optimizer muon."""
+    log = tmp_path_factory.mktemp("muon_ref") / "log"
+    check_ok(run_train(*base_args(data_dir, log, 12, optimizer="muon", **REF_KW)))
+    return log
 
 
 @pytest.mark.parametrize("kind", ["truncated_weights", "garbage_trainer_state", "nan_weight", "hostile_pickle",
-                                  "config_without_a_field"])
-def test_resume_falls_back_past_a_damaged_checkpoint(data_dir, ref_run, tmp_path, kind):
+                                  "config_without_a_field", "checkpoint_json_without_files",
+                                  "checkpoint_json_files_a_list", "checkpoint_json_names_a_missing_file",
+                                  "nan_muon_state", "no_muon_state"])
+def test_resume_falls_back_past_a_damaged_checkpoint(data_dir, ref_run, tmp_path, kind, request):
     """The newest checkpoint damaged: --resume warns once, sets it aside, resumes from the one before,
     and logs exactly the uninterrupted run's losses; no traceback."""
-    log = copy_run(ref_run, tmp_path / "log")
+    muon = "muon" in kind
+    ref = request.getfixturevalue("muon_ref_run") if muon else ref_run
+    log = copy_run(ref, tmp_path / "log")
     damage(log / "step_000012", kind)
-    proc = run_train(*base_args(data_dir, log, 12, **REF_KW), "--resume")
+    proc = run_train(*base_args(data_dir, log, 12, **REF_KW, **(dict(optimizer="muon") if muon else {})), "--resume")
     check_ok(proc)
     assert "Traceback" not in proc.stdout + proc.stderr
     warnings = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning:")]
@@ -584,7 +663,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(data_dir, ref_run, tmp_path
     assert "resuming from" in proc.stdout and "step 8" in proc.stdout
     assert (log / "step_000012.corrupt").is_dir()
     assert [c.name for c in checkpoints(log)] == ["step_000004", "step_000008", "step_000012"]
-    assert_same_numbers(log, ref_run)
+    assert_same_numbers(log, ref)
 
 
 def test_resume_with_no_checkpoint_that_verifies_is_one_error_line(data_dir, ref_run, tmp_path):
@@ -858,6 +937,29 @@ def test_a_checkpoint_write_failing_on_rank_0_stops_every_rank(data_dir, tmp_pat
         assert p.returncode == 1 and "Traceback" not in err, (rank, p.returncode, err[-3000:])
         assert len(lines) == 1 and "unexpected pos" in lines[0], (rank, err[-3000:])
     assert not list((tmp_path / "log").glob(".tmp-*"))
+
+
+def test_ctrl_c_is_one_line_and_resume_continues_exactly(data_dir, ref_run, tmp_path):
+    """SIGINT (Ctrl-C) after the step-4 checkpoint: exit 130, one line saying where it stopped and
+    where --resume continues, no traceback; --resume gives the uninterrupted run's numbers."""
+    log = tmp_path / "log"
+    args = [str(a) for a in base_args(data_dir, log, 12, **REF_KW)]
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (log / "step_000004").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("interrupted at step ") and "--resume continues from step 4" in lines[0], err
+    check_ok(run_train(*args, "--resume"))
+    assert_same_numbers(log, ref_run)
 
 
 def test_wsd_schedule_follows_its_formula():
