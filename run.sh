@@ -4,6 +4,7 @@
 #   ./run.sh test     the test suite (what CI runs)
 #   ./run.sh bench    the benchmarks (bench.py), printed as ratios
 #   ./run.sh sample-command   print the command that samples from the main job's model (no set-up)
+#   ./run.sh chat-command     print the command that chats with the main job's chat model (no set-up)
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-main}"
@@ -14,18 +15,25 @@ if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken_cache ]; then
     export TIKTOKEN_CACHE_DIR="$(cd ../shared/tiktoken_cache && pwd)"
 fi
 
-# The command that samples from the main job's model, as the main job prints it at its end: it
-# works pasted into a fresh shell here, for it names the venv's python and the tokenizer cache.
+# The commands that sample from and chat with the main job's models, as the main job prints them: they
+# work pasted into a fresh shell here, for they name the venv's python and the tokenizer cache.
 # (tests/test_run_sh.py runs exactly what this prints.)
+env_prefix() {
+    [ -n "${TIKTOKEN_CACHE_DIR:-}" ] && printf 'TIKTOKEN_CACHE_DIR=%q ' "$TIKTOKEN_CACHE_DIR"
+    return 0
+}
 sample_command() {
-    local env_prefix=""
-    if [ -n "${TIKTOKEN_CACHE_DIR:-}" ]; then
-        env_prefix="TIKTOKEN_CACHE_DIR=$(printf %q "$TIKTOKEN_CACHE_DIR") "
-    fi
-    echo "${env_prefix}$PY generate.py --model log/small --prompt \"Hello, I'm a language model,\" --num_samples 3"
+    echo "$(env_prefix)$PY generate.py --model log/small --prompt \"Hello, I'm a language model,\" --num_samples 3"
+}
+chat_command() {
+    echo "$(env_prefix)$PY generate.py --chat --model log/small-chat"
 }
 if [ "$mode" = sample-command ]; then
     sample_command
+    exit 0
+fi
+if [ "$mode" = chat-command ]; then
+    chat_command
     exit 0
 fi
 
@@ -64,31 +72,37 @@ main)
             exit $status
         }
     fi
-    # 2. train a tiny GPT-2 (4 layers, 128 wide) for a few minutes on the CPU; --resume makes a
-    #    second run continue (or do nothing if finished). Validation loss, HellaSwag (when its data
-    #    can be had) and a sample are printed every 40 steps; everything lands in log/small/.
+    # 2. train a tiny GPT-2 (4 layers, 128 wide, 128 tokens of context) for a few minutes on the
+    #    CPU; --resume makes a second run continue (or do nothing if finished). Validation loss,
+    #    HellaSwag (when its data can be had) and a sample are printed every 40 steps; everything
+    #    lands in log/small/.
     $PY train.py --path data/small --log_dir log/small --resume \
-        --n_layer 4 --n_head 4 --n_embd 128 --block_size 64 \
-        --batch_size_per_device 16 --total_batch_size 1024 --max_steps 80 --warmup_steps 10 \
+        --n_layer 4 --n_head 4 --n_embd 128 --block_size 128 \
+        --batch_size_per_device 8 --total_batch_size 1024 --max_steps 80 --warmup_steps 10 \
         --max_lr 3e-3 --min_lr 3e-4 --eval_step_interval 40 --val_tokens 10240 --save_step 40 \
         --hellaswag_examples 100 --sample_tokens 32 --seed 1337
-    # 3. HellaSwag on the final checkpoint, when its data could be had (train.py said why not, once)
+    # 3. HellaSwag on the final checkpoint, when its data could be had
     if grep -q hellaswag_acc_norm log/small/log.jsonl; then
         $PY hellaswag.py --model log/small --limit 200 || echo "(HellaSwag skipped)"
     else
-        echo "(HellaSwag skipped: its data is not available, see train.py's warning above)"
+        echo "(HellaSwag skipped: its data could not be had; offline, set HELLASWAG_DIR to a copy of it)"
     fi
-    # 4. the results: benchmark.ipynb executed headless on the run; its figures (loss.png,
+    # 4. fine-tune it into a small chat model on the example conversations (README: chat)
+    $PY sft.py --model log/small --data examples/chats.jsonl --log_dir log/small-chat --resume \
+        --max_steps 60 --conversations_per_step 8 --max_lr 3e-3 --eval_step_interval 30 --save_step 60 \
+        --val_frac 0.1 --sample_tokens 24 --seed 1337
+    # 5. the results: benchmark.ipynb executed headless on the run; its figures (loss.png,
     #    hellaswag.png) and the executed notebook land beside the log. A failure here is
     #    reported; the run itself is kept.
     if LOG_DIR=log/small $PY -m jupyter nbconvert --to notebook --execute benchmark.ipynb \
-            --output-dir log/small --log-level WARN 2> >(grep -v "without encryption" >&2); then
+            --output-dir log/small --log-level WARN --KernelManager.transport=ipc; then
         $PY -c "import nbformat; print(''.join(o.get('text', '') for o in nbformat.read('log/small/benchmark.ipynb', 4).cells[-1].outputs))"
         echo "results: log/small/benchmark.ipynb (figures and this summary), $(echo log/small/*.png)"
     else
         echo "(rendering benchmark.ipynb failed: see above; the run is in log/small/)"
     fi
     echo "sample from it: $(sample_command)"
+    echo "chat with it:   $(chat_command)"
     echo "main job done in $((SECONDS / 60))m$(printf %02d $((SECONDS % 60)))s"
     ;;
 test)
@@ -100,7 +114,7 @@ bench)
     $PY bench.py "$@"
     ;;
 *)
-    echo "usage: ./run.sh [main|test|bench|sample-command] [args...]" >&2
+    echo "usage: ./run.sh [main|test|bench|sample-command|chat-command] [args...]" >&2
     exit 2
     ;;
 esac

@@ -39,11 +39,11 @@ import cli
 import train
 from model_io import IM_END, get_tokenizer, load_model
 
-# The recipes' fine-tuning defaults: a gentler learning rate than pretraining's, a short warm-up,
+# The recipes' fine-tuning defaults: a gentler learning rate than pretraining's, a short warm-up (5% of the run),
 # a decay to zero; the optimizers as in pretraining.
 RECIPES = {
-    "gpt2": {**train.RECIPES["gpt2"], "max_lr": 1e-4, "min_lr": 0.0, "warmup_steps": 10, "zero_init_residual": False},
-    "modern": {**train.RECIPES["modern"], "max_lr": 1e-4, "min_lr": 0.0, "warmup_steps": 10, "muon_lr": 2e-4,
+    "gpt2": {**train.RECIPES["gpt2"], "max_lr": 1e-4, "min_lr": 0.0, "warmup_steps": "5%", "zero_init_residual": False},
+    "modern": {**train.RECIPES["modern"], "max_lr": 1e-4, "min_lr": 0.0, "warmup_steps": "5%", "muon_lr": 2e-4,
                "zero_init_residual": False},
 }
 
@@ -152,6 +152,10 @@ class FineTuning:
         args.val_tokens = len(val_rows[0]) * T  # every held-out conversation, at every validation
         if args.max_steps is None:
             args.max_steps = math.ceil(len(train_rows[0]) / args.conversations_per_step)
+            if args.max_steps < 20 and rank == 0:
+                print(f"warning: one epoch of {len(train_rows[0])} conversations is {args.max_steps} step(s) of "
+                      f"--conversations_per_step {args.conversations_per_step}, too few to learn from: pass --max_steps "
+                      f"(more epochs) and a smaller --conversations_per_step (README: a small chat model)")
         # what run.json records: --resume refuses other data (or the same data split otherwise)
         self.data_sha256 = hashlib.sha256(json.dumps([train_convs, val_convs]).encode()).hexdigest()
         return (chat.ChatLoader(*train_rows[:2], "train", T, B, args.total_batch_size, rank, world_size, args.seed),

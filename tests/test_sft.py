@@ -322,6 +322,24 @@ def test_zero_init_residual_is_refused_in_one_line(base, persona, tmp_path):
     assert "zero_init_residual" not in sft.parser().format_help()
 
 
+def test_a_default_run_shorter_than_its_warm_up_is_warned_about(base, persona, tmp_path):
+    """No --max_steps: one epoch (190 conversations, 32 a step: 6 steps). The recipe's warm-up is a
+    share of the run (1 step here, not 10 that would leave the lr under a tenth of its peak), and
+    the run is said to be too short to learn from."""
+    log = tmp_path / "log"
+    args = sft_args(base, persona, log, 1, conversations_per_step=32)
+    for flag in ("--max_steps", "--warmup_steps"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    proc = run_sft(*args)
+    check_ok(proc)
+    assert "is 6 step(s)" in proc.stdout and "too few to learn from" in proc.stdout, proc.stdout
+    settings = json.loads((log / "run.json").read_text())["settings"]
+    assert settings["max_steps"] == 6 and settings["warmup_steps"] == 1, settings
+    lrs = [r["lr"] for r in read_log(log) if "lr" in r]
+    assert lrs[0] == pytest.approx(6e-3), lrs  # the peak from the first step on
+
+
 def test_chat_checkpoint_loads_in_transformers_with_the_same_logits(base, tmp_path):
     from transformers import GPT2LMHeadModel
 
