@@ -162,20 +162,27 @@ def test_ctrl_c_stops_a_reply_and_keeps_what_was_printed(rambler):
     assert len(r2) > len(p2) and r2.startswith(p2), (p2, r2)
 
 
-def test_ctrl_c_at_the_prompt_exits_cleanly(talker):
-    _, path = talker
-    proc = subprocess.Popen([sys.executable, GENERATE, "--chat", "--model", path, "--device", "cpu"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
+def interrupt(cmd, ready, stdin=None):
+    """Start cmd, wait until ready(proc) returns (reading the first output, or sleeping), send SIGINT;
+    returns (exit status, what was read by ready, the rest of stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
     try:
-        first = proc.stdout.read(5)  # input() has written its prompt and waits for a line
-        assert first == b"you> ", first
+        first = ready(proc)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0 and b"Traceback" not in stderr, stderr.decode()
+    return proc.returncode, first, out, err
+
+
+def test_ctrl_c_at_the_prompt_exits_cleanly(talker):
+    _, path = talker
+    rc, first, stdout, stderr = interrupt([sys.executable, GENERATE, "--chat", "--model", path, "--device", "cpu"],
+                                          lambda p: p.stdout.read(5), stdin=subprocess.PIPE)
+    assert first == b"you> ", first  # input() had written its prompt and waited for a line
+    assert rc == 0 and b"Traceback" not in stderr, stderr.decode()
     assert stdout == b"\n"
 
 
@@ -340,35 +347,19 @@ def test_a_stdout_closed_by_head_ends_quietly(base):
 
 def test_ctrl_c_while_sampling_exits_130_quietly(base):
     """SIGINT while sample 1 streams: exit 130, no traceback (outside --chat, which has its own Ctrl-C)."""
-    proc = subprocess.Popen(sample_cmd(base[1], "--max_new_tokens", 100000), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
-    try:
-        prompt = "Hello, I'm a language model,"
-        got = proc.stdout.read(len(prompt.encode()) + 20)  # the prompt, then the sample streaming
-        assert got.startswith(prompt.encode()), got
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err.decode()
+    prompt = "Hello, I'm a language model,"
+    rc, got, _, err = interrupt(sample_cmd(base[1], "--max_new_tokens", 100000),
+                                lambda p: p.stdout.read(len(prompt.encode()) + 20))
+    assert got.startswith(prompt.encode()), got  # the prompt, then the sample streaming
+    assert rc == 130, err.decode()
     assert_quiet(err.decode())
 
 
 def test_ctrl_c_while_it_starts_ends_it_quietly(base):
     """SIGINT half a second in (Python still importing torch, on this machine): no traceback either; it
     ends as SIGINT ends a program (killed by it, or exit 130)."""
-    proc = subprocess.Popen(sample_cmd(base[1]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
-    try:
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err.decode())
+    rc, _, _, err = interrupt(sample_cmd(base[1]), lambda p: time.sleep(0.5))
+    assert rc in (130, -signal.SIGINT), (rc, err.decode())
     assert_quiet(err.decode())
 
 

@@ -855,21 +855,28 @@ def test_torchrun_restarts_a_killed_rank_and_resumes_exactly(data_dir, ddp_ref_r
     assert_same_numbers(log, ddp_ref_run)
 
 
-def test_full_disk_is_one_line_and_resume_continues_exactly(data_dir, ref_run, tmp_path):
-    """A checkpoint write that fails for space (files capped at 1 MB: EFBIG, as ENOSPC would be)
-    ends the run with one error line; --resume with room gives the uninterrupted run's numbers."""
+def run_on_a_small_disk(args, file_limit):
+    """train.py with files capped at file_limit bytes (EFBIG, as ENOSPC would be); returns its one
+    error line, asserting it failed with exit 1 and printed only that."""
     import resource
 
     def small_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
-    log = tmp_path / "log"
-    args = [str(a) for a in base_args(data_dir, log, 12, **REF_KW)]
     proc = subprocess.run(train_cmd(*args), cwd=REPO_ROOT, env={**env(), "PYTHONDONTWRITEBYTECODE": "1"},
                           capture_output=True, text=True, timeout=180, preexec_fn=small_disk)  # (no capped .pyc)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_full_disk_is_one_line_and_resume_continues_exactly(data_dir, ref_run, tmp_path):
+    """A checkpoint write that fails for space (files capped at 1 MB) ends the run with one error
+    line; --resume with room gives the uninterrupted run's numbers."""
+    log = tmp_path / "log"
+    args = [str(a) for a in base_args(data_dir, log, 12, **REF_KW)]
+    run_on_a_small_disk(args, 1 << 20)
     assert not checkpoints(log)
     check_ok(run_train(*args, "--resume"))
     assert_same_numbers(log, ref_run)
@@ -879,19 +886,10 @@ def test_full_disk_while_writing_the_trainer_state_is_one_line(data_dir, ref_run
     """Files capped at 8 MB: model.safetensors (6.5 MB) fits, trainer_state.pt (AdamW's two moments,
     13 MB) does not, and torch.save raises a RuntimeError, not an OSError. One line, exit 1, no
     .tmp-step_* left behind; --resume with room gives the uninterrupted run's numbers."""
-    import resource
-
-    def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
-
     log = tmp_path / "log"
     args = [str(a) for a in base_args(data_dir, log, 12, **REF_KW)]
-    proc = subprocess.run(train_cmd(*args), cwd=REPO_ROOT, env={**env(), "PYTHONDONTWRITEBYTECODE": "1"},
-                          capture_output=True, text=True, timeout=180, preexec_fn=small_disk)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-3000:]
-    assert "step_000004" in lines[0], lines
+    line = run_on_a_small_disk(args, 8 << 20)
+    assert "step_000004" in line, line
     assert not checkpoints(log) and not list(log.glob(".tmp-*")), os.listdir(log)
     check_ok(run_train(*args, "--resume"))
     assert_same_numbers(log, ref_run)
