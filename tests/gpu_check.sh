@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# On a lent GPU machine run tests/gpu_all.sh first: it takes the figures (3.'s bf16 throughput and MFU
+# among them, on the corpus) in time boxes. This script checks correctness, if the machine has time left.
 # The CUDA paths the CPU suite cannot run, in about 5 minutes on one GPU (run from the repo root):
 #   bash tests/gpu_check.sh
 # 1. validation on CUDA under --compile is the same for B=8 and B=4 (fp32, TF32 off is not

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# On a lent GPU machine run tests/gpu_all.sh, not this: it takes these figures too (128 tokens, one
+# timing each), then the recipe comparison and train.py's throughput, each part in a time box.
+# This is the longer run of its decode and serve parts alone.
 # Sampling at GPU speed (issue #17), about 6 minutes on one H100/H200 (run from the repo root):
 #   bash tests/gpu_decode.sh
 # 1. the static-cache path's tokens against the dynamic path's, bf16 greedy (agreement printed);

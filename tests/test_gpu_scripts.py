@@ -16,7 +16,7 @@ PARTS = ("decode", "serve", "recipe", "train")
 
 
 def gpu_all(tmp_path, **env):
-    env = dict(os.environ, DRY="1", PY=sys.executable, OMP_NUM_THREADS="1", WORK=str(tmp_path), **env)
+    env = {**os.environ, "DRY": "1", "PY": sys.executable, "OMP_NUM_THREADS": "1", "WORK": str(tmp_path), **env}
     r = subprocess.run(["bash", "tests/gpu_all.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     return r.returncode, r.stdout + r.stderr
@@ -79,11 +79,22 @@ def test_the_gpu_all_script_runs_on_a_cpu_and_prints_each_part_s_table(tmp_path)
                                 "median of steps 2-3", "step 0 (compiling, warming up)")]
 
 
-def test_a_part_past_its_time_box_does_not_stop_the_next_one(tmp_path):
-    rc, out = gpu_all(tmp_path, PARTS="decode train", TIME_DECODE="1")
+def test_a_part_past_its_time_box_does_not_stop_the_next_one_nor_leave_processes(tmp_path):
+    """decode's box shrunk to 1 s: it is stopped, with the processes it started (a serve.py or train.py
+    left running would take the GPU's memory and time from the next part), and train's table prints."""
+    py = tmp_path / "py"  # python, which under decode's bench.py also starts a child that would outlive it
+    py.write_text(f'#!/bin/bash\ncase " $* " in *" --section decode "*) {sys.executable} -c "import time; '
+                  f'time.sleep(60)" {tmp_path}/child >/dev/null 2>&1 & ;; esac\nexec {sys.executable} "$@"\n')
+    py.chmod(0o755)
+    rc, out = gpu_all(tmp_path, PARTS="decode train", TIME_DECODE="1", PY=str(py))
+    ps = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout  # (-ww: whole lines)
+    left = [ln for ln in ps.splitlines() if f"{tmp_path}/child" in ln]
+    for ln in left:
+        os.kill(int(ln.split()[0]), 9)
     assert rc == 1, out[-3000:]  # (something did not run through)
     assert "decode: STOPPED at its time box of 1 s" in out, out[-3000:]
     assert re.search(r"^train: done in \d+ s$", out, re.M), out[-3000:]
+    assert not left, left
     got = tables(out)
     assert list(got) == ["train"], out[-3000:]  # decode had no row yet; train's table is whole
     assert got["train"][1][0][0].startswith("train.py 2x64, 4x64 a micro-step"), got
