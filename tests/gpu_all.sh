@@ -41,7 +41,7 @@ else
     data=()
 fi
 
-deadline=$((SECONDS + ${TOTAL:-530})) report=() failed=0
+deadline=${TOTAL:-530} report=() failed=0  # (seconds from the script's start: $SECONDS)
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 part() {  # part NAME SECONDS COMMAND...: the command in a time box (SIGTERM to its process group, then SIGKILL)
     local name=$1 box=$2 t0=$SECONDS rc

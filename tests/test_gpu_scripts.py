@@ -100,6 +100,16 @@ def test_a_part_past_its_time_box_does_not_stop_the_next_one_nor_leave_processes
     assert got["train"][1][0][0].startswith("train.py 2x64, 4x64 a micro-step"), got
 
 
+def test_the_boxes_are_cut_to_the_run_s_total(tmp_path):
+    """TOTAL bounds the whole run, set-up included (9 minutes of a lent machine's 15): a part whose box
+    would end past it gets what is left, or does not start."""
+    rc, out = gpu_all(tmp_path, PARTS="train", TOTAL="12")  # (train alone takes 10 s or more here)
+    assert rc == 1 and "train: done" not in out, out[-3000:]
+    assert re.search(r"^train: (STOPPED at its time box of \d s|NOT RUN, the run's TOTAL of 12 s spent)$", out,
+                     re.M), out[-3000:]
+    assert int(re.search(r"== parts \((\d+) s in all\)", out).group(1)) <= 12, out[-3000:]
+
+
 def test_markdown_keeps_the_rows_of_a_section_stopped_part_way(tmp_path, monkeypatch):
     """--markdown FILE is rewritten after each row: a part its time box stops keeps the rows it had."""
     import bench
