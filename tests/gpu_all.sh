@@ -13,7 +13,8 @@
 # Each part runs in its own time box (TIME_DECODE, TIME_SERVE, TIME_RECIPE, TIME_TRAIN: seconds; all
 # cut to what is left of TOTAL, the whole run's): a part that fails or overruns is reported, and the
 # next one runs. The run ends with the tables for BENCHMARKS.md (markdown: the date, the device, torch,
-# the command; a part stopped part-way keeps the rows it had) and a line for each part.
+# the command; a part stopped part-way keeps the rows it had) and a line for each part. The boxes are
+# estimates (no session with a GPU has run this yet): a part stopped at its box says so; widen it then.
 # On a lent machine: `bash tests/gpu_env.sh prepare` here first, and carry .cache (see that file).
 # DRY=1: the same steps on a CPU with tiny models, in about a minute (tests/test_gpu_scripts.py does, in
 # CI). PARTS="decode train": only those parts. WORK: where the shards and tables go.
