@@ -8,9 +8,13 @@ HellaSwag for GPT-2: exact completion-style scoring, batched, and distributed.
 Each example is a context and 4 endings; the model "chooses" the ending it finds most likely.
 Rendering is GPT-2 completion style: the context's tokens, then the tokens of " " + ending,
 and only the ending's tokens are scored. Three choices are reported:
-  acc             the smallest summed loss (-log p) over the ending's tokens
+  acc             the smallest summed loss (-log p) over the ending's tokens: lm-eval's acc
   acc_norm        the smallest mean per-token loss (build-nanogpt, llm.c, the reference table)
-  acc_norm_bytes  the largest log-likelihood per byte of the ending (lm-eval-harness style)
+  acc_norm_bytes  the largest log-likelihood per UTF-8 byte of the ending, its leading space not
+                  counted: exactly lm-eval's acc_bytes (lls / len(ending.encode())). lm-eval's own
+                  hellaswag acc_norm divides by characters instead (the same choice on ASCII endings)
+                  and scores cleaned text (its hellaswag/utils.py: "activity_label: " + ctx, [title]
+                  and other brackets removed); this script scores the file's ctx and endings as they are.
 
 Speed: the 4 endings of an example share one context, so an example is packed into a single
 row (context, then the 4 endings, each ending restarting its positions after the context and
@@ -221,7 +225,8 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
     losses, counts = score(model, rendered, batch_size, bar)
     if bar is not None:
         bar.close()
-    byte_lengths = torch.tensor([[len((" " + e).encode("utf-8")) for e in examples[i]["endings"]] for i in mine],
+    # lm-eval's acc_bytes: the ending's own bytes, not those of the " " it is scored with
+    byte_lengths = torch.tensor([[len(e.encode("utf-8")) for e in examples[i]["endings"]] for i in mine],
                                 dtype=torch.float64).reshape(-1, 4)
     chosen = {k: v.tolist() for k, v in choose(losses, counts, byte_lengths).items()}
     local = [(i, {k: chosen[k][j] for k in chosen}) for j, i in enumerate(mine)]

@@ -112,9 +112,13 @@ def naive_score(model, rendered):
     return losses, counts
 
 
+def ending_bytes(examples):
+    """lm-eval's acc_bytes denominator: each ending's UTF-8 bytes (not those of the " " before it)."""
+    return torch.tensor([[len(e.encode("utf-8")) for e in ex["endings"]] for ex in examples], dtype=torch.float64)
+
+
 def naive_predictions(losses, counts, examples):
-    nbytes = torch.tensor([[len((" " + e).encode("utf-8")) for e in ex["endings"]] for ex in examples],
-                          dtype=torch.float64)
+    nbytes = ending_bytes(examples)
     return {
         "acc": losses.argmin(1).tolist(),
         "acc_norm": (losses / counts.double()).argmin(1).tolist(),
@@ -124,8 +128,7 @@ def naive_predictions(losses, counts, examples):
 
 def margins(losses, counts, examples):
     """Smallest gap between best and second-best normalised loss, over all three rules."""
-    nbytes = torch.tensor([[len((" " + e).encode("utf-8")) for e in ex["endings"]] for ex in examples],
-                          dtype=torch.float64)
+    nbytes = ending_bytes(examples)
     out = []
     for v in (losses, losses / counts.double(), losses / nbytes):
         s = v.sort(dim=1).values
@@ -297,8 +300,21 @@ def test_evaluate_metrics_match_naive_argmin_rules(ref, one_proc_result):
     # the rules must actually disagree somewhere on these examples, else the test is weak:
     # summed vs per-token, and per-byte vs per-character (a chars-for-bytes bug would pass otherwise)
     assert ref["preds"]["acc"] != ref["preds"]["acc_norm"]
-    nchars = torch.tensor([[len(" " + e) for e in ex["endings"]] for ex in ref["examples"]], dtype=torch.float64)
+    nchars = torch.tensor([[len(e) for e in ex["endings"]] for ex in ref["examples"]], dtype=torch.float64)
     assert (ref["losses"] / nchars).argmin(1).tolist() != ref["preds"]["acc_norm_bytes"]
+
+
+def test_acc_norm_bytes_divides_by_the_endings_own_bytes(monkeypatch):
+    """acc_norm_bytes is lm-eval's acc_bytes: log-likelihood / len(ending.encode()), the " " it is scored
+    after not counted. Losses 1.0 for "a" and 2.5 for "bbb": 1.0/1 > 2.5/3 picks "bbb" (with the space:
+    1.0/2 < 2.5/4 would pick "a"); "é" is 2 bytes: 1.9/2 < 1.0/1 picks it (per character it would not)."""
+    examples = [{"ctx": "x", "endings": ["a", "bbb", "cc", "dd"], "label": 1},
+                {"ctx": "x", "endings": ["a", "é", "cc", "dd"], "label": 1}]
+    losses = torch.tensor([[1.0, 2.5, 9.0, 9.0], [1.0, 1.9, 9.0, 9.0]], dtype=torch.float64)
+    monkeypatch.setattr(H, "score", lambda model, rendered, *a, **k: (losses, torch.ones(2, 4, dtype=torch.long)))
+    res = H.evaluate(make_model(block_size=32), examples)
+    assert res["predictions"]["acc_norm_bytes"] == [1, 1]
+    assert res["acc_norm_bytes"] == 1.0
 
 
 # ----------------------------------------------------------------------------- 6. cropping
