@@ -54,6 +54,7 @@ random one.
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import errno
 import json
@@ -77,6 +78,7 @@ from model_io import DTYPES, IM_END, TextStream, best_device, default_dtype, get
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200  # OpenAI allows 4 stop strings; their length bounds a scan per token
 TOKEN_BYTES = 128  # GPT-2's longest token: n tokens are at most 128 n UTF-8 bytes, so at most 128 n characters
+MAX_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20  # completions' logprobs (OpenAI's legacy cap), chat's top_logprobs (OpenAI's)
 
 
 @dataclass
@@ -118,6 +120,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     eos: int = EOT_TOKEN  # the token that ends a choice: <|endoftext|>, or a chat model's <|im_end|>
+    logprobs: int = None  # None: no logprobs; else how many of the most likely tokens to list at each position
+    echo: bool = False  # the prompt's text, and with logprobs its tokens' logprobs, come first
 
 
 # The request bodies as /openapi.json declares them (for schema-driven clients and fuzzers); the
@@ -141,6 +145,11 @@ REQUEST_SCHEMA = {
         "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
                              _TOKENS, {"type": "array", "items": _TOKENS, "minItems": 1}]},
         **_SAMPLING,
+        "max_tokens": {"type": "integer", "minimum": 0, "default": 16, "description": "0: only with echo (the prompt "
+                       "scored, nothing generated)"},
+        "echo": {"type": "boolean", "default": False, "description": "the prompt's text (and logprobs) first"},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                     "description": "each token's logprob and the most likely tokens at its position, this many"},
     },
 }
 _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
@@ -156,6 +165,9 @@ CHAT_REQUEST_SCHEMA = {
         **_SAMPLING,
         "max_tokens": {"type": "integer", "minimum": 1, "description": "default: the room the context leaves"},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "max_tokens' newer name; wins"},
+        "logprobs": {"type": "boolean", "default": False, "description": "each reply token's logprob"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                         "description": "with logprobs: the most likely tokens at each position, this many"},
     },
 }
 
@@ -163,8 +175,8 @@ CHAT_REQUEST_SCHEMA = {
 # Fields of OpenAI's APIs that this server does not implement, and the values that mean "off"
 # (a request that turns one on is refused rather than silently answered without it).
 _OFF = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
-UNSUPPORTED = {"echo": (None, False), "logprobs": (None,), "suffix": (None,), "best_of": (None, 1), **_OFF}
-CHAT_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+UNSUPPORTED = {"suffix": (None,), "best_of": (None, 1), **_OFF}
+CHAT_UNSUPPORTED = {"tools": (None, []),
                     "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
                     "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
                     "prediction": (None,), **_OFF}
@@ -229,12 +241,19 @@ def _json_object(raw, unsupported, known):
     return body
 
 
-def _sampling(body, limits, max_tokens_name="max_tokens", max_tokens_default=16):
+def _flag(body, name):
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise APIError(400, f"{name} must be a boolean, got {json.dumps(v)[:40]}", name)
+    return bool(v)
+
+
+def _sampling(body, limits, max_tokens_name="max_tokens", max_tokens_default=16, min_tokens=1):
     """The fields both endpoints share -> a CompletionRequest without prompts (400 on a bad value
     or one over the server's caps). n's cap is checked by the caller, which knows the prompts."""
     r = CompletionRequest(prompts=[])
     r.n = _number(body, "n", 1, 1, 1 << 30, integer=True)
-    r.max_tokens = _number(body, max_tokens_name, max_tokens_default, 1, 1 << 30, integer=True)
+    r.max_tokens = _number(body, max_tokens_name, max_tokens_default, min_tokens, 1 << 30, integer=True)
     r.temperature = _number(body, "temperature", 1.0, 0, 2)
     r.top_p = _number(body, "top_p", 1.0, 0, 1)
     if r.top_p == 0:
@@ -293,7 +312,9 @@ def parse_request(raw, enc, block_size, limits):
     body = _json_object(raw, UNSUPPORTED, KNOWN)
     if "prompt" not in body:
         raise APIError(400, "prompt is required", "prompt")
-    r = _sampling(body, limits)
+    echo = _flag(body, "echo")
+    r = _sampling(body, limits, min_tokens=0 if echo else 1)  # max_tokens 0: the prompt scored, nothing generated
+    r.echo, r.logprobs = echo, _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
     # The caps. The number of prompts is checked before any text is tokenized.
     n_prompts = len(body["prompt"]) if isinstance(body["prompt"], list) and body["prompt"] and \
         not isinstance(body["prompt"][0], int) else 1
@@ -321,6 +342,11 @@ def parse_chat_request(raw, block_size, limits):
         raise APIError(400, "messages is required", "messages")
     given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     r = _sampling(body, limits, given, max_tokens_default=None)
+    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if _flag(body, "logprobs"):
+        r.logprobs = top or 0
+    elif top is not None:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     _check_choices(r.n, limits)
     messages = chat_messages(body["messages"])
     _check_chars(sum(len(m["content"]) for m in messages), limits.max_prompt_tokens, "messages")
@@ -358,8 +384,67 @@ def parse_tokenize(raw, enc, chat_model=False):
     return _prompts(body["prompt"], enc, enc.n_vocab)[0]
 
 
+DETOKENIZE_SCHEMA = {"type": "object", "required": ["tokens"], "properties": {"model": {"type": "string"}, "tokens": _TOKENS}}
+
+
+def parse_detokenize(raw, enc):
+    """The body of POST /detokenize (vLLM's; lm-eval's remote tokenizer decodes with it) -> token ids."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, "request body is not valid JSON") from None
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+        raise APIError(400, "tokens must be a list of token ids", "tokens")
+    if not all(0 <= t < enc.n_vocab for t in tokens):
+        raise APIError(400, f"token ids must be in [0, {enc.n_vocab})", "tokens")
+    return tokens
+
+
 # -----------------------------------------------------------------------------
-# Text: token ids -> the text deltas a stream sends
+# Logprobs: the engine's entries (token, logprob, [(token, logprob)] of the most likely) -> OpenAI's shapes
+
+
+def token_name(b):
+    """A token's bytes as OpenAI names a token in logprobs: its text, or, when they are not whole UTF-8
+    characters (a character split across tokens), "bytes:\\xe6\\x97" (so no two tokens share a name)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
+
+class LegacyLogprobs:
+    """One /v1/completions choice's logprobs, in OpenAI's legacy shape, as its entries come:
+    {tokens, token_logprobs, top_logprobs: [{name: logprob}: the most likely and the token itself,
+    so up to logprobs + 1], text_offset: where each token's text starts in the choice's text}.
+    With echo the prompt's `echoed` tokens come first (its text decoded on its own, as it is echoed,
+    then the completion's); a character split across tokens is counted at the token that starts it."""
+
+    def __init__(self, names, token_bytes, echoed=0):
+        self.names, self.token_bytes, self.echoed = names, token_bytes, echoed
+        self.decoder, self.offset = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
+
+    def add(self, entries):
+        """-> the logprobs object of these entries (one stream chunk's, or a whole choice's)"""
+        names, out = self.names, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp, top in entries:
+            out["tokens"].append(names[token])
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if lp is None else {**{names[t]: v for t, v in top}, names[token]: lp})
+            out["text_offset"].append(self.offset)
+            self.offset += len(self.decoder.decode(self.token_bytes[token]))
+            self.echoed -= 1
+            if self.echoed == 0:  # the end of the echoed prompt: the completion's text is decoded from here
+                self.offset += len(self.decoder.decode(b"", final=True))
+        return out
+
+
+def chat_logprobs(entries, names, token_bytes, eos):
+    """A chat choice's logprobs.content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}],
+    for the reply's tokens (not the <|im_end|> that ends it, which is not part of its content)."""
+    item = lambda t, lp: {"token": names[t], "logprob": lp, "bytes": list(token_bytes[t])}  # noqa: E731
+    return [{**item(t, lp), "top_logprobs": [item(u, v) for u, v in top]} for t, lp, top in entries if t != eos]
 
 
 # -----------------------------------------------------------------------------
@@ -399,6 +484,9 @@ class Sequence:
     generator: torch.Generator
     text: TextStream
     eos: int = EOT_TOKEN  # the token that ends it (not part of its text): <|endoftext|>, or <|im_end|> for a chat
+    logprobs: int = None  # None: no logprobs; else the number of most likely tokens listed with each token's logprob
+    echo: bool = False  # with logprobs: its prompt's tokens' logprobs too (the first prompt token's is None)
+    pending: list = field(default_factory=list)  # logprob entries not yet sent: (token, logprob, [(token, logprob)])
     tokens: list = field(default_factory=list)  # sampled so far
     length: int = 0  # tokens in its KV-cache row
     finish_reason: str = None
@@ -415,6 +503,9 @@ class Engine:
         self.device = model.transformer.wte.weight.device
         enc = get_tokenizer(chat=chat.is_chat_model(model))  # a chat model's markers are text: "<|im_start|>"
         self.token_bytes = [enc.decode_single_token_bytes(t) for t in range(model.config.vocab_size)]
+        self.token_names = [token_name(b) for b in self.token_bytes]
+        # a pass over whole prompts (sequences that need no KV-cache row) takes this many tokens, padding included
+        self.score_tokens = max_batch * model.config.block_size
         self.decoder = StaticDecoder(model, max_batch, compile) if StaticDecoder.chosen(static_cache, compile) else None
         # Row i of every layer's cache belongs to self.active[i]. Zeroed: the decode step masks the
         # entries past each row's length. The logits exactly as generate() computes them.
@@ -427,7 +518,8 @@ class Engine:
         self.waiting = deque()  # guarded by self.lock, as is requests_in_flight
         self.lock = threading.Condition()
         self.requests_in_flight = 0  # jobs with a sequence waiting or decoding (a cancelled one leaves at once)
-        self.stats = {"decode_steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0}
+        self.stats = {"decode_steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0, "score_forwards": 0,
+                      "scored_sequences": 0}
         self.closed = False
         self.outbox = []  # this step's (job, event)s, handed to the event loop in one call
         self.ready, self.failed = threading.Event(), None  # set once a compiled decoder is warm
@@ -488,16 +580,26 @@ class Engine:
                     self.lock.wait()
                 if self.closed:
                     return
-                admit = []
-                while self.waiting and len(self.active) + len(admit) < self.max_batch:
-                    admit.append(self.waiting.popleft())
+                # In the queue's order: sequences of at most one new token (scoring: lm-eval's echo requests)
+                # all go in one pass over their prompts, up to score_tokens; the others into free rows.
+                admit, score, left, budget = [], [], deque(), self.score_tokens
+                for s in self.waiting:
+                    if s.max_tokens <= 1 and (len(s.prompt) <= budget or not score):
+                        score.append(s)
+                        budget -= len(s.prompt)
+                    elif s.max_tokens > 1 and len(self.active) + len(admit) < self.max_batch:
+                        admit.append(s)
+                    else:
+                        left.append(s)
+                self.waiting = left
             try:
                 with torch.no_grad():
+                    self._score(score)
                     self._step(admit)
             except Exception:  # a bug or out of memory: fail what was running, keep serving
                 traceback.print_exc()
-                for s in [s for s in set(self.active + admit) if not s.retired]:
-                    self.outbox.append((s.job, (s.index, "", "error", len(s.tokens))))
+                for s in [s for s in set(self.active + admit + score) if not s.retired]:
+                    self.outbox.append((s.job, (s.index, "", "error", len(s.tokens), None)))
                     self._retire(s)
                 self.active = []
             if self.outbox:  # one wake-up of the event loop per step, not one per token
@@ -522,7 +624,9 @@ class Engine:
             self.active += group
             rows = [(k[r : r + len(group)], v[r : r + len(group)]) for k, v in self.caches]
             idx = torch.tensor([s.prompt for s in group], device=self.device)
-            logits = self.model.next_logits(idx, rows, 0, self.head_t)
+            h = self.model.hidden(idx, rows, 0)
+            logits = (h[:, -1] @ self.head_t).float()  # next_logits'
+            self._prompt_logprobs([(s, h[i]) for i, s in enumerate(group)])
             self.stats["prefilled_tokens"] += idx.numel()
             for s in group:
                 s.length = length
@@ -545,25 +649,103 @@ class Engine:
         self._sample(self.active, logits)
         self._remove([i for i, s in enumerate(self.active) if s.finish_reason])
 
+    def _score(self, seqs):
+        """Sequences that need one pass over their prompt and no KV-cache row (max_tokens 0 or 1: what
+        lm-eval's scoring requests ask): sorted by length, as few padded forward passes as fit
+        score_tokens each (right padding: causal attention keeps it out of every real position). Each
+        gets its prompt's logprobs (echo) and its one token, sampled from its last position's logits."""
+        seqs = sorted((s for s in seqs if not self._dropped(s)), key=lambda s: len(s.prompt))
+        while seqs:
+            B = 1
+            while B < len(seqs) and (B + 1) * len(seqs[B].prompt) <= self.score_tokens:
+                B += 1
+            chunk, seqs = seqs[:B], seqs[B:]
+            lengths = [len(s.prompt) for s in chunk]
+            idx = torch.zeros(B, lengths[-1], dtype=torch.long)
+            for r, s in enumerate(chunk):
+                idx[r, : lengths[r]] = torch.tensor(s.prompt)
+            h = self.model.hidden(idx.to(self.device))
+            self.stats["score_forwards"] += 1
+            self.stats["scored_sequences"] += B
+            self._prompt_logprobs([(s, h[r, : lengths[r]]) for r, s in enumerate(chunk)])
+            rows = [r for r, s in enumerate(chunk) if s.max_tokens == 1]
+            if rows:
+                last = h[torch.tensor(rows, device=self.device), torch.tensor([lengths[r] - 1 for r in rows], device=self.device)]
+                self._sample([chunk[r] for r in rows], (last @ self.head_t).float())  # next_logits'
+            for s in chunk:
+                if s.max_tokens == 0:  # echo only: the prompt's logprobs, no token
+                    s.finish_reason = "length"
+                    self.outbox.append((s.job, (s.index, "", "length", 0, s.pending if s.logprobs is not None else None)))
+                self._retire(s)
+
+    def _dropped(self, s):
+        if s.job.cancelled:
+            self._retire(s)
+        return s.job.cancelled
+
+    def _prompt_logprobs(self, pairs):
+        """[(sequence, its prompt's hidden states (T, C))]: for those with echo and logprobs, each prompt
+        token's logprob and the most likely tokens at its position, into pending (the first token's: None)."""
+        pairs = [(s, h) for s, h in pairs if s.echo and s.logprobs is not None]
+        if not pairs:
+            return
+        h = torch.cat([h[:-1] for _, h in pairs])  # position t predicts prompt token t + 1
+        targets = [t for s, _ in pairs for t in s.prompt[1:]]
+        entries = self._entries(h, targets, max(s.logprobs for s, _ in pairs))
+        i = 0
+        for s, _ in pairs:
+            n = len(s.prompt) - 1
+            s.pending = [(s.prompt[0], None, None)] + [(t, lp, top[: s.logprobs]) for t, (lp, top) in
+                                                       zip(s.prompt[1:], entries[i : i + n])]
+            i += n
+
+    def _entries(self, x, targets, k, logits=False, rows=1024):
+        """Hidden states x (N, C) (or logits, fp32) and the token that came after each -> [(its logprob,
+        [(token, logprob)] of the k most likely)]: log-softmax in fp32 over the real vocabulary (head_t has
+        no padding rows), in chunks of rows (a row of logits is 200 kB)."""
+        out = []
+        for i in range(0, len(targets), rows):
+            z = x[i : i + rows] if logits else (x[i : i + rows] @ self.head_t).float()
+            t = torch.tensor(targets[i : i + rows], device=z.device)[:, None]
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            lp = (z.gather(1, t) - lse).clamp_(min=-9999.0)[:, 0].tolist()  # (JSON has no -inf; OpenAI's floor)
+            if k:
+                top = torch.topk(z, k, dim=-1)
+                ids, top_lp = top.indices.tolist(), (top.values - lse).clamp_(min=-9999.0).tolist()
+                out += [(a, list(zip(b, c))) for a, b, c in zip(lp, ids, top_lp)]
+            else:
+                out += [(a, []) for a in lp]
+        return out
+
     def _sample(self, seqs, logits):
         """Each sequence's next token from its row of logits (B, vocab): the rows with the same
         settings in one sample_next call, each drawing from its own generator exactly what
-        generate() would draw for it alone."""
-        groups = {}
+        generate() would draw for it alone. With logprobs: the token's, from these logits."""
+        groups, tokens = {}, [None] * len(seqs)
         for i, s in enumerate(seqs):
             groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            tokens = sample_next(logits if len(groups) == 1 else logits[rows], temperature, top_k, top_p,
-                                 [seqs[i].generator for i in rows])
-            for i, token in zip(rows, tokens.tolist()):
-                self._add_token(seqs[i], token)
+            sampled = sample_next(logits if len(groups) == 1 else logits[rows], temperature, top_k, top_p,
+                                  [seqs[i].generator for i in rows])
+            for i, token in zip(rows, sampled.tolist()):
+                tokens[i] = token
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        if rows:
+            entries = self._entries(logits[rows], [tokens[i] for i in rows], max(seqs[i].logprobs for i in rows), True)
+            for i, (lp, top) in zip(rows, entries):
+                seqs[i].pending.append((tokens[i], lp, top[: seqs[i].logprobs]))
+        for s, token in zip(seqs, tokens):
+            self._add_token(s, token)
 
     def _add_token(self, s, token):
         s.tokens.append(token)
         last = token == s.eos or len(s.tokens) == s.max_tokens
         text, stopped = s.text.push(b"" if token == s.eos else self.token_bytes[token], final=last)
         s.finish_reason = "stop" if stopped or token == s.eos else "length" if last else None
-        self.outbox.append((s.job, (s.index, text, s.finish_reason, len(s.tokens))))
+        entries = None
+        if s.logprobs is not None:
+            entries, s.pending = s.pending, []
+        self.outbox.append((s.job, (s.index, text, s.finish_reason, len(s.tokens), entries)))
 
     def _remove(self, rows):
         """Take these rows out of the batch, moving the last rows' caches into the gaps so the
@@ -649,11 +831,27 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
     async def health():
         return {"status": "ok", "model": model_id, **engine.load()}
 
+    card = {"id": model_id, "object": "model", "created": started, "owned_by": "gpt2-repro",
+            "max_model_len": block_size,  # vLLM's name for the context length
+            "chat": is_chat}  # whether /v1/chat/completions serves it
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "gpt2-repro",
-                                            "max_model_len": block_size,  # vLLM's name for the context length
-                                            "chat": is_chat}]}  # whether /v1/chat/completions serves it
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != model_id:
+            return error(APIError(404, f"The model '{name[:100]}' does not exist (this server serves '{model_id}')",
+                                  "model", "model_not_found"))
+        return card
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():  # vLLM's, which lm-eval's tokenizer_backend=remote (its default) reads
+        eot = "<|endoftext|>"
+        return {"tokenizer_class": "GPT2TokenizerFast", "eos_token": "<|im_end|>" if is_chat else eot, "bos_token": eot,
+                "unk_token": eot, "pad_token": None, "model_max_length": block_size, "vocab_size": enc.n_vocab,
+                "chat_template": None}
 
     def body_schema(schema):
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
@@ -678,17 +876,31 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
 
         return await read_request(request, answer)
 
+    @app.post("/detokenize", openapi_extra=body_schema(DETOKENIZE_SCHEMA))
+    async def detokenize(request: Request):
+        return await read_request(request, lambda raw: JSONResponse({"prompt": enc.decode(parse_detokenize(raw, enc))}))
+
     @app.post("/v1/completions", openapi_extra=body_schema(REQUEST_SCHEMA))
     async def completions(request: Request):
         req = await read_request(request, lambda raw: parse_request(raw, enc, block_size, limits))
         if isinstance(req, Response):
             return req
 
-        def choice(index, text, finish):
-            return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+        echoed = [enc.decode(p) for p in req.prompts] if req.echo else None
+        made = {}  # each choice's LegacyLogprobs, from its first event on
 
-        def chunk_choices(index, text, finish):  # one chunk per token, its text (perhaps "") and finish_reason
-            return [choice(index, text, finish)]
+        def chunk_choices(index, text, finish, entries):  # one chunk per token, its text (perhaps "") and finish_reason
+            lp = made.get(index)
+            if lp is None:  # the choice's first event (a whole choice: its only one) starts with the echoed prompt
+                prompt = index // req.n
+                lp = made[index] = LegacyLogprobs(engine.token_names, engine.token_bytes,
+                                                  len(req.prompts[prompt]) if req.echo else 0)
+                text = (echoed[prompt] if req.echo else "") + text
+            return [{"text": text, "index": index, "logprobs": None if req.logprobs is None else lp.add(entries),
+                     "finish_reason": finish}]
+
+        def choice(index, text, finish, entries):
+            return chunk_choices(index, text, finish, entries)[0]
 
         return await answer(request, req, "cmpl-", "text_completion", "text_completion", chunk_choices, choice)
 
@@ -705,12 +917,18 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
         if isinstance(req, Response):
             return req
 
-        def chunk_choices(index, text, finish):  # the text, if any, then the finish_reason with an empty delta
-            delta = lambda d, f=None: {"index": index, "delta": d, "logprobs": None, "finish_reason": f}  # noqa: E731
-            return ([delta({"content": text})] if text else []) + ([delta({}, finish)] if finish else [])
+        def logprobs(entries):
+            return None if req.logprobs is None else {
+                "content": chat_logprobs(entries, engine.token_names, engine.token_bytes, req.eos)}
 
-        def choice(index, text, finish):
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        def chunk_choices(index, text, finish, entries):  # the text (and logprobs), if any, then the finish_reason
+            lp = logprobs(entries)
+            delta = lambda d, f=None, lp=None: {"index": index, "delta": d, "logprobs": lp, "finish_reason": f}  # noqa: E731
+            return (([delta({"content": text}, lp=lp)] if text or (lp and lp["content"]) else [])
+                    + ([delta({}, finish)] if finish else []))
+
+        def choice(index, text, finish, entries):
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs(entries),
                     "finish_reason": finish}
 
         opening = [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -720,9 +938,10 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
 
     async def answer(request, req, id_prefix, chunk_object, whole_object, chunk_choices, choice, opening=()):
         """Run req through the engine and answer it, streamed or whole, in one endpoint's format:
-        chunk_choices(index, text delta, finish_reason or None) -> the choices a stream sends for
-        one of a choice's events, one chunk each (after the `opening` ones); choice(index, text,
-        finish_reason) -> a choice of the whole response. Choice c = prompt p * n + j, seed s + c."""
+        chunk_choices(index, text delta, finish_reason or None, logprob entries or None) -> the choices
+        a stream sends for one of a choice's events, one chunk each (after the `opening` ones);
+        choice(index, text, finish_reason, entries) -> a choice of the whole response. Choice c =
+        prompt p * n + j, seed s + c."""
         job = Job(asyncio.get_running_loop())
         seed = secrets.randbits(63) if req.seed is None else req.seed
         seqs = []
@@ -731,7 +950,7 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
                 c = p * req.n + j
                 gen = torch.Generator(engine.device).manual_seed((seed + c) % (1 << 64))  # torch's seed range
                 seqs.append(Sequence(job, c, prompt, req.max_tokens, req.temperature, req.top_p, req.top_k, gen,
-                                     TextStream(req.stop), req.eos))
+                                     TextStream(req.stop), req.eos, req.logprobs, req.echo))
         if not engine.submit(job, seqs):
             return error(APIError(429, f"the server is busy: {limits.max_requests} requests are in flight; retry later",
                                   code="rate_limit_exceeded", type="rate_limit_error"))
@@ -755,9 +974,9 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
                 try:
                     async for events in job_events(job, len(seqs)):
                         out = []
-                        for index, text, finish, n in events:
+                        for index, text, finish, n, entries in events:
                             counts[index] = n
-                            out += [sse({**chunk, "choices": [c]}) for c in chunk_choices(index, text, finish)]
+                            out += [sse({**chunk, "choices": [c]}) for c in chunk_choices(index, text, finish, entries)]
                         yield b"".join(out)  # the tokens at hand in one write
                 except APIError as e:
                     yield sse(e.body)
@@ -768,19 +987,22 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
             return EventStream(chunks(), cleanup)
 
         texts, finishes, counts = [""] * len(seqs), [None] * len(seqs), [0] * len(seqs)
+        entries = [[] for _ in seqs]
         try:
             async for events in job_events(job, len(seqs)):
-                for index, text, finish, n in events:
+                for index, text, finish, n, more in events:
                     texts[index] += text
                     finishes[index], counts[index] = finish, n
+                    entries[index] += more or ()
         except APIError as e:
             return error(e)
         finally:
             cleanup()
         if None in finishes:  # the client left before the end; nobody reads this
             return Response(status_code=499)
-        choices = [choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finishes))]
-        return {"id": head["id"], "object": whole_object, **head, "choices": choices, "usage": usage(counts)}
+        choices = [choice(i, t, f, e) for i, (t, f, e) in enumerate(zip(texts, finishes, entries))]
+        # (JSONResponse, not a dict: FastAPI's encoder would walk every logprob)
+        return JSONResponse({"id": head["id"], "object": whole_object, **head, "choices": choices, "usage": usage(counts)})
 
     class EventStream(Response):
         """Server-Sent Events. Unlike StreamingResponse, cleanup() runs however the stream ends,

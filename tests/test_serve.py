@@ -4,6 +4,7 @@ openai client, raw HTTP and headless Chromium. Every answer is checked against m
 run here with the same seed."""
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -266,7 +267,7 @@ def engine_run(engine, prompt):
         assert engine.submit(job, seqs)
         texts = [""] * n
         async for events in job_events(job, n):
-            for index, text, _, _ in events:
+            for index, text, *_ in events:
                 texts[index] += text
         return texts
 
@@ -518,6 +519,269 @@ def test_page_is_self_contained(server):
     assert "://" not in r.text and "src=" not in r.text  # no external assets
 
 
+# ----------------------------------------------------------------------------- logprobs and scoring (lm-eval)
+
+chat_tokenizer = functools.cache(lambda: get_tokenizer(chat=True))
+
+
+@functools.cache
+def name(t):
+    """A token as OpenAI names it in logprobs: its text, or "bytes:\\xe6\\x97" for a piece of a character."""
+    b = chat_tokenizer().decode_single_token_bytes(t)
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
+
+def plain_logprobs(model, ids):
+    """The reference: log-softmax in fp32 of one plain forward's logits over ids (no KV cache, no
+    batch); row t is the distribution of token t + 1."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def sampled(model, ids, max_tokens, seed=0, eos=EOT_TOKEN, **sampling):
+    """The tokens a choice samples after ids (generate() with that seed), up to and with its eos."""
+    new = model.generate(torch.tensor([ids]), max_tokens, seed=seed, **sampling)[0, len(ids):].tolist()
+    return new[: new.index(eos) + 1] if eos in new else new
+
+
+def check_legacy(lp, full, start, ref, k, text):
+    """A /v1/completions choice's logprobs (OpenAI's legacy shape) for the tokens full[start:] (start 0:
+    an echoed prompt first) against ref = plain_logprobs(model, full): each token's logprob, the true
+    top k (and the token itself) as top_logprobs, and text_offset where the choice's text holds the token."""
+    ids = full[start:]
+    assert lp["tokens"] == [name(t) for t in ids]
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == len(ids)
+    for j, t in enumerate(ids):
+        i = start + j
+        if i == 0:  # nothing before it: no logprob
+            assert lp["token_logprobs"][j] is None and lp["top_logprobs"][j] is None
+            continue
+        assert abs(lp["token_logprobs"][j] - ref[i - 1, t].item()) < 1e-4, (j, lp["token_logprobs"][j], ref[i - 1, t])
+        top = torch.topk(ref[i - 1], k)
+        want = {**{name(u): v for u, v in zip(top.indices.tolist(), top.values.tolist())}, name(t): ref[i - 1, t].item()}
+        got = lp["top_logprobs"][j]
+        assert list(got) == list(want) and all(abs(got[key] - want[key]) < 1e-4 for key in want), (j, got, want)
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    for j, (t, off) in enumerate(zip(ids, offsets)):
+        if t != EOT_TOKEN and not name(t).startswith("bytes:"):  # (<|endoftext|> ends a choice, not part of its text)
+            assert text[off : off + len(name(t))] == name(t), (j, name(t), off, text)
+
+
+def test_echo_logprobs_are_a_plain_forwards_log_softmax(server, tiny):
+    """echo + logprobs + max_tokens 0 (lm-eval's scoring, a list of prompts, text or token ids):
+    every prompt token's logprob is the log-softmax of a plain forward's logits at the position
+    before it, top_logprobs its true top 5 and text_offset where the echoed text holds it."""
+    model, _ = tiny
+    enc = get_tokenizer()
+    prompts = PROMPTS[:7] + [enc.encode(" The capital of France is Paris")]  # token ids, as lm-eval sends them
+    r = server.post({"prompt": prompts, "echo": True, "logprobs": 5, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    r = r.json()
+    assert r["usage"]["completion_tokens"] == 0 and len(r["choices"]) == 8
+    for c, p in zip(r["choices"], prompts):
+        ids = p if isinstance(p, list) else enc.encode(p)
+        assert c["text"] == (p if isinstance(p, str) else enc.decode(p)) and c["finish_reason"] == "length"
+        check_legacy(c["logprobs"], ids, 0, plain_logprobs(model, ids), 5, c["text"])
+    assert any(t.startswith("bytes:") for c in r["choices"] for t in c["logprobs"]["tokens"])  # premise: split characters
+    # without logprobs, echo is the prompt's text alone
+    c = server.post({"prompt": PROMPTS[0], "echo": True, "max_tokens": 0}).json()["choices"][0]
+    assert (c["text"], c["logprobs"]) == (PROMPTS[0], None)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 12], ids=["one_pass", "decode_steps"])  # lm-eval's 1; prefill + decode
+def test_logprobs_of_generated_tokens(server, tiny, max_tokens):
+    """temperature 0, echo or not: the generated tokens are greedy generate()'s, and theirs and the
+    prompt's logprobs a plain forward's over prompt + completion."""
+    model, _ = tiny
+    enc = get_tokenizer()
+    ids = enc.encode(PROMPTS[0])
+    new = sampled(model, ids, max_tokens, temperature=0)
+    full = ids + new
+    ref = plain_logprobs(model, full)
+    for echo in (True, False):
+        body = {"prompt": PROMPTS[0], "echo": echo, "logprobs": 3, "max_tokens": max_tokens, "temperature": 0}
+        c = server.post(body).json()["choices"][0]
+        assert c["text"] == (PROMPTS[0] if echo else "") + enc.decode([t for t in new if t != EOT_TOKEN])
+        check_legacy(c["logprobs"], full, 0 if echo else len(ids), ref, 3, c["text"])
+
+
+def read_sse(server, body, path="/v1/completions"):
+    with httpx.stream("POST", server.url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def test_streamed_logprobs_with_n_equal_the_whole_response(server, tiny):
+    """stream + echo + logprobs + n 2 (sampled, seeds s + c): each choice's chunks add up to the whole
+    response's choice (logprobs and offsets too), and that is the plain forward's over its tokens."""
+    model, _ = tiny
+    enc = get_tokenizer()
+    body = {"prompt": PROMPTS[1], "echo": True, "logprobs": 2, "max_tokens": 10, "n": 2, "seed": 3, "temperature": 0.9}
+    whole = server.post(body).json()["choices"]
+    streamed = {c: {"text": "", "logprobs": {k: [] for k in whole[0]["logprobs"]}} for c in range(2)}
+    for chunk in read_sse(server, {**body, "stream": True}):
+        for c in chunk["choices"]:
+            streamed[c["index"]]["text"] += c["text"]
+            for k, v in c["logprobs"].items():
+                streamed[c["index"]]["logprobs"][k] += v
+    ids = enc.encode(PROMPTS[1])
+    for c in range(2):
+        assert streamed[c]["text"] == whole[c]["text"] and streamed[c]["logprobs"] == whole[c]["logprobs"]
+        full = ids + sampled(model, ids, 10, seed=3 + c, temperature=0.9)
+        check_legacy(whole[c]["logprobs"], full, 0, plain_logprobs(model, full), 2, whole[c]["text"])
+    assert whole[0]["text"] != whole[1]["text"]
+
+
+def test_the_openai_client_scores_prompts_and_retrieves_the_model(server, tiny):
+    """client.completions.create(echo=True, logprobs=1, max_tokens=0) and client.models.retrieve(id)."""
+    model, _ = tiny
+    prompt = "Scores of a prompt, as lm-eval asks for them"
+    r = server.client.completions.create(model="m", prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    ids = get_tokenizer().encode(prompt)
+    assert r.choices[0].text == prompt
+    check_legacy(r.choices[0].logprobs.model_dump(), ids, 0, plain_logprobs(model, ids), 1, prompt)
+    model_id = server.health()["model"]
+    m = server.client.models.retrieve(model_id)
+    assert (m.id, m.object, m.max_model_len) == (model_id, "model", 1024)
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("gpt-4")
+
+
+def test_chat_logprobs(chat_server, chat_model):
+    """logprobs + top_logprobs through the client, whole and streamed: each reply token's logprob,
+    bytes and true top 4 from a plain forward over the conversation and the reply (not its <|im_end|>)."""
+    model, _ = chat_model
+    enc = get_tokenizer(chat=True)
+    kw = dict(model="m", messages=CHATS[1], logprobs=True, top_logprobs=4, temperature=0, max_tokens=30)
+    r = chat_server.client.chat.completions.create(**kw)
+    stream = chat_server.client.chat.completions.create(stream=True, **kw)
+    streamed = [e for chunk in stream for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    ids = chat.render(CHATS[1], generation_prompt=True)[0]
+    new = sampled(model, ids, 30, eos=IM_END, temperature=0)
+    ref = plain_logprobs(model, ids + new)
+    content = r.choices[0].logprobs.content
+    reply = [t for t in new if t != IM_END]
+    assert [e.token for e in content] == [name(t) for t in reply] and reply
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == r.choices[0].message.content
+    for j, (e, t) in enumerate(zip(content, reply)):
+        row = ref[len(ids) + j - 1]
+        assert abs(e.logprob - row[t].item()) < 1e-4 and e.bytes == list(enc.decode_single_token_bytes(t))
+        top = torch.topk(row, 4)
+        assert [x.token for x in e.top_logprobs] == [name(u) for u in top.indices.tolist()]
+        assert all(abs(x.logprob - v) < 1e-4 for x, v in zip(e.top_logprobs, top.values.tolist()))
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert r.choices[0].finish_reason == ("stop" if new[-1] == IM_END else "length")
+    plain = chat_server.client.chat.completions.create(**{**kw, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_scoring_requests_are_batched_into_one_forward(tiny):
+    """Eight scoring requests waiting at once (max_tokens 0 and 1, lm-eval's) take one padded forward
+    pass, on an engine of two KV-cache rows (they need none), each scored as a plain forward scores it."""
+    model, _ = tiny
+    enc = get_tokenizer()
+    engine = Engine(model, max_batch=2, max_requests=16)
+
+    async def run():
+        loop, jobs = asyncio.get_running_loop(), []
+        with engine.lock:  # the engine looks at the queue once all eight are in it
+            for i, prompt in enumerate(PROMPTS):
+                job, ids = Job(loop), enc.encode(prompt)
+                seq = Sequence(job, 0, ids, i % 2, 0.0, 1.0, None, torch.Generator(), TextStream([]), EOT_TOKEN, 2, True)
+                assert engine.submit(job, [seq])
+                jobs.append((job, ids, i % 2))
+        out = []
+        for job, ids, max_tokens in jobs:
+            entries = []
+            async for events in job_events(job, 1):
+                entries += [x for e in events for x in e[4]]
+            out.append((ids, max_tokens, entries))
+        return out
+
+    try:
+        results = asyncio.run(run())
+        assert (engine.stats["score_forwards"], engine.stats["scored_sequences"]) == (1, 8), engine.stats
+        assert engine.stats["prefilled_tokens"] == engine.stats["decode_steps"] == 0
+    finally:
+        engine.close()
+    for ids, max_tokens, entries in results:
+        full = ids + sampled(model, ids, max_tokens, temperature=0)
+        ref = plain_logprobs(model, full)
+        assert [e[0] for e in entries] == full and entries[0][1:] == (None, None)
+        for i, (t, lp, top) in enumerate(entries[1:], 1):
+            assert abs(lp - ref[i - 1, t].item()) < 1e-4
+            assert [u for u, _ in top] == torch.topk(ref[i - 1], 2).indices.tolist()
+
+
+def test_concurrent_scoring_clients_share_forwards(server, tiny):
+    """Eight clients scoring at once through HTTP: fewer forward passes than requests, each answer right."""
+    model, _ = tiny
+    enc = get_tokenizer()
+    before = server.wait_idle()
+
+    def client(c, i):
+        return c.completions.create(model="m", prompt=PROMPTS[i], echo=True, logprobs=1, max_tokens=1, temperature=0)
+
+    results = eight_clients_at_once(server, client)
+    after = server.wait_idle()
+    for i, r in results.items():
+        ids = enc.encode(PROMPTS[i])
+        full = ids + sampled(model, ids, 1, temperature=0)
+        check_legacy(r.choices[0].logprobs.model_dump(), full, 0, plain_logprobs(model, full), 1, r.choices[0].text)
+    assert after["scored_sequences"] - before["scored_sequences"] == 8
+    assert after["score_forwards"] - before["score_forwards"] < 8, (before, after)
+
+
+def test_lm_eval_can_use_the_server(server, tiny):
+    """What lm-eval's local-completions asks: its remote tokenizer (GET /tokenizer_info, POST /tokenize
+    and /detokenize, as lm_eval.utils.RemoteTokenizer calls them), then echo requests with max_tokens 1
+    whose logprobs it sums from the context's length to the last but one. With lm_eval installed,
+    lm_eval itself (its auto tokenizer backend, 4 concurrent requests)."""
+    model, _ = tiny
+    enc = get_tokenizer()
+    info = httpx.get(server.url + "/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == info["bos_token"] == "<|endoftext|>"
+    tokenize = lambda text: httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False},  # noqa: E731
+                                       timeout=10).json()["tokens"]
+    assert tokenize(info["eos_token"]) == [EOT_TOKEN] and tokenize("Hello world") == enc.encode("Hello world")
+    ids = enc.encode(PROMPTS[5])
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=10).json() == {"prompt": PROMPTS[5]}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [99999]}, timeout=10).status_code == 400
+    pairs = [("The quick brown fox", " jumps over the lazy dog"), ("Once upon a time", " there was"), ("In 1905,", " Einstein")]
+
+    def expected(context, continuation):
+        ctx, whole = enc.encode(context), enc.encode(context + continuation)
+        ref = plain_logprobs(model, whole)
+        lps = [ref[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))]
+        return sum(lps), all(ref[i - 1].argmax().item() == whole[i] for i in range(len(ctx), len(whole)))
+
+    for context, continuation in pairs:  # the payload of LocalCompletionsAPI._create_payload(generate=False)
+        ctx, whole = enc.encode(context), enc.encode(context + continuation)
+        body = {"model": "m", "prompt": [whole], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+        lp = server.post(body).json()["choices"][0]["logprobs"]
+        score = sum(lp["token_logprobs"][len(ctx) : -1])
+        greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(ctx) : -1], lp["top_logprobs"][len(ctx) : -1]))
+        want = expected(context, continuation)
+        assert abs(score - want[0]) < 1e-4 and greedy == want[1]
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+    except ImportError:
+        return  # (not a requirement of the tests: pip install lm-eval[api] to run this part)
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=server.health()["model"], max_length=1024,
+                             num_concurrent=4)
+    assert lm.tokenizer_backend == "remote"
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], disable_tqdm=True)
+    for (score, greedy), pair in zip(results, pairs):
+        want = expected(*pair)
+        assert abs(score - want[0]) < 1e-4 and greedy == want[1], (pair, score, want)
+
+
 # ----------------------------------------------------------------------------- limits and errors
 
 def error_of(r, status):
@@ -535,8 +799,10 @@ def test_malformed_and_invalid_requests_get_400(limited):
     assert "nested" in error_of(limited.post(b"[" * 9000 + b"]" * 9000), 400)["message"]  # past the recursion limit
     for field, value in [("temperature", "hot"), ("temperature", 3), ("top_p", 0), ("max_tokens", 0),
                          ("max_tokens", 2.5), ("n", True), ("seed", "x"), ("stop", ["a"] * 5), ("stop", 7),
-                         ("stream", "yes"), ("echo", True), ("logprobs", 2), ("prompt", [[1, 2], 3]),
-                         ("prompt", [99999]), ("prompt", []), ("prompt", None), ("temprature", 0.5)]:
+                         ("stream", "yes"), ("echo", "yes"), ("echo", 1), ("logprobs", 6), ("logprobs", True),
+                         ("logprobs", -1), ("prompt", [[1, 2], 3]), ("prompt", [99999]), ("prompt", []),
+                         ("prompt", None), ("temprature", 0.5), ("suffix", "x"), ("best_of", 2),
+                         ("prompt_logprobs", 1), ("min_p", 0.1)]:  # vLLM's extensions: not implemented, named
         body = {"prompt": "Hi", "max_tokens": 3, field: value}
         assert error_of(limited.post(body), 400)["param"] == field, (field, value)
 
@@ -718,7 +984,8 @@ def test_chat_errors_are_openais(chat_server):
     assert error_of(chat_server.chat({"max_tokens": 3}), 400)["param"] == "messages"
     for field, value in [("max_tokens", 0), ("max_completion_tokens", 2000), ("n", 9), ("temperature", "hot"),
                          ("top_p", 0), ("seed", 1.5), ("stop", 7), ("stream", "yes"), ("tools", [{"type": "function"}]),
-                         ("logprobs", True), ("response_format", {"type": "json_object"}), ("max_token", 3)]:
+                         ("logprobs", 1), ("top_logprobs", 21), ("top_logprobs", 2), ("echo", True),
+                         ("response_format", {"type": "json_object"}), ("max_token", 3), ("min_p", 0.1)]:
         assert error_of(chat_server.chat({**ok, field: value}), 400)["param"] == field, (field, value)
     # OpenAI's developer role is a system message, and content may be a list of text parts
     r = chat_server.chat({**ok, "seed": 1, "messages": [{"role": "developer", "content": "Be brief."},
