@@ -18,6 +18,10 @@ Sections:
   serve    serve.py (a subprocess; random weights at --n_layer/--n_embd; --serve_flags): 1, 4
            and 16 (--serve_clients) streaming clients at once against the same requests one at a
            time; total tokens/s and the median time to first token.
+  score    serve.py scoring --score_examples multiple-choice examples (a context and 4 endings) as
+           lm-eval's local-completions sends them (one request per ending: token ids, echo, logprobs 1,
+           max_tokens 1; longest first): --score_clients (8) at once against one at a time, examples/s,
+           and the forward passes each took (the server batches concurrent scoring requests).
   decode   (only when asked for; meant for a GPU: tests/gpu_decode.sh) greedy sampling at
            batch 1, 16, 64, 124M: ours with the static cache (compiled into CUDA graphs on CUDA)
            against ours on the dynamic path, transformers' generate and a cache-less loop, and
@@ -336,6 +340,79 @@ def bench_serve(args):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_score(args):
+    """serve.py scoring multiple-choice examples as lm-eval's local-completions asks it (each context +
+    ending one request: its token ids, echo, logprobs 1, max_tokens 1, in lm-eval's order: longest first),
+    --score_clients at once (lm-eval's num_concurrent) against one at a time."""
+    import asyncio
+    import json
+
+    import httpx
+    import torch
+
+    import hellaswag
+    import serve
+    from model import GPT, GPTConfig
+    from model_io import get_tokenizer, save_pretrained
+
+    enc = get_tokenizer()
+    n = 20 if args.quick else args.score_examples
+    real = os.path.join("..", "shared", "hellaswag", "hellaswag_val.jsonl")
+    if os.path.isfile(real):
+        rendered, source = [hellaswag.render(ex, enc) for ex in hellaswag.load_examples(real)[:n]], "HellaSwag val"
+    else:  # HellaSwag-like lengths (context 30-90 tokens, endings 10-35) cut from the corpus
+        files = sorted(glob.glob(os.path.join(args.corpus, "*", "*.txt")))[:20]
+        text = enc.encode_ordinary(" ".join(open(f).read() for f in files))
+        g = np.random.default_rng(0)
+        cut = lambda k: (lambda s: text[s : s + k])(int(g.integers(0, len(text) - 100)))  # noqa: E731
+        rendered = [(cut(int(g.integers(30, 91))), [cut(int(g.integers(10, 36))) for _ in range(4)]) for _ in range(n)]
+        source = "synthetic"
+    inputs = sorted((ctx + e for ctx, ends in rendered for e in ends), key=lambda t: (-len(t), tuple(t)))  # lm-eval's
+    bodies = [{"model": "m", "prompt": [t], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True} for t in inputs]
+    torch.manual_seed(0)
+    work = tempfile.mkdtemp(prefix="bench-score-")
+    save_pretrained(GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)), work)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    proc, url = serve.launch(work, *args.serve_flags.split(), env=env, timeout=900)
+    k = args.score_clients
+
+    async def side(at_once):
+        sem, out = asyncio.Semaphore(at_once), [None] * len(bodies)
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=at_once)) as client:
+            async def one(i):
+                async with sem:
+                    r = await client.post(url + "/v1/completions", json=bodies[i])
+                    r.raise_for_status()
+                    out[i] = json.loads(r.content)["choices"][0]["logprobs"]["token_logprobs"]
+
+            await asyncio.gather(*(one(i) for i in range(len(bodies))))
+        return out
+
+    results, forwards = {}, {}
+
+    def run(at_once):
+        before = httpx.get(url + "/health").json()
+        results[at_once] = asyncio.run(side(at_once))
+        after = httpx.get(url + "/health").json()
+        forwards[at_once] = (after["score_forwards"] - before["score_forwards"],
+                             after["scored_sequences"] - before["scored_sequences"])
+
+    try:
+        run(k)  # warm-up, not counted
+        t = paired({"at once": lambda: run(k), "one at a time": lambda: run(1)}, repeats(args, 1), warmup=0)
+        worst = max(abs(a - b) for x, y in zip(results[k], results[1]) for a, b in zip(x[1:], y[1:]))
+        assert worst < 1e-3, f"the two sides' logprobs differ by {worst}: the comparison would be meaningless"
+        yield (f"score: {n} {source} examples x 4 endings, {k} clients (examples/s)", n / t["at once"],
+               n / t["one at a time"], "the same requests one at a time")
+        yield (f"score: the {len(bodies)} requests' forward passes, {k} clients", forwards[k][0], forwards[1][0],
+               "one at a time (one request each)")
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _recipe_run(args, data, work, name, seed, flags):
     """One train.py run (a subprocess, as users run it); returns {val step: loss}."""
     import json
@@ -621,6 +698,7 @@ def bench_chat_loader(args):
 
 # fineweb first: see the imports at the top
 SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve,
+            "score": bench_score,
             "decode": bench_decode, "chat_loader": bench_chat_loader, "train": bench_train, "recipe": bench_recipe}
 ON_REQUEST = ("recipe", "decode", "train")  # not in the default set: they train models or want a GPU
 
@@ -677,6 +755,10 @@ def main():
     p.add_argument("--decode_batches", default="1,16,64", help="decode section: batch sizes, comma-separated")
     p.add_argument("--serve_clients", default="1,4,16", help="serve section: client counts, comma-separated")
     p.add_argument("--serve_flags", default="--max_batch 16", help="serve section: serve.py's flags")
+    p.add_argument("--score_examples", type=int, default=200,
+                   help="score section: multiple-choice examples (4 endings each)")
+    p.add_argument("--score_clients", type=int, default=8,
+                   help="score section: clients at once (lm-eval's num_concurrent)")
     p.add_argument("--hellaswag_examples", type=int, default=64,
                    help="examples per side (batches are sorted by length, as in a full evaluation)")
     p.add_argument("--hellaswag_batch", type=int, default=16, help="hellaswag section: examples per batch")
