@@ -10,8 +10,9 @@ completions (streaming or not), for tools that speak it.
     #   client.completions.create(model="gpt2", prompt="Hello", max_tokens=32, stream=True)
     #   client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}])  # a chat model
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /
-(the page, serve.html), and vLLM's POST /tokenize. The model object in /v1/models carries the
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (and /v1/models/{id}: 404
+for another id), GET /health, GET / (the page, serve.html), and vLLM's POST /tokenize, POST
+/detokenize {"tokens": [...]} -> {"prompt": text} and GET /tokenizer_info. The model object in /v1/models carries the
 model's context length as vLLM names it, "max_model_len" (block_size: a prompt's tokens +
 max_tokens must fit in it), and "chat": whether it is a chat model (chat.is_chat_model: sft.py
 made it; the page shows its chat view then). POST /tokenize {"prompt": "text"} answers {"count",
@@ -35,13 +36,38 @@ delta first, then its content deltas, then a chunk with its finish_reason. Every
 text in a completion, so ChatML written by hand with stop "<|im_end|>" gets the chat endpoint's
 reply; a completion still ends at <|endoftext|>.
 
+Logprobs (what evaluation harnesses ask for). /v1/completions takes echo and logprobs (0 to 5, as
+OpenAI's legacy API): choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset},
+one entry per token: its name (its text; "bytes:\\xe6\\x97" for a piece of a character), its
+logprob, {name: logprob} of the `logprobs` most likely tokens at its position and the token itself
+(so up to logprobs + 1), and where its text starts in the choice's text (a character split across
+tokens counts at the token that starts it). With echo the choice's text starts with the prompt's
+(its tokens decoded) and its tokens come first, the first with logprob and top_logprobs null;
+max_tokens 0 (with echo only) scores the prompt and generates nothing. Every sampled token is
+listed, the <|endoftext|> that ends a choice too (its text is not in the choice's), as are those
+after a stop string. Chat takes logprobs: true and top_logprobs (0 to 20, as OpenAI's chat):
+choices[i].logprobs.content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}],
+the reply's tokens (not its <|im_end|>). Both stream (each chunk has its tokens' logprobs) and take
+n > 1. A logprob is the model's own (before temperature, top_p, top_k): log-softmax in fp32 over
+the real vocabulary of the logits the token was sampled from (for the prompt: of the prompt's
+forward pass); -9999 at the lowest. vLLM's prompt_logprobs and min_p are refused (400, named), as
+is every field this server does not know.
+
+lm-eval: lm_eval --model local-completions --model_args model=NAME,base_url=http://127.0.0.1:8000/v1/completions,
+num_concurrent=8,max_length=1024 (the model's max_model_len; lm-eval's default, 2048, asks for more than
+the context holds), batch_size at most --max_n (a request's prompts count as choices). Its default
+tokenizer backend finds /tokenizer_info and /tokenize here and needs no Hub. Its requests are echo +
+logprobs 1 + max_tokens 1 over the context and continuation's token ids.
+
 How it runs: one engine thread owns the model. Each turn of its loop it admits waiting
 sequences (one per choice of a request) into free rows of a KV cache allocated at start and
 prefills them, then runs ONE batched decode step over every active sequence, each at its own
 position (continuous batching: a new request joins the running batch at the next step instead
 of waiting for the others to finish), and posts each new token's text to its request. A
 request whose client disconnects is dropped from the batch at the next step. Completions and
-chats share the batch.
+chats share the batch. A sequence of at most one new token (max_tokens 0 or 1: scoring, as lm-eval
+asks) needs no KV-cache row: all those waiting go, sorted by length, into padded forward passes
+over whole prompts (of up to --max_batch x the context in tokens each), in the same turn.
 
 Sampling: choice c of a request with seed s gets the tokens of
 model.generate(prompt, max_tokens, temperature=, top_p=, top_k=, seed=s + c, eos_token_id=eos),
@@ -384,7 +410,8 @@ def parse_tokenize(raw, enc, chat_model=False):
     return _prompts(body["prompt"], enc, enc.n_vocab)[0]
 
 
-DETOKENIZE_SCHEMA = {"type": "object", "required": ["tokens"], "properties": {"model": {"type": "string"}, "tokens": _TOKENS}}
+DETOKENIZE_SCHEMA = {"type": "object", "required": ["tokens"],
+                     "properties": {"model": {"type": "string"}, "tokens": _TOKENS}}
 
 
 def parse_detokenize(raw, enc):
@@ -670,12 +697,13 @@ class Engine:
             self._prompt_logprobs([(s, h[r, : lengths[r]]) for r, s in enumerate(chunk)])
             rows = [r for r, s in enumerate(chunk) if s.max_tokens == 1]
             if rows:
-                last = h[torch.tensor(rows, device=self.device), torch.tensor([lengths[r] - 1 for r in rows], device=self.device)]
-                self._sample([chunk[r] for r in rows], (last @ self.head_t).float())  # next_logits'
+                at = torch.tensor([[r, lengths[r] - 1] for r in rows], device=self.device)
+                self._sample([chunk[r] for r in rows], (h[at[:, 0], at[:, 1]] @ self.head_t).float())  # next_logits'
             for s in chunk:
                 if s.max_tokens == 0:  # echo only: the prompt's logprobs, no token
                     s.finish_reason = "length"
-                    self.outbox.append((s.job, (s.index, "", "length", 0, s.pending if s.logprobs is not None else None)))
+                    entries = s.pending if s.logprobs is not None else None
+                    self.outbox.append((s.job, (s.index, "", "length", 0, entries)))
                 self._retire(s)
 
     def _dropped(self, s):
@@ -705,14 +733,16 @@ class Engine:
         no padding rows), in chunks of rows (a row of logits is 200 kB)."""
         out = []
         for i in range(0, len(targets), rows):
-            z = x[i : i + rows] if logits else (x[i : i + rows] @ self.head_t).float()
+            z = x[i : i + rows] if logits else (x[i : i + rows] @ self.head_t).float()  # (a copy either way)
             t = torch.tensor(targets[i : i + rows], device=z.device)[:, None]
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            lp = (z.gather(1, t) - lse).clamp_(min=-9999.0)[:, 0].tolist()  # (JSON has no -inf; OpenAI's floor)
+            z_t = z.gather(1, t)
+            top, ids = torch.topk(z, k, dim=-1) if k > 1 else z.max(dim=-1, keepdim=True)
+            # logsumexp in place (z is not needed after): one (rows, vocab) pass fewer, no second buffer
+            lse = top[:, :1] + z.sub_(top[:, :1]).exp_().sum(dim=-1, keepdim=True).log_()
+            lp = (z_t - lse).clamp_(min=-9999.0)[:, 0].tolist()  # (JSON has no -inf; OpenAI's floor)
             if k:
-                top = torch.topk(z, k, dim=-1)
-                ids, top_lp = top.indices.tolist(), (top.values - lse).clamp_(min=-9999.0).tolist()
-                out += [(a, list(zip(b, c))) for a, b, c in zip(lp, ids, top_lp)]
+                top_lp = (top - lse).clamp_(min=-9999.0).tolist()
+                out += [(a, list(zip(b, c))) for a, b, c in zip(lp, ids.tolist(), top_lp)]
             else:
                 out += [(a, []) for a in lp]
         return out
@@ -923,7 +953,8 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
 
         def chunk_choices(index, text, finish, entries):  # the text (and logprobs), if any, then the finish_reason
             lp = logprobs(entries)
-            delta = lambda d, f=None, lp=None: {"index": index, "delta": d, "logprobs": lp, "finish_reason": f}  # noqa: E731
+            delta = lambda d, f=None, lp=None: {"index": index, "delta": d, "logprobs": lp,  # noqa: E731
+                                                "finish_reason": f}
             return (([delta({"content": text}, lp=lp)] if text or (lp and lp["content"]) else [])
                     + ([delta({}, finish)] if finish else []))
 
@@ -1002,7 +1033,8 @@ def create_app(model, model_id, limits, loopback_only=True, static_cache=None, c
             return Response(status_code=499)
         choices = [choice(i, t, f, e) for i, (t, f, e) in enumerate(zip(texts, finishes, entries))]
         # (JSONResponse, not a dict: FastAPI's encoder would walk every logprob)
-        return JSONResponse({"id": head["id"], "object": whole_object, **head, "choices": choices, "usage": usage(counts)})
+        return JSONResponse({"id": head["id"], "object": whole_object, **head, "choices": choices,
+                             "usage": usage(counts)})
 
     class EventStream(Response):
         """Server-Sent Events. Unlike StreamingResponse, cleanup() runs however the stream ends,

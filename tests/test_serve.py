@@ -562,7 +562,8 @@ def check_legacy(lp, full, start, ref, k, text):
             continue
         assert abs(lp["token_logprobs"][j] - ref[i - 1, t].item()) < 1e-4, (j, lp["token_logprobs"][j], ref[i - 1, t])
         top = torch.topk(ref[i - 1], k)
-        want = {**{name(u): v for u, v in zip(top.indices.tolist(), top.values.tolist())}, name(t): ref[i - 1, t].item()}
+        want = {name(u): v for u, v in zip(top.indices.tolist(), top.values.tolist())}
+        want[name(t)] = ref[i - 1, t].item()
         got = lp["top_logprobs"][j]
         assert list(got) == list(want) and all(abs(got[key] - want[key]) < 1e-4 for key in want), (j, got, want)
     offsets = lp["text_offset"]
@@ -587,7 +588,8 @@ def test_echo_logprobs_are_a_plain_forwards_log_softmax(server, tiny):
         ids = p if isinstance(p, list) else enc.encode(p)
         assert c["text"] == (p if isinstance(p, str) else enc.decode(p)) and c["finish_reason"] == "length"
         check_legacy(c["logprobs"], ids, 0, plain_logprobs(model, ids), 5, c["text"])
-    assert any(t.startswith("bytes:") for c in r["choices"] for t in c["logprobs"]["tokens"])  # premise: split characters
+    # premise: some characters are split across tokens
+    assert any(t.startswith("bytes:") for c in r["choices"] for t in c["logprobs"]["tokens"])
     # without logprobs, echo is the prompt's text alone
     c = server.post({"prompt": PROMPTS[0], "echo": True, "max_tokens": 0}).json()["choices"][0]
     assert (c["text"], c["logprobs"]) == (PROMPTS[0], None)
@@ -692,7 +694,8 @@ def test_scoring_requests_are_batched_into_one_forward(tiny):
         with engine.lock:  # the engine looks at the queue once all eight are in it
             for i, prompt in enumerate(PROMPTS):
                 job, ids = Job(loop), enc.encode(prompt)
-                seq = Sequence(job, 0, ids, i % 2, 0.0, 1.0, None, torch.Generator(), TextStream([]), EOT_TOKEN, 2, True)
+                seq = Sequence(job, 0, ids, i % 2, 0.0, 1.0, None, torch.Generator(), TextStream([]), EOT_TOKEN,
+                               logprobs=2, echo=True)
                 assert engine.submit(job, [seq])
                 jobs.append((job, ids, i % 2))
         out = []
@@ -746,13 +749,14 @@ def test_lm_eval_can_use_the_server(server, tiny):
     enc = get_tokenizer()
     info = httpx.get(server.url + "/tokenizer_info", timeout=10).json()
     assert info["eos_token"] == info["bos_token"] == "<|endoftext|>"
-    tokenize = lambda text: httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False},  # noqa: E731
-                                       timeout=10).json()["tokens"]
+    tokenize = lambda text: httpx.post(server.url + "/tokenize", timeout=10,  # noqa: E731
+                                       json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
     assert tokenize(info["eos_token"]) == [EOT_TOKEN] and tokenize("Hello world") == enc.encode("Hello world")
     ids = enc.encode(PROMPTS[5])
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=10).json() == {"prompt": PROMPTS[5]}
     assert httpx.post(server.url + "/detokenize", json={"tokens": [99999]}, timeout=10).status_code == 400
-    pairs = [("The quick brown fox", " jumps over the lazy dog"), ("Once upon a time", " there was"), ("In 1905,", " Einstein")]
+    pairs = [("The quick brown fox", " jumps over the lazy dog"), ("Once upon a time", " there was"),
+             ("In 1905,", " Einstein")]
 
     def expected(context, continuation):
         ctx, whole = enc.encode(context), enc.encode(context + continuation)
@@ -762,10 +766,12 @@ def test_lm_eval_can_use_the_server(server, tiny):
 
     for context, continuation in pairs:  # the payload of LocalCompletionsAPI._create_payload(generate=False)
         ctx, whole = enc.encode(context), enc.encode(context + continuation)
-        body = {"model": "m", "prompt": [whole], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+        body = {"model": "m", "prompt": [whole], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+                "echo": True}
         lp = server.post(body).json()["choices"][0]["logprobs"]
         score = sum(lp["token_logprobs"][len(ctx) : -1])
-        greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(ctx) : -1], lp["top_logprobs"][len(ctx) : -1]))
+        tops = lp["top_logprobs"][len(ctx) : -1]
+        greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(ctx) : -1], tops))
         want = expected(context, continuation)
         assert abs(score - want[0]) < 1e-4 and greedy == want[1]
     try:
@@ -776,7 +782,7 @@ def test_lm_eval_can_use_the_server(server, tiny):
     lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=server.health()["model"], max_length=1024,
                              num_concurrent=4)
     assert lm.tokenizer_backend == "remote"
-    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], disable_tqdm=True)
+    results = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
     for (score, greedy), pair in zip(results, pairs):
         want = expected(*pair)
         assert abs(score - want[0]) < 1e-4 and greedy == want[1], (pair, score, want)
