@@ -11,7 +11,9 @@ pretraining never uses (the vocabulary is padded to 50,304 rows; 50,257 are real
 
 A chat model's vocabulary is 50,259 tokens (model_io.CHAT_VOCAB_SIZE): its config.json says so and
 carries "chat_format": "chatml" and eos_token_id <|im_end|>, and transformers loads it as any
-GPT-2. Message text is encoded as ordinary text, so a user who types "<|im_end|>" gets those
+GPT-2: its tokenizer_config.json holds this template as Jinja (model_io.CHAT_TEMPLATE), so that
+transformers' apply_chat_template gives render's tokens, and generation_config.json ends a reply at
+<|im_end|>. Message text is encoded as ordinary text, so a user who types "<|im_end|>" gets those
 characters, never the marker. sft.py trains on the assistant's tokens only: each assistant
 message's text and the <|im_end|> that closes it (so the model learns to stop); everything
 else (the markers' lines, system and user text) is context, with target -1.

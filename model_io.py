@@ -7,16 +7,24 @@ script runs by default (device and dtype).
     model = load_model("gpt2")              # OpenAI's weights (downloads once, online)
     model = load_model("log/small")         # a train.py run: its newest complete checkpoint
     model = load_model("path/to/hf_dir")    # config.json + model.safetensors (or pytorch_model.bin)
-    save_pretrained(model, "out")           # transformers.GPT2LMHeadModel.from_pretrained("out") loads it
+    save_pretrained(model, "out")           # transformers loads it as is: model, tokenizer, generation config
     enc = get_tokenizer()                   # tiktoken r50k_base == GPT-2's BPE
 
-Every failure to load is a cli.Error whose message says what to do.
+    python model_io.py export log/small out/small [--dtype bf16]   # a folder for the Hub, with a model card
+
+Every directory written here is whole for transformers: AutoTokenizer, pipeline("text-generation")
+and lm_eval --model hf read it without the Hub (tokenizer files built offline from tiktoken's BPE; a
+chat model's carries its chat_template and stops at <|im_end|>). Every failure to load is a
+cli.Error whose message says what to do.
 """
 
 import codecs
 import functools
 import json
 import os
+import shutil
+import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import asdict
@@ -52,6 +60,25 @@ R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tikto
 # pretraining never uses: its vocabulary is GPT-2's 50,257 tokens and these two.
 IM_START, IM_END = 50257, 50258
 CHAT_VOCAB_SIZE = 50259
+
+# chat.render's tokens as transformers' apply_chat_template makes them (the Jinja template in a chat
+# model's tokenizer_config.json): a developer message is a system message, text parts are joined by
+# newlines (chat.parse_messages), another role is an error. (A message whose text spells a marker,
+# "<|im_end|>", gets the marker there: the tokenizer reads markers in the rendered text.)
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+    "{%- if role not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('roles are system, developer, user and assistant, not ' ~ message['role']) }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + role + '\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}{{- ('\n' if not loop.first else '') + part['text'] }}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,6 +135,144 @@ class TextStream:
 
 
 # -----------------------------------------------------------------------------
+# The tokenizer as transformers reads it, beside every checkpoint (AutoTokenizer.from_pretrained)
+
+HF_TOKENIZER_VERSION = 1  # the cache of built files is keyed by it: bump it when _build_tokenizer_files changes
+SPECIAL = {"<|endoftext|>": EOT_TOKEN, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
+
+
+def cache_root():
+    """Where downloads and built files are kept: $GPT2_REPRO_CACHE, else ~/.cache/gpt2-repro."""
+    return os.environ.get("GPT2_REPRO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-repro")
+
+
+def _byte_chars():
+    """GPT-2's printable spelling of the 256 bytes (vocab.json and merges.txt are written in it)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in bs]
+    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
+
+
+def _merge_of(token, rank, ranks):
+    """The two tokens that token (of rank >= 256) is the merge of: what BPE leaves of its bytes with
+    only the merges before it (so merges.txt line k makes token 256 + k, as GPT-2's does)."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while True:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        r, i = min(pairs)
+        if r >= rank:
+            return parts
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+def _build_tokenizer_files(chat):
+    enc = get_tokenizer()
+    ranks, char = enc._mergeable_ranks, _byte_chars()
+
+    def spell(b):
+        return "".join(char[x] for x in b)
+
+    specials = {k: v for k, v in SPECIAL.items() if chat or v == EOT_TOKEN}
+    vocab, merges = {}, []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        vocab[spell(token)] = rank
+        if len(token) > 1:
+            parts = _merge_of(token, rank, ranks)
+            if len(parts) != 2:
+                raise cli.Error(f"the BPE's token {rank} is not a merge of two tokens: not GPT-2's BPE")
+            merges.append(" ".join(map(spell, parts)))
+    vocab |= specials
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = byte_level
+    if chat:
+        # chat.render encodes a message's "role\n" and its text apart: a text that starts with white
+        # space (as "  Hi") is not pre-tokenized into the newline before it. Isolating a leading role
+        # line in each stretch between markers does the same.
+        role_line = {"Regex": r"\A(?:system|user|assistant)\n"}
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": role_line, "behavior": "Isolated", "invert": False}, byte_level]}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in specials.items()],
+        "normalizer": None, "pre_tokenizer": pre,
+        "post_processor": {**byte_level, "add_prefix_space": True, "trim_offsets": False},
+        "decoder": {**byte_level, "add_prefix_space": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    return {"tokenizer.json": json.dumps(tokenizer, ensure_ascii=False).encode(),
+            "vocab.json": json.dumps(vocab, ensure_ascii=False).encode(),
+            "merges.txt": "\n".join(["#version: 0.2", *merges, ""]).encode()}
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_files(chat=False):
+    """{name: bytes} of tokenizer.json, vocab.json and merges.txt: GPT-2's BPE (chat=True: with the chat
+    markers as special tokens) as transformers reads it, built from tiktoken's ranks. Built once per
+    machine (kept under cache_root()), read once per process: a checkpoint only copies them."""
+    cache = os.path.join(cache_root(), f"hf-tokenizer-v{HF_TOKENIZER_VERSION}", "chatml" if chat else "gpt2")
+    names = ("tokenizer.json", "vocab.json", "merges.txt")
+    try:
+        files = {}
+        for name in names:
+            with open(os.path.join(cache, name), "rb") as f:
+                files[name] = f.read()
+        return files
+    except OSError:
+        pass
+    files = _build_tokenizer_files(chat)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        for name in names:
+            cli.atomic_write(os.path.join(cache, name), files[name], fsync=False)
+    except OSError:
+        pass  # a read-only home: each process builds them again
+    return files
+
+
+def hf_extra_files(model):
+    """{name: bytes} written beside a model's weights and config.json so that transformers has all it
+    needs: the tokenizer (tokenizer_files, tokenizer_config.json: model_max_length, the special tokens,
+    a chat model's chat_template) and generation_config.json (the token that ends generation). Nothing
+    for a model whose vocabulary is not GPT-2's (or a chat model's); without the BPE, a warning and nothing."""
+    c = model.config
+    chat = c.vocab_size == CHAT_VOCAB_SIZE
+    if c.vocab_size != EOT_TOKEN + 1 and not chat:
+        return {}
+    try:
+        files = dict(tokenizer_files(chat))
+    except cli.Error as e:  # no BPE here: the checkpoint is still whole for this project's scripts
+        warn_once(f"warning: no tokenizer files written beside the model ({e})")
+        return {}
+    eos = "<|im_end|>" if chat else "<|endoftext|>"
+    specials = {k: v for k, v in SPECIAL.items() if chat or v == EOT_TOKEN}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as written (GPT2Tokenizer rebuilds its own)
+        "model_max_length": c.block_size,
+        "bos_token": "<|endoftext|>", "eos_token": eos, "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # decode() gives the text back as it was
+        "errors": "replace",
+        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for t, i in specials.items()},
+    }
+    if chat:
+        config["additional_special_tokens"] = ["<|im_start|>", "<|im_end|>"]
+        config["chat_template"] = CHAT_TEMPLATE
+    files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode()
+    generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": SPECIAL[eos], "pad_token_id": EOT_TOKEN}
+    files["generation_config.json"] = json.dumps(generation, indent=2).encode()
+    return files
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message):
+    print(message, file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
 # Hugging Face layout: GPT2LMHeadModel's names, Conv1D orientation, no padding rows
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -146,8 +311,8 @@ def load_hf_state_dict(model, sd):
             target.copy_(v)
 
 
-def hf_config(model):
-    """config.json for model, as transformers.GPT2Config writes it."""
+def hf_config(model, dtype="fp32"):
+    """config.json for model, as transformers.GPT2Config writes it (dtype: the weights' --dtype)."""
     c = model.config
     eos = EOT_TOKEN if c.vocab_size > EOT_TOKEN else None
     chat = {"chat_format": "chatml", "eos_token_id": IM_END} if c.vocab_size == CHAT_VOCAB_SIZE else {}
@@ -157,18 +322,20 @@ def hf_config(model):
         "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
         "layer_norm_epsilon": c.layer_norm_epsilon, "initializer_range": 0.02,
         "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,  # we train without dropout
-        "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": True,
-        "scale_attn_weights": True, "torch_dtype": "float32", **chat,
+        "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": None, "tie_word_embeddings": True,
+        "scale_attn_weights": True, "dtype": str(DTYPES[dtype]).removeprefix("torch."), **chat,
     }
 
 
-def save_pretrained(model, save_dir):
-    """Write config.json + model.safetensors (fp32) that transformers.GPT2LMHeadModel.from_pretrained
-    loads as is. Each file is written whole or not at all (cli.atomic_write)."""
+def save_pretrained(model, save_dir, dtype="fp32"):
+    """Write a directory that transformers loads as is, model and tokenizer: config.json,
+    model.safetensors (fp32, or --dtype), and for a model with GPT-2's vocabulary (or a chat model's)
+    the tokenizer files and generation_config.json (hf_extra_files). Each file is written whole or
+    not at all (cli.atomic_write)."""
     from safetensors.torch import save_file
 
     os.makedirs(save_dir, exist_ok=True)
-    weights = {k: v.float() for k, v in hf_state_dict(model).items()}
+    weights = {k: v.to(DTYPES[dtype]) for k, v in hf_state_dict(model).items()}
 
     def write_weights(path):
         try:
@@ -179,8 +346,10 @@ def save_pretrained(model, save_dir):
             raise OSError(f"cannot write {path}: {e}") from None
 
     cli.atomic_write(os.path.join(save_dir, "model.safetensors"), write_weights)
-    text = json.dumps({**hf_config(model), "gpt2_repro": asdict(model.config)}, indent=2)
+    text = json.dumps({**hf_config(model, dtype), "gpt2_repro": asdict(model.config)}, indent=2)
     cli.atomic_write(os.path.join(save_dir, "config.json"), text)
+    for name, data in hf_extra_files(model).items():
+        cli.atomic_write(os.path.join(save_dir, name), data)
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +422,7 @@ def read_weights(path):
 def download(name, cache_dir=None):
     """Fetch config.json and model.safetensors of an OpenAI GPT-2 from the Hugging Face Hub
     (once: later calls find them in cache_dir); returns the directory."""
-    cache_dir = cache_dir or os.environ.get("GPT2_REPRO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-repro")
+    cache_dir = cache_dir or cache_root()
     target = os.path.join(cache_dir, name)
     os.makedirs(target, exist_ok=True)
     base = f"https://huggingface.co/openai-community/{name}/resolve/main/"
@@ -283,3 +452,174 @@ def fetch(url, path):
             bar.update(blocks * block_size - bar.n)
 
         urllib.request.urlretrieve(url, path, reporthook=hook)
+
+
+# -----------------------------------------------------------------------------
+# Export: a folder to share (the Hugging Face Hub), with a model card
+
+
+def _source(spec):
+    """(the checkpoint or model load_model(spec) loads, the train.py/sft.py run it is of or None)."""
+    path = os.fspath(spec)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        steps = checkpoint_dirs(path)
+        return (steps[-1] if steps else path), path
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) and os.path.basename(os.path.abspath(path)).startswith("step_"):
+        return path, parent
+    return path, None
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_figures(run_dir, step):
+    """What a model card says of the run in run_dir up to checkpoint `step`: run.json's settings and,
+    from log.jsonl, the recipe and the newest val loss and HellaSwag scores at or before `step` (a
+    step logged twice, after a resume, counts as its last line says). None where run.json is missing."""
+    run = _read_json(os.path.join(run_dir, "run.json"))
+    if not isinstance(run, dict) or not isinstance(run.get("settings"), dict):
+        return None
+    latest = {}  # key -> (step, record)
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if os.path.isfile(log_path):
+        for _, r in cli.read_jsonl(log_path):
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step:
+                for key in ("recipe", "val_loss", "hellaswag_acc_norm"):
+                    if key in r and r["step"] >= latest.get(key, (-1,))[0]:
+                        latest[key] = (r["step"], r)
+    return {"settings": run["settings"], "step": step, **{k: r for k, (_, r) in latest.items()}}
+
+
+def model_card(model, name, figures=None, dtype="fp32"):
+    """README.md of an exported model: the Hub's YAML front matter, what the model is, the run's
+    figures (run_figures) and how to load it with transformers."""
+    c, chat = model.config, model.config.vocab_size == CHAT_VOCAB_SIZE
+    tags = ["gpt2", "text-generation"] + (["chatml", "conversational"] if chat else [])
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags],
+             "---", "", f"# {name}", ""]
+    kind = "A chat model (fine-tuned with sft.py, ChatML template)" if chat else "A GPT-2 language model"
+    lines += [f"{kind}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, {c.block_size} tokens of context, "
+              f"{model.num_params():,} parameters ({str(DTYPES[dtype]).removeprefix('torch.')} weights), "
+              "GPT-2's tokenizer"
+              + (" and the markers <|im_start|> and <|im_end|>." if chat else "."), ""]
+    if figures:
+        s, step = figures["settings"], figures["step"]
+        rows = []
+        if s.get("task") == "sft":
+            rows.append(("fine-tuned from", f"`{s.get('init_model')}`"))
+        if "recipe" in figures:
+            recipe = figures["recipe"]["recipe"]
+            rows.append(("recipe", f"{recipe.get('name')}: " + ", ".join(
+                f"{k} {v}" for k, v in recipe.items() if k != "name" and v is not None)))
+        total = s.get("max_steps")
+        rows.append(("steps", f"{step:,} of {total:,}" if isinstance(total, int) else f"{step:,}"))
+        if isinstance(s.get("total_batch_size"), int):
+            per_step = (f"{s['conversations_per_step']:,} conversations in rows of {c.block_size} tokens, padding "
+                        "included" if isinstance(s.get("conversations_per_step"), int) else
+                        f"{s['total_batch_size']:,} tokens")
+            rows.append(("tokens trained", f"{step * s['total_batch_size']:,} ({step:,} steps of {per_step})"))
+        rows.append(("trained in", s.get("dtype", "?")))
+        if "val_loss" in figures:
+            r = figures["val_loss"]
+            rows.append(("val loss", f"{r['val_loss']:.4f} (at step {r['step']:,}, on {r.get('val_tokens', 0):,} "
+                         "held-out tokens)"))
+        if "hellaswag_acc_norm" in figures:
+            r = figures["hellaswag_acc_norm"]
+            rows.append(("HellaSwag acc_norm", f"{r['hellaswag_acc_norm']:.4f} (at step {r['step']:,}, "
+                         f"{r.get('hellaswag_n', 0):,} examples)"))
+        elif s.get("task") != "sft":
+            rows.append(("HellaSwag acc_norm", "not measured"))
+        lines += ["## Training", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    lines += ["## Use", "", f"With transformers, from this folder or from the Hub (`OWNER/{name}`):", "", "```python"]
+    if chat:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained({json.dumps(name)})',
+                  f'model = AutoModelForCausalLM.from_pretrained({json.dumps(name)})',
+                  'messages = [{"role": "user", "content": "Hello! What can you do?"}]',
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+                  'return_tensors="pt")',
+                  f"out = model.generate(**inputs, max_new_tokens={min(64, c.block_size // 2)})  # stops at <|im_end|>",
+                  'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
+    else:
+        lines += ["from transformers import pipeline", "",
+                  f'generator = pipeline("text-generation", model={json.dumps(name)})',
+                  f'print(generator("Hello, I\'m a language model,", max_new_tokens={min(30, c.block_size // 2)})'
+                  '[0]["generated_text"])']
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def export(spec, out_dir, dtype="fp32"):
+    """Write out_dir, a folder to share: what load_model(spec) loads, in transformers' layout
+    (config.json, model.safetensors in dtype, tokenizer files, generation_config.json) and a model
+    card (README.md), never trainer state. out_dir must not exist or be empty; it is written whole
+    or not at all (into a temporary directory beside it, then renamed)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise cli.Error(f"{out_dir} exists and is not an empty directory: the export never overwrites; "
+                        "pass a new directory")
+    if not os.path.isdir(spec) and spec not in PRESETS:
+        raise cli.Error(f"{spec}: no such directory (a train.py or sft.py run, a step_NNNNNN/ or HF-format directory)")
+    checkpoint, run_dir = _source(spec)
+    model = load_model(checkpoint)
+    if model.config.vocab_size not in (EOT_TOKEN + 1, CHAT_VOCAB_SIZE):
+        raise cli.Error(f"{spec}: a vocabulary of {model.config.vocab_size} tokens is not GPT-2's: "
+                        "no tokenizer to export with it")
+    figures = None
+    step = os.path.basename(os.path.abspath(checkpoint))[5:]
+    if run_dir and step.isdigit():
+        figures = run_figures(run_dir, int(step))
+        run_id = (_read_json(os.path.join(checkpoint, "checkpoint.json")) or {}).get("run_id")
+        if figures and run_id and run_id != (_read_json(os.path.join(run_dir, "run.json")) or {}).get("run_id"):
+            figures = None  # a checkpoint of another run: its figures are not in this log
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
+    try:
+        save_pretrained(model, tmp, dtype)
+        if not os.path.isfile(os.path.join(tmp, "tokenizer.json")):
+            raise cli.Error("cannot export without GPT-2's tokenizer (see the warning above)")
+        cli.atomic_write(os.path.join(tmp, "README.md"), model_card(model, os.path.basename(out_dir), figures, dtype))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's is 0700
+        cli.sync(tmp)
+        os.rename(tmp, out_dir)  # replaces an empty directory; fails if one has appeared meanwhile
+        cli.sync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv=None):
+    p = cli.Parser(description="Hugging Face-format models: `export` writes a folder to share on the Hub.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a Hub-ready folder (weights, config, tokenizer, model card)",
+                       description="Write OUT_DIR: the model in transformers' layout (config.json, model.safetensors, "
+                       "tokenizer files, generation_config.json) and a model card (README.md) with the run's recipe, "
+                       "tokens, val loss and HellaSwag score from its log.jsonl; no trainer state. OUT_DIR must be new "
+                       "(or empty); it appears whole or not at all.")
+    e.add_argument("model", metavar="RUN_OR_CHECKPOINT",
+                   help="a train.py or sft.py run (its newest checkpoint), a step_NNNNNN/ or HF-format directory")
+    e.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (must not exist, or be empty)")
+    e.add_argument("--dtype", choices=DTYPES, default="fp32", help="the weights' precision")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.model, args.out_dir, args.dtype)
+    except cli.Error as err:
+        return cli.fail(err)
+    except OSError as err:  # a full disk, a directory that cannot be made, one filled meanwhile
+        return cli.fail(f"cannot write {args.out_dir}: {err.strerror or err}")
+    print(f"exported {args.model} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
