@@ -1,8 +1,8 @@
 """
 HellaSwag for GPT-2: exact completion-style scoring, batched, and distributed.
 
-    python hellaswag.py --model gpt2                  # OpenAI's 124M (online): acc_norm 0.2955 (README: reference numbers)
-    python hellaswag.py --model log                   # the newest checkpoint of a train.py run
+    python hellaswag.py --model gpt2          # OpenAI's 124M (online): acc_norm 0.2955 (README: reference numbers)
+    python hellaswag.py --model log           # the newest checkpoint of a train.py run
     torchrun --nproc_per_node=8 hellaswag.py --model log/step_019073 --json results.json
 
 Each example is a context and 4 endings; the model "chooses" the ending it finds most likely.
@@ -254,13 +254,16 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
 
 def main(argv=None):
     p = cli.Parser(description=__doc__)
-    p.add_argument("--model", default="gpt2", help="HF-format dir, train.py run dir (newest checkpoint), or gpt2[-medium|-large|-xl]")
+    p.add_argument("--model", default="gpt2",
+                   help="HF-format dir, train.py run dir (newest checkpoint), or gpt2[-medium|-large|-xl]")
     p.add_argument("--split", default="val", choices=list(SIZES), help="which HellaSwag file to score")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N examples")
     p.add_argument("--batch_size", type=cli.positive_int, default=16, help="examples per forward pass")
     p.add_argument("--device", type=cli.device, default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
-    p.add_argument("--data_dir", default=None, help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--data_dir", default=None,
+                   help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
     p.add_argument("--json", default=None, help="write the results and per-example choices here")
     args = p.parse_args(argv)
     from model_io import DTYPES, best_device, default_dtype, load_model

@@ -401,7 +401,8 @@ def test_load_examples_corrupt_line_names_path_and_line(tmp_path, bad):
 def test_load_examples_invalid_utf8_line_names_path_and_line(tmp_path):
     """A line that is not valid UTF-8 is a corrupt line too: cli.Error naming the path and 'line 2'."""
     p = tmp_path / "hs.jsonl"
-    p.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"ctx": "caf\xe9", "endings": ["a", "b", "c", "d"], "label": 0}\n')
+    bad = b'{"ctx": "caf\xe9", "endings": ["a", "b", "c", "d"], "label": 0}\n'  # Latin-1, not UTF-8
+    p.write_bytes(json.dumps(GOOD).encode() + b"\n" + bad)
     with pytest.raises(cli.Error) as ei:
         H.load_examples(p)
     assert str(p) in str(ei.value)
