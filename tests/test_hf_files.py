@@ -284,10 +284,19 @@ def test_export_never_overwrites_and_is_all_or_nothing(run, tmp_path, monkeypatc
                                                             "No space left on device"]
     assert sorted(os.listdir(tmp_path)) == ["taken"]
     monkeypatch.undo()
-    empty = tmp_path / "empty"
+
+    # an empty folder is taken, and stays empty until the export is whole (a kill leaves it empty)
+    empty, seen, card = tmp_path / "empty", [], model_io.model_card
     empty.mkdir()
-    assert model_io.main(["export", str(run), str(empty)]) == 0  # an empty folder is taken
-    assert "model.safetensors" in os.listdir(empty)
+
+    def watch(*a, **k):
+        seen.append((os.listdir(empty), [n for n in os.listdir(tmp_path) if n.startswith(".tmp-empty-")]))
+        return card(*a, **k)
+
+    monkeypatch.setattr(model_io, "model_card", watch)
+    assert model_io.main(["export", str(run), str(empty)]) == 0
+    assert seen[0][0] == [] and len(seen[0][1]) == 1, seen  # the weights were in a temporary folder beside it
+    assert "model.safetensors" in os.listdir(empty) and sorted(os.listdir(tmp_path)) == ["empty", "taken"]
 
 
 def test_model_card_figures_are_those_of_the_checkpoint_step(tmp_path):
