@@ -511,8 +511,12 @@ def model_card(model, name, figures=None, dtype="fp32"):
     if figures:
         s, step = figures["settings"], figures["step"]
         rows = []
-        if s.get("task") == "sft":
-            rows.append(("fine-tuned from", f"`{s.get('init_model')}`"))
+        if s.get("task") == "sft":  # (a local directory by its name only: the card is for sharing)
+            init = str(s.get("init_model"))
+            if os.path.isabs(init):
+                head, tail = os.path.split(init.rstrip("/"))
+                init = os.path.join(os.path.basename(head), tail) if tail.startswith("step_") else tail
+            rows.append(("fine-tuned from", f"`{init}`"))
         if "recipe" in figures:
             recipe = figures["recipe"]["recipe"]
             rows.append(("recipe", f"{recipe.get('name')}: " + ", ".join(
@@ -527,8 +531,9 @@ def model_card(model, name, figures=None, dtype="fp32"):
         rows.append(("trained in", s.get("dtype", "?")))
         if "val_loss" in figures:
             r = figures["val_loss"]
-            rows.append(("val loss", f"{r['val_loss']:.4f} (at step {r['step']:,}, on {r.get('val_tokens', 0):,} "
-                         "held-out tokens)"))
+            held_out = (f"{r.get('val_tokens', 0) // c.block_size:,} held-out conversations" if s.get("task") == "sft"
+                        else f"{r.get('val_tokens', 0):,} held-out tokens")
+            rows.append(("val loss", f"{r['val_loss']:.4f} (at step {r['step']:,}, on {held_out})"))
         if "hellaswag_acc_norm" in figures:
             r = figures["hellaswag_acc_norm"]
             rows.append(("HellaSwag acc_norm", f"{r['hellaswag_acc_norm']:.4f} (at step {r['step']:,}, "

@@ -251,8 +251,10 @@ def test_export_of_a_chat_model(run, chat_run, tmp_path, monkeypatch, capsys):
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
     rows = card_rows((out / "README.md").read_text())
     val = [r for r in read_log(chat_run) if "val_loss" in r][-1]
-    assert rows["fine-tuned from"] == f"`{run}`" and rows["steps"] == "40 of 40", rows
-    assert rows["val loss"].startswith(f"{val['val_loss']:.4f} (at step 40,") and "HellaSwag acc_norm" not in rows
+    assert rows["fine-tuned from"] == f"`{run.name}`" and rows["steps"] == "40 of 40", rows  # (no local path)
+    assert rows["val loss"] == f"{val['val_loss']:.4f} (at step 40, on {val['val_tokens'] // T} held-out conversations)"
+    assert rows["tokens trained"] == f"{40 * 8 * T:,} (40 steps of 8 conversations in rows of {T} tokens, padding " \
+        "included)" and "HellaSwag acc_norm" not in rows
     # the card's code prints the model's greedy reply (bf16 weights: ours loaded from the export)
     messages = [{"role": "user", "content": "Hello! What can you do?"}]
     ids, _ = chat.render(messages, generation_prompt=True)
