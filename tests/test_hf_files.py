@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 import chat
+import cli
 import model_io
 from model import GPT, GPTConfig
 from model_io import CHAT_VOCAB_SIZE, EOT_TOKEN, IM_END, IM_START, get_tokenizer, load_model
@@ -119,6 +120,25 @@ def test_checkpoints_carry_tokenizer_and_generation_config(run, chat_run, tmp_pa
     odd = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=T, vocab_size=101))
     model_io.save_pretrained(odd, tmp_path / "v")
     assert sorted(os.listdir(tmp_path / "v")) == ["config.json", "model.safetensors"]
+
+
+def test_without_the_bpe_a_checkpoint_is_still_written_and_export_says_why_not(tmp_path, monkeypatch, capsys):
+    """A training machine without tiktoken's file: the checkpoint is whole for this project (one warning
+    line); an export of it is refused in one line."""
+    def no_bpe(chat=False):
+        raise cli.Error("cannot load the GPT-2 tokenizer (tiktoken r50k_base: ...)")
+
+    monkeypatch.setattr(model_io, "tokenizer_files", no_bpe)
+    model_io.warn_once.cache_clear()
+    capsys.readouterr()
+    model_io.save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=T)), tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    assert capsys.readouterr().err == "warning: no tokenizer files written beside the model (cannot load the GPT-2 " \
+        "tokenizer (tiktoken r50k_base: ...))\n"
+    assert model_io.main(["export", str(tmp_path / "m"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.endswith("error: cannot export without GPT-2's tokenizer (see the warning above)\n")
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    model_io.warn_once.cache_clear()
 
 
 @pytest.mark.parametrize("which", ["run", "chat_run"])
