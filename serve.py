@@ -1122,7 +1122,9 @@ class Listener(socket.socket):
     """The listening socket, which keeps the process's open connections under `limit`: past it,
     accept() closes a new one at once (asyncio accepts bursts of connections before any protocol
     sees one; out of file descriptors, accept() would fail and asyncio would stop accepting for a
-    second). GuardedHTTP counts closed ones out."""
+    second). GuardedHTTP counts closed ones out. A connection gets TCP_NODELAY: asyncio sets it only
+    on sockets whose proto says TCP, and accept() gives proto 0, so a response's head and body, written
+    apart, waited for the client's delayed ACK (40 ms on Linux) before the body left."""
     limit, connections = 1 << 30, 0
 
     def accept(self):
@@ -1131,6 +1133,8 @@ class Listener(socket.socket):
             conn.close()
             raise BlockingIOError  # to asyncio: nothing more to accept this turn
         self.connections += 1
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, addr
 
 
