@@ -4,7 +4,7 @@ Train GPT-2 on token shards from fineweb.py: one process, or DDP under torchrun.
     python train.py --path data/small --model gpt2 --n_layer 4 --n_embd 128 ...   # one process
     torchrun --standalone --nproc_per_node=8 train.py --path edu_fineweb10B ...    # 8 GPUs
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
-        --rdzv_endpoint=HOST:29500 train.py --resume ...                            # 2 nodes (README)
+        --rdzv_endpoint=HOST:29500 --rdzv_id=run1 train.py --resume ...             # 2 nodes, on each
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py --resume ...  # fault tolerant
     torchrun --standalone --nproc_per_node=8 train.py --recipe modern --max_steps 9537 ...  # Muon + wsd (--recipe)
 
@@ -361,7 +361,7 @@ def init_process_group(backend):
     """torchrun's store outlives a restart (--max-restarts) and still holds the dead group's
     addresses under the same keys, so restarted ranks may connect to a dead port or hang. On one
     node each restart gets keys of its own (the restart count); across nodes the counts can
-    differ, so there torchrun must be told to make a fresh store (README: multi-node)."""
+    differ, so there torchrun must be told to make a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: the docstring)."""
     store, rank, world = next(dist.rendezvous("env://"))
     if os.environ.get("LOCAL_WORLD_SIZE") == str(world):
         store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
