@@ -61,7 +61,8 @@ def test_the_gpu_all_script_runs_on_a_cpu_and_prints_each_part_s_table(tmp_path)
             text = [ln for ln in out.splitlines() if ln.startswith(label + " ") and ln.endswith("  " + ref_name)]
             assert text, (label, out[-3000:])
             t_ours, t_ref, t_ratio = (num(c) for c in text[0][len(label):].split()[:3])
-            assert num(ours) == pytest.approx(t_ours, abs=0.05) and num(ref) == pytest.approx(t_ref, abs=0.05), text
+            # (half a unit of the text's last digit, and a hair: 8.15 prints as 8.1)
+            assert num(ours) == pytest.approx(t_ours, abs=0.051) and num(ref) == pytest.approx(t_ref, abs=0.051), text
             assert num(ratio) == t_ratio and num(ratio) == pytest.approx(num(ours) / num(ref), rel=0.01, abs=0.01), text
     labels = {s: [(row[0], row[4]) for row in rows] for s, (_, rows, _) in got.items()}
     for b in (1, 4):
