@@ -140,6 +140,8 @@ class RunDir:
     def save(self, step, model, state):
         """Write step_NNNNNN/ whole: into a temporary directory, fsynced, then renamed into place."""
         bad = _finite(model.state_dict()) + _finite(optimizer_tensors(state["optimizer"]))
+        if state.get("muon") is not None:
+            bad += _finite(optimizer_tensors(state["muon"]))
         if bad:
             raise FloatingPointError(f"not checkpointing step {step}: {len(bad)} non-finite tensors ({bad[0]}, ...)")
         final = os.path.join(self.path, f"step_{step:06d}")

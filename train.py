@@ -415,7 +415,7 @@ def build(run, task=None):
     config = task.config(args)
     T = config.block_size
     run.train_loader, run.val_loader = task.loaders(args, config, run.rank, run.world_size)
-    args.warmup_steps = cli.steps_of(args.warmup_steps, args.max_steps)
+    args.warmup_steps = cli.steps_of(args.warmup_steps, args.max_steps)  # (sft.py's "N%": its max_steps is known now)
     run.val_windows = args.val_tokens // T
     if run.val_windows == 0:
         raise cli.Error(f"--val_tokens {args.val_tokens} is less than one sequence of {T} tokens")

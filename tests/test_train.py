@@ -227,6 +227,28 @@ def test_blow_up_stops_the_run_and_never_checkpoints_non_finite_values(data_dir,
             assert all(torch.isfinite(t).all() for t in s.values()), c.name
 
 
+@pytest.mark.parametrize("where", ["weights", "adamw", "muon"])
+def test_a_non_finite_value_anywhere_in_the_state_is_never_checkpointed(tmp_path, where):
+    """RunDir.save refuses (and writes nothing) when the weights, the AdamW state or the Muon state
+    holds a NaN: verify() would reject such a checkpoint on resume, so it must never be written."""
+    import rundir
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    finite = lambda: {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}  # noqa: E731
+    state = {"step": 5, "optimizer": finite(), "muon": finite(), "scaler": {}, "loader": {}}
+    run = rundir.RunDir(str(tmp_path / "log"))
+    run.claim({"seed": 1}, resume=False)
+    run.save(4, model, state)  # all finite: written
+    bad = {"weights": lambda: model.transformer.wte.weight.data.__setitem__((0, 0), float("nan")),
+           "adamw": lambda: state["optimizer"]["state"][0]["exp_avg"].__setitem__(1, float("nan")),
+           "muon": lambda: state["muon"]["state"][0]["exp_avg"].__setitem__(1, float("inf"))}
+    bad[where]()
+    with pytest.raises(FloatingPointError, match="not checkpointing step 5"):
+        run.save(5, model, state)
+    assert sorted(os.listdir(tmp_path / "log")) == ["run.json", "step_000004"]
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_fp16_gradients_are_unscaled_before_clipping(data_dir, tmp_path, optimizer):
     """--fp16 scales the loss by 2^16: the logged gradient norm, the clipping and hence the losses must
