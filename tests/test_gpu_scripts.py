@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-PARTS = ("decode", "serve", "recipe", "train")
+PARTS = ("decode", "serve", "score", "recipe", "train")
 
 
 def gpu_all(tmp_path, **env):
@@ -71,6 +71,9 @@ def test_the_gpu_all_script_runs_on_a_cpu_and_prints_each_part_s_table(tmp_path)
         assert (f"serve: {b} streaming clients, 32 tokens each (total tok/s)", "the same requests one at a time") \
             in labels["serve"]
         assert (f"serve: {b} streaming clients, time to first token (ms)", "the same, one at a time") in labels["serve"]
+    assert labels["score"] == [("score: 20 synthetic examples x 4 endings, 8 clients (examples/s)",
+                                "the same requests one at a time"),
+                               ("score: the 80 requests' forward passes, 8 clients", "one at a time (one request each)")]
     assert len(labels["recipe"]) == 2
     assert labels["recipe"][0][0] == "recipe: training step, modern's optimizers / gpt2's (ms)"
     assert labels["recipe"][1][0].startswith("recipe: modern's tokens to gpt2's final val loss / gpt2's (seeds: ")

@@ -188,3 +188,39 @@ def test_hellaswag_py_chooses_what_lm_eval_chooses(checkpoint, hf_run):
     for v in (ll, ll / n_tokens, ll / nbytes):
         top = v.sort(dim=1, descending=True).values
         assert (top[:, 0] - top[:, 1]).min() > 10 * ATOL, "near-tie: change the examples or the seed"
+
+
+def test_readme_lm_eval_lines_run_as_pasted(checkpoint, tasks, hf_run, tmp_path):
+    """README's two lm_eval lines, run by lm-eval's own CLI from a directory holding log/small/step_000080
+    (serve.py on log/small, so its model is named small), with only the task (a local one: offline) and
+    serve.py's port changed: both finish and print the acc and acc_norm --model hf gave in-process."""
+    import re
+    import shutil
+    import sys
+
+    import serve
+
+    from conftest import REPO_ROOT
+
+    readme = (Path(REPO_ROOT) / "README.md").read_text()
+    block = next(b for b in (b.split("```")[0] for b in readme.split("```bash\n")[1:]) if "lm_eval --model hf" in b)
+    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("lm_eval ")]
+    assert len(lines) == 2 and "--model local-completions" in lines[1], lines
+    shutil.copytree(checkpoint, tmp_path / "log" / "small" / "step_000080")
+    proc, url = serve.launch(tmp_path / "log" / "small", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lm_eval_cli = str(Path(sys.executable).parent / "lm_eval")
+    want = {m: hf_run[1]["repro_mc"][f"{m},none"] for m in ("acc", "acc_norm")}
+    try:
+        for line in lines:
+            assert "--tasks hellaswag" in line and ("http://127.0.0.1:8000/" in line) == (line is lines[1])
+            line = line.replace("--tasks hellaswag", f"--tasks repro_mc --include_path {tasks}")
+            argv = line.replace("http://127.0.0.1:8000", url).split()
+            r = subprocess.run([lm_eval_cli, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-3000:])
+            got = dict(re.findall(r"^\|\s*(?:repro_mc)?\s*\|[^|]*\|[^|]*\|[^|]*\|(acc(?:_norm)?)\s*\|[^|]*\|\s*([\d.]+)\s*\|",
+                                  r.stdout, re.M))
+            assert {m: float(v) for m, v in got.items()} == pytest.approx(want, abs=1e-4), (line, r.stdout[-2000:])
+    finally:
+        proc.terminate()
+        proc.wait()
