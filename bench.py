@@ -22,6 +22,9 @@ Sections:
            lm-eval's local-completions sends them (one request per ending: token ids, echo, logprobs 1,
            max_tokens 1; longest first): --score_clients (8) at once against one at a time, examples/s,
            and the forward passes each took (the server batches concurrent scoring requests).
+  evals    evals.py's lm-eval model (packed scoring) against lm-eval's hf backend on the same
+           checkpoint (random weights at --n_layer/--n_embd), task (--evals_examples multiple-choice
+           examples cut from the corpus) and batch size: lm-eval's requests per second.
   decode   (only when asked for; meant for a GPU: tests/gpu_decode.sh) greedy sampling at
            batch 1, 16, 64, 124M: ours with the static cache (compiled into CUDA graphs on CUDA)
            against ours on the dynamic path, transformers' generate and a cache-less loop, and
@@ -696,9 +699,77 @@ def bench_chat_loader(args):
              "the order drawn per row")]
 
 
+def bench_evals(args):
+    """evals.py's gpt2-repro model (packed scoring: a question's context once, the lm_head only where
+    scored) against lm-eval's hf backend on the same checkpoint, the same task and examples and the
+    same batch size: lm-eval's loglikelihood requests per second, end to end (simple_evaluate)."""
+    import json
+    import logging
+
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    import evals
+    from model import GPT, GPTConfig
+    from model_io import get_tokenizer, save_pretrained
+
+    enc = get_tokenizer()
+    n = 20 if args.quick else args.evals_examples
+    files = sorted(glob.glob(os.path.join(args.corpus, "*", "*.txt")))[:20]
+    text = enc.encode_ordinary(" ".join(open(f).read() for f in files))
+    g = np.random.default_rng(0)
+    def cut(k):  # k tokens of the corpus as text, not blank
+        while not (piece := enc.decode(text[(s := int(g.integers(0, len(text) - 100))) : s + k]).strip()):
+            pass
+        return piece
+
+    docs = [{"question": cut(int(g.integers(30, 91))), "choices": [cut(int(g.integers(10, 36))) for _ in range(4)],
+             "answer": int(g.integers(0, 4))} for _ in range(n)]  # HellaSwag-like lengths, from the corpus
+    work = tempfile.mkdtemp(prefix="bench-evals-")
+    try:
+        with open(os.path.join(work, "mc.json"), "w") as f:
+            f.writelines(json.dumps(d) + "\n" for d in docs)
+        with open(os.path.join(work, "bench_mc.yaml"), "w") as f:
+            f.write("\n".join(["task: bench_mc", "dataset_path: json", "dataset_name: null",
+                               f"dataset_kwargs: {{data_files: {{test: {json.dumps(os.path.join(work, 'mc.json'))}}}, "
+                               f"cache_dir: {json.dumps(os.path.join(work, 'datasets'))}}}",
+                               "test_split: test", "output_type: multiple_choice", 'doc_to_text: "{{question}}"',
+                               'doc_to_choice: "{{choices}}"', 'doc_to_target: "{{answer}}"', "metric_list:",
+                               "  - metric: acc", "  - metric: acc_norm"]) + "\n")
+        torch.manual_seed(0)
+        ckpt = os.path.join(work, "model")
+        save_pretrained(GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)), ckpt)
+        evals.make_lm_class()
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        manager = TaskManager(include_path=work, include_defaults=False)
+        out = {}
+
+        def side(name, model_args):
+            def go():
+                r = lm_eval.simple_evaluate(model=name, model_args=model_args, tasks=["bench_mc"], task_manager=manager,
+                                            batch_size=args.evals_batch, bootstrap_iters=0, log_samples=True,
+                                            random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+                out[name] = [[float(x[0]) for x in s["filtered_resps"]] for s in
+                             sorted(r["samples"]["bench_mc"], key=lambda s: s["doc_id"])]
+            return go
+
+        dev = args.evals_device
+        t = paired({"ours": side("gpt2-repro", {"pretrained": ckpt, "device": dev}),
+                    "hf": side("hf", {"pretrained": ckpt, "device": dev, "dtype": "float32"})},
+                   repeats(args, 1), warmup=0)
+        worst = max(abs(a - b) for x, y in zip(out["gpt2-repro"], out["hf"]) for a, b in zip(x, y))
+        assert worst < 1e-3, f"the two backends' log-likelihoods differ by {worst}: the comparison would be meaningless"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    label = (f"evals: {n} multiple-choice examples x 4, {args.n_layer}x{args.n_embd} {dev} fp32, batch "
+             f"{args.evals_batch} (requests/s)")
+    return [(label, 4 * n / t["ours"], 4 * n / t["hf"], "lm-eval's hf backend")]
+
+
 # fineweb first: see the imports at the top
 SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve,
-            "score": bench_score,
+            "score": bench_score, "evals": bench_evals,
             "decode": bench_decode, "chat_loader": bench_chat_loader, "train": bench_train, "recipe": bench_recipe}
 ON_REQUEST = ("recipe", "decode", "train")  # not in the default set: they train models or want a GPU
 
@@ -757,6 +828,9 @@ def main():
     p.add_argument("--serve_flags", default="--max_batch 16", help="serve section: serve.py's flags")
     p.add_argument("--score_examples", type=int, default=200,
                    help="score section: multiple-choice examples (4 endings each)")
+    p.add_argument("--evals_examples", type=int, default=200, help="evals section: multiple-choice examples")
+    p.add_argument("--evals_batch", type=int, default=16, help="evals section: batch size, both backends")
+    p.add_argument("--evals_device", default="cpu", help="evals section: device, both backends")
     p.add_argument("--score_clients", type=int, default=8,
                    help="score section: clients at once (lm-eval's num_concurrent)")
     p.add_argument("--hellaswag_examples", type=int, default=64,
