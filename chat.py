@@ -47,14 +47,17 @@ def _pieces(m):
     return head, enc.encode_ordinary(m["content"]) + [IM_END], enc.encode_ordinary("\n")
 
 
-def render(messages, generation_prompt=False):
+def render(messages, generation_prompt=False, continue_last=False):
     """messages [{"role", "content"}] (parse_messages') -> (token ids, trained flags), one flag per
     token: True for the assistant's text and its closing <|im_end|>, unless that message has weight 0.
     generation_prompt=True ends the tokens with an open assistant turn (<|im_start|>assistant\\n),
-    the prompt a reply is sampled after."""
+    the prompt a reply is sampled after; continue_last=True leaves the last message open instead
+    (no <|im_end|>\\n: a reply to continue, transformers' continue_final_message)."""
     ids, trained = [], []
-    for m in messages:
+    for i, m in enumerate(messages):
         head, body, tail = _pieces(m)
+        if continue_last and i == len(messages) - 1:
+            body, tail = body[:-1], []
         ids += head + body + tail
         trained += [False] * len(head) + [is_trained(m)] * len(body) + [False] * len(tail)
     if generation_prompt:

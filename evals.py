@@ -161,12 +161,7 @@ def make_lm_class():
             if not self.is_chat:
                 raise cli.Error(f"--apply_chat_template needs a chat model (sft.py's); {self.name} is not one")
             messages = chat.parse_messages(chat_history, "lm-eval's chat history")
-            if add_generation_prompt:
-                ids = chat.render(messages, generation_prompt=True)[0]
-            else:
-                last = messages[-1]
-                head, body, _ = chat._pieces(last)
-                ids = chat.render(messages[:-1])[0] + head + body[:-1]  # (body ends with <|im_end|>)
+            ids = chat.render(messages, generation_prompt=add_generation_prompt, continue_last=not add_generation_prompt)[0]
             return self.enc.decode(ids)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):

@@ -216,6 +216,18 @@ def test_chat_model_requests_are_chat_render_s_tokens(tasks, tmp_path):
         want = chat.render([{"role": "user", "content": doc["question"]}], generation_prompt=True)[0]
         assert lm.tok_encode(context) == want
     torch.testing.assert_close(lls(ours["repro_mc"]), lls(hf["repro_mc"]), atol=ATOL, rtol=0)
+    # a last message left open (lm-eval's add_generation_prompt=False): transformers' continue_final_message
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)
+    for history in ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}],
+                    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                     {"role": "assistant", "content": " It is"}]):
+        want = tok.apply_chat_template(history, tokenize=False, continue_final_message=True)
+        assert lm.apply_chat_template(history, add_generation_prompt=False) == want
+        assert lm.apply_chat_template(history[:-1]) == tok.apply_chat_template(history[:-1], tokenize=False,
+                                                                               add_generation_prompt=True)
 
 
 def test_a_hub_task_offline_is_one_line(checkpoint, tmp_path):
