@@ -473,3 +473,33 @@ def test_readme_reference_numbers_are_the_notebooks():
     notebook = "".join(c.source for c in nbformat.read(REPO_ROOT / "benchmark.ipynb", as_version=4).cells)
     for figure in ("0.2955", "3.2924", "0.337"):
         assert figure in notebook, figure
+
+
+def test_benchmark_notebook_plots_the_lm_eval_suite_over_training(tmp_path, monkeypatch):
+    """With evals.jsonl beside the log (evals.py --all_checkpoints): evals.png, each task's metric per
+    step (the one the suite reads), GPT-2 124M's published figure as a line where there is one, and the
+    suite's mean centred accuracy per step, computed here by hand."""
+    log = [{"step": s, "train_loss": 5.0 - 0.1 * s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1000.0, "mfu": None}
+           for s in range(21)] + [{"step": 20, "val_loss": 4.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (tmp_path / "step_000020").mkdir()
+    torch.save({"step": 20, "args": {"total_batch_size": 4096}, "config": asdict(GPTConfig(n_layer=2, n_head=2, n_embd=32))},
+               tmp_path / "step_000020" / "trainer_state.pt")
+    metrics = {10: {"hellaswag": {"acc": 0.26, "acc_norm": 0.27}, "piqa": {"acc": 0.55, "acc_norm": 0.56},
+                    "lambada_openai": {"acc": 0.05, "perplexity": 900.0}, "my_task": {"acc": 0.4}},
+               20: {"hellaswag": {"acc": 0.28, "acc_norm": 0.29}, "piqa": {"acc": 0.58, "acc_norm": 0.57},
+                    "lambada_openai": {"acc": 0.1, "perplexity": 400.0}, "my_task": {"acc": 0.5}}}
+    records = [{"step": s, "task": t, "metrics": m, "settings": {}} for s in (10, 20) for t, m in metrics[s].items()]
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    nb, text, figures = execute_measured(tmp_path, monkeypatch)
+    check_legends(figures, names=("loss.png", "evals.png"))
+    lines = {line["label"]: line["ydata"] for line in figures["evals.png"]["axes"][0]["lines"]}
+    assert lines["hellaswag acc_norm"] == [0.27, 0.29] and lines["piqa acc"] == [0.55, 0.58]
+    assert lines["lambada_openai acc"] == [0.05, 0.1] and lines["my_task acc"] == [0.4, 0.5]
+    assert len(reference_lines(figures["evals.png"], 0.3114)) == 2  # (both panels) GPT-2 124M's lm-eval HellaSwag acc_norm
+    assert len(reference_lines(figures["evals.png"], 0.6289)) == 2  # and its PIQA acc
+    assert not reference_lines(figures["evals.png"], 0.5089)  # not the 1.5B's for a small model
+    for step in (10, 20):  # (acc_norm - 0.25) / 0.75, (acc - 0.5) / 0.5, acc - 0: my_task is not the suite's
+        m = metrics[step]
+        want = ((m["hellaswag"]["acc_norm"] - 0.25) / 0.75 + (m["piqa"]["acc"] - 0.5) / 0.5 + m["lambada_openai"]["acc"]) / 3
+        assert f"  step {step}: {want:.4f} (3 tasks)" in text, text
