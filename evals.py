@@ -142,6 +142,10 @@ def make_lm_class():
         def create_from_arg_obj(cls, arg_dict, additional_config=None):
             # lm-eval's --device/--batch_size where model_args leave them unset (not a clash of the two)
             extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+            if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's CLI asks for cuda:0 unless told otherwise; its hf backend then runs where it can
+                print(f"warning: --device {extra.pop('device')}, but no CUDA GPU here: {best_device()} instead",
+                      file=sys.stderr)
             return cls(**arg_dict, **extra)
 
         # -- what lm-eval asks of a model ---------------------------------------

@@ -249,3 +249,31 @@ def test_the_suite_yaml_lists_the_suite():
     assert doc["group"] == evals.SUITE_NAME and doc["task"] == list(evals.SUITE)
     assert set(evals.SUITE) <= set(TaskManager().all_tasks)
 
+
+
+def test_readme_evals_lines_run_as_pasted(tasks, tmp_path):
+    """README's evals.py lines, run from a directory holding log/small (2 checkpoints) and log/small-chat,
+    with only the tasks changed (a local one: offline): each finishes and prints the task's accuracy;
+    --all_checkpoints scores both checkpoints; the torchrun line is the first line's, launched by torchrun
+    (test_two_ranks_give_one_process_s_results runs that)."""
+    readme = (Path(REPO_ROOT) / "README.md").read_text()
+    block = next(b for b in (b.split("```")[0] for b in readme.split("```bash\n")[1:]) if "python evals.py" in b)
+    lines = [ln.split("  #")[0].strip() for ln in block.splitlines() if "evals.py" in ln]
+    assert len(lines) == 5, lines
+    assert lines[2] == "torchrun --standalone --nproc_per_node=8 " + lines[0].split(" --limit")[0][len("python "):]
+    for i, step in enumerate((40, 80)):
+        save_pretrained(tiny(i).eval(), tmp_path / "log" / "small" / f"step_{step:06d}")
+    save_pretrained(tiny(7, chat_model=True).eval(), tmp_path / "log" / "small-chat")
+    local = f"--tasks repro_mc --include_path {tasks}"
+    for line in lines[:2] + lines[3:]:
+        if "--tasks" in line:
+            line = line.replace(line.split("--tasks ")[1].split()[0], "repro_mc") + f" --include_path {tasks}"
+        else:
+            line += " " + local
+        argv = line.replace("python evals.py", f"{sys.executable} {EVALS}").split()
+        r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (line, r.stdout[-2000:], r.stderr[-3000:])
+        assert "repro_mc" in r.stdout and "acc" in r.stdout, (line, r.stdout)
+    steps = sorted({json.loads(ln)["step"] for ln in (tmp_path / "log" / "small" / "evals.jsonl").read_text().splitlines()})
+    assert steps == [40, 80]
