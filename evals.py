@@ -129,6 +129,9 @@ def make_lm_class():
             self.autocast = torch.autocast(self._device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
             self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
             self._max_length = int(max_length or self.model.config.block_size)
+            if not 1 < self._max_length <= self.model.config.block_size:
+                raise cli.Error(f"gpt2-repro: max_length {self._max_length} is not in 2..{self.model.config.block_size}, "
+                                f"the model's context")
             self.max_gen_toks = int(max_gen_toks)
             self.special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
 
@@ -193,7 +196,7 @@ def make_lm_class():
             bar = tqdm(total=len(pairs), desc="gpt2-repro: loglikelihood requests",
                        disable=disable_tqdm or self.ddp_rank != 0)
             with self.autocast:
-                out = scoring.score(self.model, pairs, self.batch_size, self.ddp_rank, self.ddp_world, bar)
+                out = scoring.score(self.model, pairs, self.batch_size, self.ddp_rank, self.ddp_world, bar, self.max_length)
             bar.close()
             for (key, _, _), r in zip(requests, out):
                 if key is not None:

@@ -115,15 +115,16 @@ def score_batch(model, batch, pairs):
     return out
 
 
-def score(model, pairs, batch_size=16, rank=0, world_size=1, progress=None):
-    """[(context tokens, continuation tokens)] -> [(summed logprob, is_greedy)] in their order.
+def score(model, pairs, batch_size=16, rank=0, world_size=1, progress=None, max_length=None):
+    """[(context tokens, continuation tokens)] -> [(summed logprob, is_greedy)] in their order; a request
+    sees at most max_length tokens (default: the model's block_size).
     With world_size > 1 (torch.distributed up), rank r scores every world_size-th forward pass of
     the same passes one process would run, and every rank gets all the results: the same numbers
     for any world size."""
     gpt = _unwrap(model)
     was_training = gpt.training
     gpt.eval()
-    plan = batches(pack(pairs, gpt.config.block_size), pairs, batch_size)
+    plan = batches(pack(pairs, max_length or gpt.config.block_size), pairs, batch_size)
     mine = {}
     for b in range(rank, len(plan), world_size):
         mine.update(score_batch(model, plan[b], pairs))

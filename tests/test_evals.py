@@ -277,3 +277,15 @@ def test_readme_evals_lines_run_as_pasted(tasks, tmp_path):
         assert "repro_mc" in r.stdout and "acc" in r.stdout, (line, r.stdout)
     steps = sorted({json.loads(ln)["step"] for ln in (tmp_path / "log" / "small" / "evals.jsonl").read_text().splitlines()})
     assert steps == [40, 80]
+
+
+def test_a_context_longer_than_max_length_is_cropped_as_the_hf_backend_crops_it(checkpoint, tasks):
+    """max_length 8 (questions of 4 to 6 tokens, choices of 1 to 6): each request keeps the last 9 tokens of
+    context + continuation, as lm-eval's hf backend does; the choices of one question then share a row
+    only where their cropped contexts are equal. Log-likelihoods within 1e-4."""
+    hf, _ = run("hf", {"pretrained": str(checkpoint), "device": "cpu", "dtype": "float32", "max_length": 8}, tasks,
+                ["repro_mc"])
+    ours, _ = run("gpt2-repro", {"pretrained": str(checkpoint), "device": "cpu", "max_length": 8}, tasks, ["repro_mc"])
+    full, _ = run("gpt2-repro", {"pretrained": str(checkpoint), "device": "cpu"}, tasks, ["repro_mc"])
+    torch.testing.assert_close(lls(ours["repro_mc"]), lls(hf["repro_mc"]), atol=ATOL, rtol=0)
+    assert (lls(ours["repro_mc"]) - lls(full["repro_mc"])).abs().max() > 0.01  # (the crop did change some)

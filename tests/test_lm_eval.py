@@ -204,7 +204,7 @@ def test_readme_lm_eval_lines_run_as_pasted(checkpoint, tasks, hf_run, tmp_path)
 
     readme = (Path(REPO_ROOT) / "README.md").read_text()
     block = next(b for b in (b.split("```")[0] for b in readme.split("```bash\n")[1:]) if "lm_eval --model hf" in b)
-    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("lm_eval ")]
+    lines = [ln.split("  #")[0] for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("lm_eval ")]
     assert len(lines) == 2 and "--model local-completions" in lines[1], lines
     shutil.copytree(checkpoint, tmp_path / "log" / "small" / "step_000080")
     proc, url = serve.launch(tmp_path / "log" / "small", env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -503,3 +503,4 @@ def test_benchmark_notebook_plots_the_lm_eval_suite_over_training(tmp_path, monk
         m = metrics[step]
         want = ((m["hellaswag"]["acc_norm"] - 0.25) / 0.75 + (m["piqa"]["acc"] - 0.5) / 0.5 + m["lambada_openai"]["acc"]) / 3
         assert f"  step {step}: {want:.4f} (3 tasks)" in text, text
+        assert lines["gpt2-suite: mean centred accuracy"][(10, 20).index(step)] == pytest.approx(want, abs=1e-12)
