@@ -107,7 +107,8 @@ main)
     ;;
 test)
     shift || true
-    $PY -m pytest tests -q "$@"
+    # two workers, each test file whole in one (its module fixtures made once); `-n 0`: one process
+    $PY -m pytest tests -q -n 2 --dist loadfile "$@"
     ;;
 bench)
     shift || true

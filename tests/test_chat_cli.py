@@ -377,9 +377,11 @@ def test_chat_with_stdin_closed_or_empty_ends_quietly(talker, stdin):
 
 
 def run_limited(cmd, spare):
-    """cmd with `spare` bytes of address space over this process's own (torch imported)."""
+    """cmd with `spare` bytes of address space over a fresh Python's with torch imported (not this
+    process's: a pytest worker that has imported more holds more)."""
     import resource
-    own = next(int(ln.split()[1]) << 10 for ln in open("/proc/self/status") if ln.startswith("VmSize:"))
+    probe = "import torch; print(next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmSize:')))"
+    own = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env()).stdout) << 10
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (own + spare, own + spare))
