@@ -37,8 +37,19 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
+import chat
 import cli
+import scoring
+from model_io import CHAT_TEMPLATE, DTYPES, IM_END, best_device, default_dtype, get_tokenizer, load_model
+
+try:  # running the suite needs lm-eval; reading its results (benchmark.ipynb) does not
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:
+    TemplateLM = object
 
 SUITE_NAME = "gpt2-suite"
 # task: (the metric the suite reads, its chance level)
@@ -84,202 +95,195 @@ def suite_score(metrics):
 # Our model as an lm-eval model
 
 
-_LM_CLASS = []
+class ReproLM(TemplateLM):
+    """lm-eval's model_args: pretrained (a run directory, a checkpoint or an HF-format directory),
+    batch_size (requests per forward pass, 16), device, dtype (fp32, bf16, fp16: autocast; default
+    bf16 on CUDA, else fp32), max_length (block_size), max_gen_toks (256)."""
+
+    def __init__(self, pretrained, batch_size=16, max_batch_size=None, device=None, dtype=None, max_length=None,
+                 max_gen_toks=256, **kwargs):
+        super().__init__()
+        if kwargs:
+            raise cli.Error(f"gpt2-repro: unknown model_args {', '.join(sorted(kwargs))}")
+        self.ddp_rank, self.ddp_world = _distributed()
+        device = device or best_device()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise cli.Error(f"gpt2-repro: device {device!r}, but this PyTorch sees no CUDA GPU")
+        if device == "cuda" and self.ddp_world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self._device = torch.device(device)
+        self.model = load_model(pretrained).to(self._device).eval()
+        self.name = str(pretrained)
+        self.is_chat = chat.is_chat_model(self.model)
+        self.enc = get_tokenizer(chat=self.is_chat)
+        dtype = dtype or default_dtype(device)
+        if dtype not in DTYPES:
+            raise cli.Error(f"gpt2-repro: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.autocast = torch.autocast(self._device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self._max_length = int(max_length or self.model.config.block_size)
+        if not 1 < self._max_length <= self.model.config.block_size:
+            raise cli.Error(f"gpt2-repro: max_length {self._max_length} is not in 2..{self.model.config.block_size}, "
+                            f"the model's context")
+        self.max_gen_toks = int(max_gen_toks)
+        self.special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        # lm-eval's --device/--batch_size where model_args leave them unset (not a clash of the two)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI asks for cuda:0 unless told otherwise; its hf backend then runs where it can
+            print(f"warning: --device {extra.pop('device')}, but no CUDA GPU here: {best_device()} instead",
+                  file=sys.stderr)
+        return cls(**arg_dict, **extra)
+
+    # -- what lm-eval asks of a model ---------------------------------------
+    @property
+    def eot_token_id(self):
+        return IM_END if self.is_chat else self.enc.eot_token
+
+    @property
+    def prefix_token_id(self):  # the bos token, as the hf backend (ours is <|endoftext|>)
+        return self.enc.eot_token
+
+    @property
+    def max_length(self):
+        return self._max_length
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self):
+        return "gpt2-chatml" if self.is_chat else "gpt2"
+
+    def chat_template(self, chat_template=False):
+        return CHAT_TEMPLATE if self.is_chat else None
+
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        # special tokens written in the text are special tokens, as transformers' tokenizer reads them
+        return self.enc.encode(string, allowed_special="all")
+
+    def tok_decode(self, tokens):
+        return self.enc.decode([t for t in tokens if t not in self.special])
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        """chat.render's tokens as text: the open assistant turn with add_generation_prompt, else
+        the last message left open (lm-eval's continue_final_message)."""
+        if not self.is_chat:
+            raise cli.Error(f"--apply_chat_template needs a chat model (sft.py's); {self.name} is not one")
+        messages = chat.parse_messages(chat_history, "lm-eval's chat history")
+        ids = chat.render(messages, generation_prompt=add_generation_prompt, continue_last=not add_generation_prompt)[0]
+        return self.enc.decode(ids)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        bar = tqdm(total=len(pairs), desc="gpt2-repro: loglikelihood requests",
+                   disable=disable_tqdm or self.ddp_rank != 0)
+        with self.autocast:
+            out = scoring.score(self.model, pairs, self.batch_size, self.ddp_rank, self.ddp_world, bar, self.max_length)
+        bar.close()
+        for (key, _, _), r in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, r)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for w in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, *w))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, scores):
+            totals[i] += lp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm=False):
+        eos = self.enc.decode([self.eot_token_id])
+        jobs = []
+        for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = kwargs.pop("max_gen_toks")
+            if max_gen >= self.max_length:
+                raise cli.Error(f"max_gen_toks {max_gen} leaves no room for a prompt in {self.max_length} tokens")
+            tokens = self.tok_encode(context)[-(self.max_length - max_gen):]  # as the hf backend: left-cropped
+            sampling = (float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                        kwargs.get("top_k"), kwargs.get("top_p"))
+            jobs.append((i, tokens, max_gen, tuple(until), sampling))
+        # rows of the same prompt length and settings in one generation; the groups' order fixed,
+        # so that a rank takes every world_size-th of the same groups a single process would run
+        groups = {}
+        for job in jobs:
+            groups.setdefault((len(job[1]), job[2], job[3], job[4]), []).append(job)
+        plan = [g[k : k + self.batch_size] for _, g in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[1][0][0]))
+                for k in range(0, len(g), self.batch_size)]
+        bar = tqdm(total=len(jobs), desc="gpt2-repro: generate_until requests",
+                   disable=disable_tqdm or self.ddp_rank != 0)
+        mine = {}
+        for b in range(self.ddp_rank, len(plan), self.ddp_world):
+            mine.update(self._generate(plan[b]))
+            bar.update(len(plan[b]))
+        bar.close()
+        if self.ddp_world > 1:
+            parts = [None] * self.ddp_world
+            torch.distributed.all_gather_object(parts, mine)
+            mine = {k: v for part in parts for k, v in part.items()}
+        out = [mine[i] for i in range(len(jobs))]
+        for req, text in zip(requests, out):
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return out
+
+    def _generate(self, batch):
+        """Rows of one prompt length and settings -> {request index: text before its first stop string}."""
+        _, _, max_gen, until, (temperature, top_k, top_p) = batch[0]
+        idx = torch.tensor([job[1] for job in batch], device=self._device)
+        made = [[] for _ in batch]
+        done = [False] * len(batch)
+        with self.autocast:
+            for step in self.model.generate_stream(idx, max_gen, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                   eos_token_id=self.eot_token_id, seed=1234):
+                for r, t in enumerate(step.tolist()):
+                    if done[r]:
+                        continue
+                    if t == self.eot_token_id:
+                        done[r] = True
+                        continue
+                    made[r].append(t)
+                    done[r] = any(s and s in self.tok_decode(made[r]) for s in until)
+                if all(done):
+                    break
+        return {job[0]: postprocess_generated_text(self.tok_decode(m), list(until), None)
+                for job, m in zip(batch, made)}
+
+
+_REGISTERED = []
 
 
 def make_lm_class():
-    """The lm-eval model class, registered as gpt2-repro (once; lm-eval is imported here, not by the
-    scripts that only train)."""
-    if _LM_CLASS:
-        return _LM_CLASS[0]
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-    from tqdm import tqdm
+    """ReproLM, registered with lm-eval as gpt2-repro (once)."""
+    _require_lm_eval()
+    if not _REGISTERED:
+        from lm_eval.api.registry import register_model
 
-    import chat
-    import scoring
-    from model_io import CHAT_TEMPLATE, DTYPES, IM_END, best_device, default_dtype, get_tokenizer, load_model
-
-    class ReproLM(TemplateLM):
-        """lm-eval's model_args: pretrained (a run directory, a checkpoint or an HF-format directory),
-        batch_size (requests per forward pass, 16), device, dtype (fp32, bf16, fp16: autocast; default
-        bf16 on CUDA, else fp32), max_length (block_size), max_gen_toks (256)."""
-
-        def __init__(self, pretrained, batch_size=16, max_batch_size=None, device=None, dtype=None, max_length=None,
-                     max_gen_toks=256, **kwargs):
-            super().__init__()
-            if kwargs:
-                raise cli.Error(f"gpt2-repro: unknown model_args {', '.join(sorted(kwargs))}")
-            self.ddp_rank, self.ddp_world = _distributed()
-            device = device or best_device()
-            if str(device).startswith("cuda") and not torch.cuda.is_available():
-                raise cli.Error(f"gpt2-repro: device {device!r}, but this PyTorch sees no CUDA GPU")
-            if device == "cuda" and self.ddp_world > 1:
-                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            self._device = torch.device(device)
-            self.model = load_model(pretrained).to(self._device).eval()
-            self.name = str(pretrained)
-            self.is_chat = chat.is_chat_model(self.model)
-            self.enc = get_tokenizer(chat=self.is_chat)
-            dtype = dtype or default_dtype(device)
-            if dtype not in DTYPES:
-                raise cli.Error(f"gpt2-repro: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-            self.autocast = torch.autocast(self._device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
-            self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
-            self._max_length = int(max_length or self.model.config.block_size)
-            if not 1 < self._max_length <= self.model.config.block_size:
-                raise cli.Error(f"gpt2-repro: max_length {self._max_length} is not in 2..{self.model.config.block_size}, "
-                                f"the model's context")
-            self.max_gen_toks = int(max_gen_toks)
-            self.special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
-
-        @classmethod
-        def create_from_arg_string(cls, arg_string, additional_config=None):
-            from lm_eval.utils import simple_parse_args_string
-
-            return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
-
-        @classmethod
-        def create_from_arg_obj(cls, arg_dict, additional_config=None):
-            # lm-eval's --device/--batch_size where model_args leave them unset (not a clash of the two)
-            extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
-            if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
-                # lm-eval's CLI asks for cuda:0 unless told otherwise; its hf backend then runs where it can
-                print(f"warning: --device {extra.pop('device')}, but no CUDA GPU here: {best_device()} instead",
-                      file=sys.stderr)
-            return cls(**arg_dict, **extra)
-
-        # -- what lm-eval asks of a model ---------------------------------------
-        @property
-        def eot_token_id(self):
-            return IM_END if self.is_chat else self.enc.eot_token
-
-        @property
-        def prefix_token_id(self):  # the bos token, as the hf backend (ours is <|endoftext|>)
-            return self.enc.eot_token
-
-        @property
-        def max_length(self):
-            return self._max_length
-
-        @property
-        def device(self):
-            return self._device
-
-        @property
-        def tokenizer_name(self):
-            return "gpt2-chatml" if self.is_chat else "gpt2"
-
-        def chat_template(self, chat_template=False):
-            return CHAT_TEMPLATE if self.is_chat else None
-
-        def tok_encode(self, string, add_special_tokens=None, **kwargs):
-            # special tokens written in the text are special tokens, as transformers' tokenizer reads them
-            return self.enc.encode(string, allowed_special="all")
-
-        def tok_decode(self, tokens):
-            return self.enc.decode([t for t in tokens if t not in self.special])
-
-        def apply_chat_template(self, chat_history, add_generation_prompt=True):
-            """chat.render's tokens as text: the open assistant turn with add_generation_prompt, else
-            the last message left open (lm-eval's continue_final_message)."""
-            if not self.is_chat:
-                raise cli.Error(f"--apply_chat_template needs a chat model (sft.py's); {self.name} is not one")
-            messages = chat.parse_messages(chat_history, "lm-eval's chat history")
-            ids = chat.render(messages, generation_prompt=add_generation_prompt, continue_last=not add_generation_prompt)[0]
-            return self.enc.decode(ids)
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-            pairs = [(ctx, cont) for _, ctx, cont in requests]
-            bar = tqdm(total=len(pairs), desc="gpt2-repro: loglikelihood requests",
-                       disable=disable_tqdm or self.ddp_rank != 0)
-            with self.autocast:
-                out = scoring.score(self.model, pairs, self.batch_size, self.ddp_rank, self.ddp_world, bar, self.max_length)
-            bar.close()
-            for (key, _, _), r in zip(requests, out):
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, r)
-            return out
-
-        def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            windows, owner = [], []
-            for i, (string,) in enumerate(req.args for req in requests):
-                for w in map(make_disjoint_window, get_rolling_token_windows(
-                        token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                        max_seq_len=self.max_length, context_len=1)):
-                    windows.append((None, *w))
-                    owner.append(i)
-            scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
-            totals = [0.0] * len(requests)
-            for i, (lp, _) in zip(owner, scores):
-                totals[i] += lp
-            for req, total in zip(requests, totals):
-                self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
-            return totals
-
-        def generate_until(self, requests, disable_tqdm=False):
-            eos = self.enc.decode([self.eot_token_id])
-            jobs = []
-            for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
-                kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-                max_gen = kwargs.pop("max_gen_toks")
-                if max_gen >= self.max_length:
-                    raise cli.Error(f"max_gen_toks {max_gen} leaves no room for a prompt in {self.max_length} tokens")
-                tokens = self.tok_encode(context)[-(self.max_length - max_gen):]  # as the hf backend: left-cropped
-                sampling = (float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
-                            kwargs.get("top_k"), kwargs.get("top_p"))
-                jobs.append((i, tokens, max_gen, tuple(until), sampling))
-            # rows of the same prompt length and settings in one generation; the groups' order fixed,
-            # so that a rank takes every world_size-th of the same groups a single process would run
-            groups = {}
-            for job in jobs:
-                groups.setdefault((len(job[1]), job[2], job[3], job[4]), []).append(job)
-            plan = [g[k : k + self.batch_size] for _, g in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[1][0][0]))
-                    for k in range(0, len(g), self.batch_size)]
-            bar = tqdm(total=len(jobs), desc="gpt2-repro: generate_until requests",
-                       disable=disable_tqdm or self.ddp_rank != 0)
-            mine = {}
-            for b in range(self.ddp_rank, len(plan), self.ddp_world):
-                mine.update(self._generate(plan[b]))
-                bar.update(len(plan[b]))
-            bar.close()
-            if self.ddp_world > 1:
-                parts = [None] * self.ddp_world
-                torch.distributed.all_gather_object(parts, mine)
-                mine = {k: v for part in parts for k, v in part.items()}
-            out = [mine[i] for i in range(len(jobs))]
-            for req, text in zip(requests, out):
-                self.cache_hook.add_partial("generate_until", req.args, text)
-            return out
-
-        def _generate(self, batch):
-            """Rows of one prompt length and settings -> {request index: text before its first stop string}."""
-            _, _, max_gen, until, (temperature, top_k, top_p) = batch[0]
-            idx = torch.tensor([job[1] for job in batch], device=self._device)
-            made = [[] for _ in batch]
-            done = [False] * len(batch)
-            with self.autocast:
-                for step in self.model.generate_stream(idx, max_gen, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                       eos_token_id=self.eot_token_id, seed=1234):
-                    for r, t in enumerate(step.tolist()):
-                        if done[r]:
-                            continue
-                        if t == self.eot_token_id:
-                            done[r] = True
-                            continue
-                        made[r].append(t)
-                        done[r] = any(s and s in self.tok_decode(made[r]) for s in until)
-                    if all(done):
-                        break
-            return {job[0]: postprocess_generated_text(self.tok_decode(m), list(until), None)
-                    for job, m in zip(batch, made)}
-
-    register_model("gpt2-repro")(ReproLM)
-    _LM_CLASS.append(ReproLM)
+        register_model("gpt2-repro")(ReproLM)
+        _REGISTERED.append(ReproLM)
     return ReproLM
+
 
 
 def _distributed():

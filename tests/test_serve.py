@@ -30,7 +30,8 @@ import cli  # noqa: E402
 import serve  # noqa: E402
 from model import EOT_TOKEN, GPT, GPTConfig  # noqa: E402
 from model_io import IM_END, TextStream, get_tokenizer, load_model, save_pretrained  # noqa: E402
-from serve import APIError, Engine, Job, Sequence, job_events, launch  # noqa: E402
+from engine import Engine, Job, Sequence  # noqa: E402
+from serve import APIError, job_events, launch  # noqa: E402
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", str(REPO_ROOT / "test-artifacts"))
 PROMPTS = ["Hello, I'm a language model,", "The quick brown fox", "Once upon a time", "In 1905, Einstein",
