@@ -162,3 +162,18 @@ def error_line(proc):
     assert len(lines) == 1, out
     assert lines[0].startswith("error:"), out
     return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# lm-eval: a local task (offline), for test_lm_eval.py and test_evals.py
+# ----------------------------------------------------------------------------------------------
+
+def write_task(d, name, data, yaml_lines):
+    """lm-eval's d/name.yaml, a task over d/name.json (lines of JSON), its datasets cache in d."""
+    data_file = d / f"{name}.json"
+    data_file.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in data))
+    head = [f"task: {name}", "dataset_path: json", "dataset_name: null",
+            f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data_file))}}}, "
+            f"cache_dir: {json.dumps(str(d / 'datasets'))}}}",
+            "training_split: null", "validation_split: null", "test_split: test"]
+    (d / f"{name}.yaml").write_text("\n".join(head + yaml_lines) + "\n")

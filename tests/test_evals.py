@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, perturb_
+from conftest import REPO_ROOT, perturb_, write_task
 
 try:
     import lm_eval
@@ -50,16 +50,6 @@ GEN = [{"q": q, "a": a} for q, a in [("What is 2 + 2?", "4"), ("Name a colour.",
 def corpus_texts(n, chars):
     files = sorted((Path(REPO_ROOT).parent / "shared" / "corpus").rglob("*.txt"))[:n]
     return [f.read_text(errors="replace")[:chars] for f in files]
-
-
-def write_task(d, name, data, lines):
-    data_file = d / f"{name}.json"
-    data_file.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in data))
-    head = [f"task: {name}", "dataset_path: json", "dataset_name: null",
-            f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data_file))}}}, "
-            f"cache_dir: {json.dumps(str(d / 'datasets'))}}}",
-            "training_split: null", "validation_split: null", "test_split: test"]
-    (d / f"{name}.yaml").write_text("\n".join(head + lines) + "\n")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import perturb_
+from conftest import perturb_, write_task
 
 try:
     import lm_eval
@@ -59,17 +59,6 @@ HELLASWAG = [
     {"activity_label": "Skiing", "ctx_a": "A person skis down a steep slope.", "ctx_b": "the",
      "endings": ["sun sets.", "snow is deep and soft.", "skier falls.", "dog"], "label": "0"},
 ]
-
-
-def write_task(d, name, data, yaml_lines):
-    """d/name.yaml, a task over d/name.json (lines of JSON), its datasets cache in d."""
-    data_file = d / f"{name}.json"
-    data_file.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in data))
-    head = [f"task: {name}", "dataset_path: json", "dataset_name: null",
-            f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data_file))}}}, "
-            f"cache_dir: {json.dumps(str(d / 'datasets'))}}}",
-            "training_split: null", "validation_split: null", "test_split: test"]
-    (d / f"{name}.yaml").write_text("\n".join(head + yaml_lines) + "\n")
 
 
 METRICS = ["metric_list:", *(f"  - {{metric: {m}, aggregation: mean, higher_is_better: true}}"
