@@ -19,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
+# Each block's weight matrices (parameter name suffixes): what Muon optimizes, and what GPT-2's
+# checkpoints store transposed (its Conv1D layers)
+BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _static_decoders_lock = threading.Lock()  # (GPT.static_decoder lends a kept decoder to one caller at a time)
 
 

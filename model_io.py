@@ -32,7 +32,7 @@ from dataclasses import asdict
 import torch
 
 import cli
-from model import EOT_TOKEN, GPT, PRESETS, GPTConfig
+from model import BLOCK_MATRICES, EOT_TOKEN, GPT, PRESETS, GPTConfig
 
 # -----------------------------------------------------------------------------
 # Where a script runs
@@ -275,8 +275,6 @@ def warn_once(message):
 # -----------------------------------------------------------------------------
 # Hugging Face layout: GPT2LMHeadModel's names, Conv1D orientation, no padding rows
 
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
 
 def hf_state_dict(model):
     """model's weights in GPT2LMHeadModel's layout (no padding rows, Conv1D orientation), on the CPU."""
@@ -285,7 +283,7 @@ def hf_state_dict(model):
         v = v.detach()
         if k == "transformer.wte.weight":
             v = v[: model.config.vocab_size]
-        elif k.endswith(_CONV1D):
+        elif k.endswith(BLOCK_MATRICES):
             v = v.t()
         out[k] = v.contiguous().cpu()
     return out
@@ -303,7 +301,7 @@ def load_hf_state_dict(model, sd):
     V = model.config.vocab_size
     with torch.no_grad():
         for k, v in sd.items():
-            if k.endswith(_CONV1D):
+            if k.endswith(BLOCK_MATRICES):
                 v = v.t()  # HF's Conv1D stores (in, out); nn.Linear is (out, in)
             target = ours[k][:V] if k == "wte.weight" else ours[k]
             if target.shape != v.shape:

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
 from data import DataLoader
-from model import GPT, PRESETS, GPTConfig
+from model import BLOCK_MATRICES, GPT, PRESETS, GPTConfig
 from model_io import DTYPES, best_device, default_dtype, get_tokenizer, load_model
 from rundir import RunDir
 
@@ -216,7 +216,6 @@ def get_lr(step, args):
 # -----------------------------------------------------------------------------
 # Optimizers
 
-MUON_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
 
 
@@ -229,7 +228,7 @@ def param_groups(model, args):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if args.optimizer == "muon" and name.endswith(MUON_MATRICES) and p.dim() == 2:
+        if args.optimizer == "muon" and name.endswith(BLOCK_MATRICES) and p.dim() == 2:
             groups["muon"].append(name)
         elif p.dim() >= 2 and (args.decay_embeddings or name not in EMBEDDINGS):
             groups["decay"].append(name)
