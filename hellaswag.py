@@ -16,11 +16,11 @@ and only the ending's tokens are scored. Three choices are reported:
                   and scores cleaned text (its hellaswag/utils.py: "activity_label: " + ctx, [title]
                   and other brackets removed); this script scores the file's ctx and endings as they are.
 
-Speed: the 4 endings of an example share one context, so an example is packed into a single
-row (context, then the 4 endings, each ending restarting its positions after the context and
-attending only to the context and to itself), and the 50257-way lm_head runs only at the
-positions that predict an ending token. Several examples form one padded batch. The scores
-equal those of running every context + ending alone (tested).
+Speed (scoring.py, which evals.py's lm-eval model uses too): the 4 endings of an example share
+one context, so an example is packed into a single row (context, then the endings, each restarting
+its positions after the context and attending only to the context and to itself), and the
+50257-way lm_head runs only at the positions that predict an ending token. Several examples form
+one padded batch. The scores equal those of running every context + ending alone (tested).
 """
 
 import json
@@ -30,9 +30,10 @@ import urllib.error
 import urllib.request
 
 import torch
-import torch.nn.functional as F
 
 import cli
+import scoring
+from scoring import unwrap
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SIZES = {"train": 39905, "val": 10042, "test": 10003}
@@ -98,26 +99,6 @@ def render(example, enc):
     return enc.encode(example["ctx"]), [enc.encode(" " + e) for e in example["endings"]]
 
 
-def pack_example(ctx_tokens, endings_tokens):
-    """One row: the context, then each ending, positions restarting after the context.
-    Returns (tokens, positions, segments); segment 0 is the context, i + 1 ending i."""
-    n = len(ctx_tokens)
-    tokens, positions, segments = list(ctx_tokens), list(range(n)), [0] * n
-    for i, e in enumerate(endings_tokens):
-        tokens += e
-        positions += range(n, n + len(e))
-        segments += [i + 1] * len(e)
-    return tokens, positions, segments
-
-
-def attention_mask(segments):
-    """(L, L) bool: query q may attend to key k iff k <= q and k is context or in q's own ending."""
-    seg = torch.as_tensor(segments)
-    L = len(segments)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    return causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
-
-
 def _crop(context, endings, block_size):
     """Crop the context from the left so that context + the longest ending fit block_size."""
     if not context or not all(endings):
@@ -128,65 +109,24 @@ def _crop(context, endings, block_size):
     return context[max(0, len(context) + longest - block_size) :]
 
 
-def _unwrap(model):
-    """The GPT inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 # -----------------------------------------------------------------------------
 # Scoring
 
 
-@torch.no_grad()
 def score(model, rendered, batch_size=16, progress=None):
     """rendered: [(ctx_tokens, endings_tokens)] -> (losses float64 (N, 4): summed -log p of each
-    ending's tokens, counts long (N, 4): tokens per ending)."""
-    gpt = _unwrap(model)
-    was_training = gpt.training
-    gpt.eval()
-    device = gpt.transformer.wte.weight.device
-    N = len(rendered)
-    losses = torch.zeros(N * 4, dtype=torch.float64)
-    counts = torch.tensor([[len(e) for e in ends] for _, ends in rendered], dtype=torch.long).reshape(N, 4)
-    packed = []
+    ending's tokens, counts long (N, 4): tokens per ending). The context is cropped from the left so
+    that it and the longest ending fit block_size; scoring.score packs the endings after one copy of
+    it, batch_size examples (4 * batch_size endings) to a forward pass; progress counts endings."""
+    block_size = unwrap(model).config.block_size
+    pairs = []
     for context, ends in rendered:
-        context = _crop(context, ends, gpt.config.block_size)
-        packed.append((len(context), ends, pack_example(context, ends)))
-    # batch examples of similar length together: less padding
-    order = sorted(range(N), key=lambda i: len(packed[i][2][0]))
-    for start in range(0, N, batch_size):
-        rows = order[start : start + batch_size]
-        L = max(len(packed[i][2][0]) for i in rows)
-        idx = torch.zeros(len(rows), L, dtype=torch.long)
-        pos = torch.zeros(len(rows), L, dtype=torch.long)
-        mask = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1, 1)  # padding sees itself only
-        r_index, p_index, targets, slots = [], [], [], []
-        for r, i in enumerate(rows):
-            n_ctx, ends, (tokens, positions, segments) = packed[i]
-            n = len(tokens)
-            idx[r, :n] = torch.tensor(tokens)
-            pos[r, :n] = torch.tensor(positions)
-            mask[r, 0, :n, :n] = attention_mask(segments)
-            offset = n_ctx
-            for j, e in enumerate(ends):
-                # token t of ending j is predicted by the hidden state before it: the last
-                # context token for t = 0, else the ending's own token t - 1
-                p_index += [n_ctx - 1] + list(range(offset, offset + len(e) - 1))
-                r_index += [r] * len(e)
-                targets += e
-                slots += [i * 4 + j] * len(e)
-                offset += len(e)
-        idx, pos, mask = idx.to(device), pos.to(device), mask.to(device)
-        h = gpt.hidden(idx, positions=pos, attn_mask=mask)
-        h = h[torch.tensor(r_index, device=device), torch.tensor(p_index, device=device)]
-        logp = F.log_softmax(gpt.lm_head(h).float(), dim=-1)
-        nll = -logp.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
-        losses.index_add_(0, torch.tensor(slots), nll.double().cpu())
-        if progress is not None:
-            progress.update(len(rows))
-    gpt.train(was_training)
-    return losses.reshape(N, 4), counts
+        context = _crop(context, ends, block_size)
+        pairs += [(context, e) for e in ends]
+    scored = scoring.score(model, pairs, 4 * batch_size, progress=progress)
+    losses = torch.tensor([-logprob for logprob, _ in scored], dtype=torch.float64).reshape(-1, 4)
+    counts = torch.tensor([[len(e) for e in ends] for _, ends in rendered], dtype=torch.long).reshape(-1, 4)
+    return losses, counts
 
 
 def choose(losses, counts, byte_lengths):
@@ -207,7 +147,7 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
     from model_io import get_tokenizer
 
     enc = get_tokenizer()
-    block_size = _unwrap(model).config.block_size
+    block_size = unwrap(model).config.block_size
     mine, skipped = [], 0
     rendered = []
     for i in range(rank, len(examples), world_size):
@@ -221,7 +161,7 @@ def evaluate(model, examples, batch_size=16, rank=0, world_size=1, progress=Fals
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), desc=f"hellaswag (rank 0 of {world_size})", unit="ex")
+        bar = tqdm(total=4 * len(mine), desc=f"hellaswag (rank 0 of {world_size})", unit="ending")
     losses, counts = score(model, rendered, batch_size, bar)
     if bar is not None:
         bar.close()

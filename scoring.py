@@ -21,9 +21,30 @@ import torch.nn.functional as F
 import cli
 
 
-def _unwrap(model):
+def unwrap(model):
+    """The GPT inside DDP and/or torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def pack_example(ctx_tokens, endings_tokens):
+    """One row: the context, then each ending, positions restarting after the context.
+    Returns (tokens, positions, segments); segment 0 is the context, i + 1 ending i."""
+    n = len(ctx_tokens)
+    tokens, positions, segments = list(ctx_tokens), list(range(n)), [0] * n
+    for i, e in enumerate(endings_tokens):
+        tokens += e
+        positions += range(n, n + len(e))
+        segments += [i + 1] * len(e)
+    return tokens, positions, segments
+
+
+def attention_mask(segments):
+    """(L, L) bool: query q may attend to key k iff k <= q and k is context or in q's own ending."""
+    seg = torch.as_tensor(segments)
+    L = len(segments)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
 
 
 def pack(pairs, block_size):
@@ -71,17 +92,9 @@ def batches(rows, pairs, batch_size):
 @torch.no_grad()
 def score_batch(model, batch, pairs):
     """One forward pass over a batch of rows -> {request index: (logprob, is_greedy)}."""
-    gpt = _unwrap(model)
+    gpt = unwrap(model)
     device = gpt.transformer.wte.weight.device
-    built = []
-    for ctx, members in batch:
-        tokens, positions, segments = list(ctx), list(range(len(ctx))), [0] * len(ctx)
-        for j, i in enumerate(members):
-            inputs = pairs[i][1][:-1]
-            tokens += inputs
-            positions += range(len(ctx), len(ctx) + len(inputs))
-            segments += [j + 1] * len(inputs)
-        built.append((tokens, positions, segments))
+    built = [pack_example(ctx, [pairs[i][1][:-1] for i in members]) for ctx, members in batch]
     B, L = len(batch), max(len(t) for t, _, _ in built)
     idx = torch.zeros(B, L, dtype=torch.long)
     pos = torch.zeros(B, L, dtype=torch.long)
@@ -91,8 +104,7 @@ def score_batch(model, batch, pairs):
         n = len(tokens)
         idx[r, :n] = torch.tensor(tokens)
         pos[r, :n] = torch.tensor(positions)
-        seg = torch.tensor(segments)
-        mask[r, 0, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril() & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+        mask[r, 0, :n, :n] = attention_mask(segments)
         at = len(ctx)
         for i in members:
             cont = pairs[i][1]
@@ -121,7 +133,7 @@ def score(model, pairs, batch_size=16, rank=0, world_size=1, progress=None, max_
     With world_size > 1 (torch.distributed up), rank r scores every world_size-th forward pass of
     the same passes one process would run, and every rank gets all the results: the same numbers
     for any world size."""
-    gpt = _unwrap(model)
+    gpt = unwrap(model)
     was_training = gpt.training
     gpt.eval()
     plan = batches(pack(pairs, max_length or gpt.config.block_size), pairs, batch_size)

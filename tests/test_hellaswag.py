@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import hellaswag as H  # noqa: E402
 import cli  # noqa: E402
 import model_io  # noqa: E402
+import scoring  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from model_io import get_tokenizer, load_model, save_pretrained  # noqa: E402
 
@@ -204,7 +205,7 @@ def one_proc_result(tiny, ref):
 
 def test_pack_example_layout_by_hand():
     """pack_example concatenates ctx + endings, restarts positions at Lc per ending and labels segments."""
-    tokens, positions, segments = H.pack_example([10, 11, 12], [[20], [21, 22], [23], [24, 25, 26]])
+    tokens, positions, segments = scoring.pack_example([10, 11, 12], [[20], [21, 22], [23], [24, 25, 26]])
     assert list(tokens) == [10, 11, 12, 20, 21, 22, 23, 24, 25, 26]
     assert list(positions) == [0, 1, 2, 3, 3, 4, 3, 3, 4, 5]
     assert list(segments) == [0, 0, 0, 1, 2, 2, 3, 4, 4, 4]
@@ -213,7 +214,7 @@ def test_pack_example_layout_by_hand():
 def test_attention_mask_by_hand():
     """attention_mask lets each ending see the context and itself causally, never another ending."""
     segments = [0, 0, 0, 1, 2, 2, 3, 4, 4, 4]
-    mask = H.attention_mask(segments)
+    mask = scoring.attention_mask(segments)
     assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
     assert mask.shape == (10, 10)
     # spelled out: rows are queries, columns keys
