@@ -48,8 +48,8 @@ try:  # running the suite needs lm-eval; reading its results (benchmark.ipynb) d
     from lm_eval.api.model import TemplateLM
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError:
-    TemplateLM = object
+except ImportError as e:
+    TemplateLM, NO_LM_EVAL = object, str(e)
 
 SUITE_NAME = "gpt2-suite"
 # task: (the metric the suite reads, its chance level)
@@ -74,11 +74,8 @@ RESULTS_FILE = "evals.jsonl"
 
 
 def _require_lm_eval():
-    try:
-        import lm_eval  # noqa: F401
-        from lm_eval.api.model import TemplateLM  # noqa: F401
-    except ImportError as e:
-        raise cli.Error(f"evals.py needs lm-eval ({e}): pip install -r requirements-eval.txt") from None
+    if TemplateLM is object:
+        raise cli.Error(f"evals.py needs lm-eval ({NO_LM_EVAL}): pip install -r requirements-eval.txt")
 
 
 def centred(value, chance):
