@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import cli
-from data import StepStream
+from data import BaseLoader
 from model import EOT_TOKEN, GPT, GPTConfig
 from model_io import CHAT_VOCAB_SIZE, IM_END, IM_START, get_tokenizer
 
@@ -79,7 +79,8 @@ def fit(messages, limit):
     sizes = [len(render([m])[0]) for m in messages]  # render is per message: the sizes add up
     gen = render([], generation_prompt=True)[0]  # <|im_start|>assistant\n
     dropped = 0
-    while sum(sizes[:system]) + sum(sizes[system + dropped:]) + len(gen) > limit and system + dropped + 2 < len(messages):
+    while (sum(sizes[:system]) + sum(sizes[system + dropped:]) + len(gen) > limit
+           and system + dropped + 2 < len(messages)):
         dropped += 2
     kept = messages[:system] + messages[system + dropped:]
     ids, _ = render(kept, generation_prompt=True)
@@ -151,7 +152,7 @@ def read_conversations(path):
     return out
 
 
-def rows(conversations, seq_len):
+def conversation_rows(conversations, seq_len):
     """Conversations -> (tokens (N, seq_len + 1) uint16, trained (N, seq_len + 1) bool, counts): one
     row per conversation, padded with <|endoftext|> (never trained). A conversation longer than a
     row is cropped at its end; one whose crop leaves no trained token is skipped. counts says how
@@ -173,13 +174,13 @@ def rows(conversations, seq_len):
     return tokens[: counts["kept"]], trained[: counts["kept"]], counts
 
 
-class ChatLoader(StepStream):
-    """sft.py's batches, with data.DataLoader's interface and guarantees (data.StepStream): row g of
+class ChatLoader(BaseLoader):
+    """sft.py's batches, with data.DataLoader's interface and guarantees (data.BaseLoader): row g of
     the stream is a conversation (train: a new seeded order each epoch; val: in file order), so a
     step's rows are the same for any world size or micro-batch. y is -1 wherever the token is not
     the assistant's."""
 
-    differs = "the conversations differ"
+    epoch_mismatch = "the conversations differ"
 
     def __init__(self, tokens, trained, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1,
                  seed=0):
@@ -220,7 +221,8 @@ def to_chat_model(model):
     if is_chat_model(model):
         return model
     if model.config.vocab_size != EOT_TOKEN + 1:
-        raise cli.Error(f"the model's vocabulary has {model.config.vocab_size} tokens; chat needs GPT-2's {EOT_TOKEN + 1}")
+        raise cli.Error(f"the model's vocabulary has {model.config.vocab_size} tokens; "
+                        f"chat needs GPT-2's {EOT_TOKEN + 1}")
     chat = GPT(GPTConfig(**{**asdict(model.config), "vocab_size": CHAT_VOCAB_SIZE}))
     chat.load_state_dict(model.state_dict())
     with torch.no_grad():

@@ -128,7 +128,8 @@ def int_range(lo, hi=None):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
         v = int(f)
         if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be {'at least ' + str(lo) if hi is None else f'in {lo}..{hi}'}, got {v}")
+            bounds = f"at least {lo}" if hi is None else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {v}")
         return v
     return parse
 
@@ -162,7 +163,7 @@ def steps_or_percent(text):
 
 def steps_of(value, total):
     """steps_or_percent's value as a number of steps of a run of `total` steps (a share: at least 1
-    unless it is 0%)."""
+    unless the share is zero)."""
     if isinstance(value, str) and value.endswith("%"):
         share = float(value[:-1]) / 100
         return max(1, round(share * total)) if share > 0 else 0

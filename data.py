@@ -9,8 +9,8 @@ open to be there with its listed token count, and it must list every shard on di
 fineweb.py has not finished (complete: false) is refused. A shard is a regular file in the
 directory (no FIFO, no link out of it). Their sha256 is checked by fineweb.py --verify, not
 here: at every start that would read the whole dataset.
-Token ids are checked against vocab_size batch by batch: a max over a 64x1025 batch takes ~3 us,
-where checking whole shards at open would read each 100M-token shard (~0.1 s from disk).
+Token ids are checked against vocab_size batch by batch: a max over one batch costs next to nothing,
+where checking whole shards at open would read every shard from disk.
 
 DataLoader cuts each shard into windows of seq_len + 1 tokens (x = window[:-1], y = window[1:])
 and lays them out as one stream:
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import cli
-from fineweb import SHARD_NAME, SPLIT_IN_PREFIX, building, file_problem, read_manifest
+from shards import SHARD_NAME, SPLIT_IN_PREFIX, building, file_problem, read_manifest
 
 
 def open_shard(path, min_tokens=2, listed=None):
@@ -98,14 +98,14 @@ def find_shards(path, split):
     return [(os.path.join(path, name), listed[name]) for name in sorted(listed)]
 
 
-class StepStream:
+class BaseLoader:
     """What every loader shares (DataLoader here, chat.ChatLoader for sft.py): a stream of rows
     (windows, conversations) of which optimizer step k takes G = total_batch_size / seq_len rows
     from k*G and rank r's micro-step m the B = micro_batch_size rows from k*G + (m*world + r)*B;
     the position (step, micro-step) is what a checkpoint saves. A subclass sets epoch_windows
     (rows per epoch) and turns next_rows() into tensors."""
 
-    differs = "the data differ"  # what a different epoch_windows on resume means
+    epoch_mismatch = "the data differ"  # what a different epoch_windows on resume means
 
     def __init__(self, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0):
         if split not in ("train", "val"):
@@ -150,15 +150,15 @@ class StepStream:
         for key in ("seed", "split", "seq_len", "total_batch_size", "epoch_windows"):
             if state[key] != getattr(self, key):
                 raise cli.Error(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}"
-                                + (f" ({self.differs})" if key == "epoch_windows" else ""))
+                                + (f" ({self.epoch_mismatch})" if key == "epoch_windows" else ""))
         if state["micro_step"] >= self.grad_accum_steps:
             raise cli.Error(f"loader state is at micro-step {state['micro_step']}, but a step has only "
                             f"{self.grad_accum_steps} here")
         self.step, self.micro_step = state["step"], state["micro_step"]
 
 
-class DataLoader(StepStream):
-    differs = "the shards differ"
+class DataLoader(BaseLoader):
+    epoch_mismatch = "the shards differ"
 
     def __init__(self, path, split, seq_len, micro_batch_size, total_batch_size, rank=0, world_size=1, seed=0,
                  vocab_size=50257):

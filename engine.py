@@ -18,7 +18,9 @@ import torch
 
 import chat
 import cli
-from model import EOT_TOKEN, StaticDecoder, sample_next
+import decode
+from decode import StaticDecoder
+from model import EOT_TOKEN, sample_next
 from model_io import TextStream, get_tokenizer
 
 
@@ -75,9 +77,9 @@ class Sequence:
 
 
 class Engine:
-    """static_cache: decode steps with fixed shapes (model.StaticDecoder: the batch padded up to a
-    bucket of rows; default: with compile), compile: compiled into a CUDA graph per bucket. The same
-    tokens either way."""
+    """static_cache: decode steps with fixed shapes (a decode.StaticDecoder of the engine's own: the batch
+    padded up to a bucket of rows; default: with compile), compile: compiled into a CUDA graph per
+    bucket. The same tokens either way."""
 
     def __init__(self, model, max_batch, max_requests, static_cache=None, compile=False):
         self.model, self.max_batch, self.max_requests = model.eval(), max_batch, max_requests
@@ -87,14 +89,14 @@ class Engine:
         self.token_names = [token_name(b) for b in self.token_bytes]
         # a pass over whole prompts (sequences that need no KV-cache row) takes this many tokens, padding included
         self.score_tokens = max_batch * model.config.block_size
-        self.decoder = StaticDecoder(model, max_batch, compile) if StaticDecoder.chosen(static_cache, compile) else None
+        self.decoder = StaticDecoder(model, max_batch, compile) if StaticDecoder.wanted(static_cache, compile) else None
         # Row i of every layer's cache belongs to self.active[i]. Zeroed: the decode step masks the
         # entries past each row's length. The logits exactly as generate() computes them.
         if self.decoder:
             self.caches, self.head_t = self.decoder.caches, self.decoder.head_t
         else:
-            self.head_t = model.decode_head()
-            self.caches = model.new_kv_caches(max_batch, model.config.block_size, self.device, zeroed=True)
+            self.head_t = decode.decode_head(model)
+            self.caches = decode.new_kv_caches(model, max_batch, model.config.block_size, self.device, zeroed=True)
         self.active = []  # engine thread only
         self.waiting = deque()  # guarded by self.lock, as is requests_in_flight
         self.lock = threading.Condition()
@@ -141,8 +143,8 @@ class Engine:
                 self.waiting = deque(s for s in self.waiting if s.job is not job)
 
     def load(self):
-        return {"requests_in_flight": self.requests_in_flight, "running": len(self.active), "waiting": len(self.waiting),
-                **self.stats}
+        return {"requests_in_flight": self.requests_in_flight, "running": len(self.active),
+                "waiting": len(self.waiting), **self.stats}
 
     def _loop(self):
         try:  # here, not in __init__: CUDA graphs belong to the thread that records them
@@ -206,7 +208,7 @@ class Engine:
             rows = [(k[r : r + len(group)], v[r : r + len(group)]) for k, v in self.caches]
             idx = torch.tensor([s.prompt for s in group], device=self.device)
             h = self.model.hidden(idx, rows, 0)
-            logits = (h[:, -1] @ self.head_t).float()  # next_logits'
+            logits = (h[:, -1] @ self.head_t).float()  # decode.next_logits'
             self._prompt_logprobs([(s, h[i]) for i, s in enumerate(group)])
             self.stats["prefilled_tokens"] += idx.numel()
             for s in group:
@@ -222,7 +224,7 @@ class Engine:
         if self.decoder:
             logits = self.decoder.step(tokens[:, 0], pos)
         else:
-            logits = self.model.next_logits(tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
+            logits = decode.next_logits(self.model, tokens, [(k[:B], v[:B]) for k, v in self.caches], pos, self.head_t)
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += B
         for s in self.active:
@@ -252,7 +254,8 @@ class Engine:
             rows = [r for r, s in enumerate(chunk) if s.max_tokens == 1]
             if rows:
                 at = torch.tensor([[r, lengths[r] - 1] for r in rows], device=self.device)
-                self._sample([chunk[r] for r in rows], (h[at[:, 0], at[:, 1]] @ self.head_t).float())  # next_logits'
+                logits = (h[at[:, 0], at[:, 1]] @ self.head_t).float()  # decode.next_logits'
+                self._sample([chunk[r] for r in rows], logits)
             for s in chunk:
                 if s.max_tokens == 0:  # echo only: the prompt's logprobs, no token
                     s.finish_reason = "length"

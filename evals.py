@@ -18,7 +18,7 @@ Our model answers lm-eval's three request types:
   - loglikelihood: scoring.py: the choices of a question in one row (their context once), the
     lm_head only where a continuation token is predicted, no padding to a batch's longest request;
   - loglikelihood_rolling: lm-eval's own rolling windows of block_size tokens, scored the same way;
-  - generate_until: model.generate_stream (KV cache), rows of equal prompt length together,
+  - generate_until: decode.generate_stream (KV cache), rows of equal prompt length together,
     stopping at the task's strings or the model's end token.
 Numbers are those of lm-eval's hf backend on the same checkpoint (tests/test_evals.py: per request
 within 1e-4, the same greedy text, the same metrics). Under torchrun every rank reads the tasks and
@@ -41,8 +41,11 @@ from tqdm import tqdm
 
 import chat
 import cli
+import runtime
+import decode
 import scoring
-from model_io import CHAT_TEMPLATE, DTYPES, IM_END, best_device, default_dtype, get_tokenizer, load_model
+from model_io import CHAT_TEMPLATE, IM_END, get_tokenizer, load_model
+from runtime import DTYPES, best_device
 
 try:  # running the suite needs lm-eval; reading its results (benchmark.ipynb) does not
     from lm_eval.api.model import TemplateLM
@@ -102,21 +105,19 @@ class ReproLM(TemplateLM):
         super().__init__()
         if kwargs:
             raise cli.Error(f"gpt2-repro: unknown model_args {', '.join(sorted(kwargs))}")
-        self.ddp_rank, self.ddp_world = _distributed()
-        device = device or best_device()
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise cli.Error(f"gpt2-repro: device {device!r}, but this PyTorch sees no CUDA GPU")
-        if device == "cuda" and self.ddp_world > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        self._device = torch.device(device)
+        if dtype is not None and dtype not in DTYPES:
+            raise cli.Error(f"gpt2-repro: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        try:
+            rt = runtime.setup(device, dtype)
+        except cli.Error as e:
+            raise cli.Error(f"gpt2-repro: {e}") from None
+        self.ddp_rank, self.ddp_world = rt.rank, rt.world_size
+        self._device = torch.device(rt.device)
         self.model = load_model(pretrained).to(self._device).eval()
         self.name = str(pretrained)
         self.is_chat = chat.is_chat_model(self.model)
         self.enc = get_tokenizer(chat=self.is_chat)
-        dtype = dtype or default_dtype(device)
-        if dtype not in DTYPES:
-            raise cli.Error(f"gpt2-repro: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        self.autocast = torch.autocast(self._device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+        self.autocast = rt.autocast()
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or self.model.config.block_size)
         if not 1 < self._max_length <= self.model.config.block_size:
@@ -252,8 +253,8 @@ class ReproLM(TemplateLM):
         made = [[] for _ in batch]
         done = [False] * len(batch)
         with self.autocast:
-            for step in self.model.generate_stream(idx, max_gen, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                   eos_token_id=self.eot_token_id, seed=1234):
+            for step in decode.generate_stream(self.model, idx, max_gen, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, eos_token_id=self.eot_token_id, seed=1234):
                 for r, t in enumerate(step.tolist()):
                     if done[r]:
                         continue
@@ -281,18 +282,6 @@ def make_lm_class():
         _REGISTERED.append(ReproLM)
     return ReproLM
 
-
-
-def _distributed():
-    """(rank, world size) under torchrun (the process group started here if need be), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 # -----------------------------------------------------------------------------
@@ -487,7 +476,7 @@ def main(argv=None):
         import logging
 
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        rank, world = _distributed()
+        rank = runtime.setup(distributed=True).rank  # (the model's device is set up by ReproLM)
         asked = [t for t in args.tasks.split(",") if t]
         manager = task_manager(asked, args.include_path)
         names = expand(asked, manager)
@@ -513,8 +502,7 @@ def main(argv=None):
     except cli.Error as e:
         return cli.fail(e)
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        runtime.teardown()
     return status
 
 

@@ -1,53 +1,38 @@
 """
 FineWebEdu (or your own text) -> GPT-2 token shards for train.py.
 
-    python fineweb.py                                    # FineWebEdu sample-10BT: ~10B tokens, ~20 GB
+    python fineweb.py                                    # FineWebEdu sample-10BT, all of it (10B tokens)
     python fineweb.py --max_tokens 20_000_000            # a quick 20M-token dataset
     python fineweb.py --source ../shared/corpus --path data/corpus --shard_size 1_000_000
-    python fineweb.py --verify --path data/corpus            # check every shard's sha256
+    python fineweb.py --verify --path data/corpus        # check every shard's sha256
 
-Every document is preceded by <|endoftext|> and tokenized with GPT-2's BPE; the token stream
-is cut into shards of --shard_size tokens saved as uint16 .npy: <prefix>_val_000000.npy first,
-then <prefix>_train_000001.npy, ... The prefix follows the source: edufineweb for FineWebEdu,
-the source's name for local data (../shared/corpus gives corpus_val_000000.npy, ...), unless
---prefix says otherwise; a dataset being resumed keeps the prefix it was made with.
-Tokenization runs in --workers processes (fork or spawn).
+Every document is preceded by <|endoftext|> and tokenized with GPT-2's BPE in --workers processes
+(fork or spawn); the token stream is cut into shards of --shard_size tokens saved as uint16 .npy:
+<prefix>_val_000000.npy first, then <prefix>_train_000001.npy, ... The prefix follows the source:
+edufineweb for FineWebEdu, the source's name for local data (../shared/corpus gives
+corpus_val_000000.npy, ...), unless --prefix says otherwise; a dataset being resumed keeps the
+prefix it was made with, and a prefix holding _train or _val as a word is refused (data.py could
+not tell the splits apart). FineWebEdu streams from the Hugging Face Hub: a Hub that cannot be
+reached is one error line at once, and a failed run leaves no empty directory.
 
-FineWebEdu streams from the Hugging Face Hub. A Hub that cannot be reached is one error line
-within seconds (not half a minute of retries), and a failed run leaves no empty directory.
-
-Resumable: each shard is written under a temporary name and renamed when complete, and
-manifest.json (source, settings, tokenizer, shards with token counts and sha256) records
-where in the document stream each shard ends. Re-running the same command after a crash or
-Ctrl-C keeps the finished shards and continues; the result is byte-identical to an
-uninterrupted run.
-
-One builder at a time: the output directory is locked (fcntl.flock, as train.py locks its run
-directory) while fineweb.py writes it, and a second fineweb.py into it is refused at once.
-manifest.json is checked field by field wherever it is read (here and by data.py): a hand-edited
-one is one error line naming the field.
-
-Shards are never trusted blindly: every re-run, even of a complete dataset, checks that each
-shard the manifest lists is on disk at its size (header and file size, not the hash). From the
-first missing or wrong-size shard on, the dataset is rebuilt, byte-identical, as a resumed run
-is. --verify recomputes every shard's sha256 against the manifest (a shard overwritten with
-zeros has the right size: only the hash tells), prints one line per bad shard and a summary,
-and exits 1 if any is bad or the dataset is incomplete, else 0. Delete a bad shard and re-run
-the command that made the dataset to rebuild it. A --prefix holding _train or _val as a word is
-refused: data.py could not tell the splits apart by name.
+Resumable: re-running the same command after a crash or Ctrl-C keeps the finished shards and
+continues; the result is byte-identical to an uninterrupted run. Every re-run, even of a complete
+dataset, checks that each shard manifest.json lists is on disk at its size, and rebuilds from the
+first that is not. One builder at a time: a second fineweb.py into the same directory is refused.
+--verify recomputes every shard's sha256 against manifest.json (a shard overwritten with zeros has
+the right size: only the hash tells), prints one line per bad shard and a summary, and exits 1 if
+any is bad or the dataset is incomplete, else 0; delete a bad shard and re-run the command that
+made the dataset to rebuild it. The format on disk (shards, manifest.json, the lock) is shards.py's.
 """
 
 import glob
 import gzip
-import hashlib
 import json
 import multiprocessing as mp
 import os
 import queue
 import re
-import reprlib
 import signal
-import stat
 import sys
 import threading
 import traceback
@@ -57,25 +42,17 @@ from multiprocessing.connection import wait
 import numpy as np
 
 import cli
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock, the rest works
-    fcntl = None
+from shards import SPLIT_IN_PREFIX, lock_dir, read_manifest, shard_name, shard_problem, verify, write_json, write_shard
 
 EOT = 50256
 TOKENIZER = "r50k_base"  # tiktoken's name for the GPT-2 BPE, as model_io.get_tokenizer loads it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 HF_PREFIX = "edufineweb"  # the shard prefix of FineWebEdu; local text is named after its source (default_prefix)
 HUB_PROBE_TIMEOUT = 5  # seconds the Hub has to answer before streaming starts
-# The shard names, as data.py finds them too: <prefix>_<split>_NNNNNN.npy (.tmp-* are unfinished),
-# and a prefix that would make a shard's split ambiguous.
-SHARD_NAME = re.compile(r"([^.].*)_(train|val)_\d{6}\.npy")
-SPLIT_IN_PREFIX = re.compile(r"_(train|val)(_|$)")
 FORMATS = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
-BATCH_CHARS = 1 << 18  # text per task sent to a worker (~60k tokens)
+BATCH_CHARS = 1 << 18  # characters of text per task sent to a worker
 # Tasks in flight per worker. Results are taken in order, so while the oldest task runs the
-# others must have work queued (with 2 per worker they sat idle).
+# others must have work queued: a few per worker keep every worker busy.
 TASKS_PER_WORKER = 8
 
 
@@ -110,7 +87,8 @@ def read_file(path, text_field):
 
             pf = pq.ParquetFile(path)
             if text_field not in pf.schema_arrow.names:
-                raise cli.Error(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text_field")
+                raise cli.Error(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                                "set --text_field")
             for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
                 for row, text in enumerate(batch.column(0).to_pylist()):
                     if not isinstance(text, str):
@@ -127,7 +105,8 @@ def read_file(path, text_field):
                     except json.JSONDecodeError as e:
                         raise cli.Error(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise cli.Error(f"{path}, line {lineno}: record has no text field {text_field!r}; set --text_field")
+                        raise cli.Error(f"{path}, line {lineno}: record has no text field {text_field!r}; "
+                                        "set --text_field")
                     yield record[text_field]
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise cli.Error(f"cannot read {path}: {e}") from None
@@ -139,7 +118,7 @@ def read_file(path, text_field):
 
 def check_hub(dataset=HF_DATASET, instead="pass local files with --source"):
     """Fail fast, with one line, when the Hub cannot be reached: load_dataset would retry each
-    request for ~25 s (its backoff is not a setting), printing a line per try. Any HTTP answer
+    request for a long while (its backoff is not a setting), printing a line per try. Any HTTP answer
     within HUB_PROBE_TIMEOUT seconds will do. In offline mode (HF_HUB_OFFLINE, or datasets'
     HF_DATASETS_OFFLINE) nothing is asked of the network, and load_dataset answers at once."""
     try:
@@ -155,7 +134,8 @@ def check_hub(dataset=HF_DATASET, instead="pass local files with --source"):
         get_session().head(f"{constants.ENDPOINT}/api/datasets/{dataset}", timeout=HUB_PROBE_TIMEOUT)
     except Exception as e:
         raise cli.Error(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to read {dataset}: "
-                        f"{type(e).__name__}: {str(e) or 'no answer'}. Offline? {instead[0].upper() + instead[1:]}") from None
+                        f"{type(e).__name__}: {str(e) or 'no answer'}. "
+                        f"Offline? {instead[0].upper() + instead[1:]}") from None
 
 
 def documents(args, files):
@@ -211,8 +191,8 @@ _encoder = None
 
 def init_worker():
     """Load the BPE once per process (forked workers inherit the parent's); returns it. tiktoken
-    directly, not model_io.get_tokenizer: model_io imports torch, which would add a second to every
-    start and to every spawned worker, for nothing this script uses."""
+    directly, not model_io.get_tokenizer: model_io imports torch, which would slow every start and
+    every spawned worker, for nothing this script uses."""
     global _encoder
     if _encoder is None:
         import tiktoken
@@ -224,13 +204,14 @@ def init_worker():
                             "TIKTOKEN_CACHE_DIR to a directory holding its file (this repo's ../shared/tiktoken_cache "
                             "has it); python -c 'import model_io; model_io.get_tokenizer()' names the file") from None
         if _encoder.n_vocab > 2**16:
-            raise cli.Error(f"tokenizer {_encoder.name} has {_encoder.n_vocab:,} tokens: its ids do not fit in uint16 shards")
+            raise cli.Error(f"tokenizer {_encoder.name} has {_encoder.n_vocab:,} tokens: "
+                            "its ids do not fit in uint16 shards")
     return _encoder
 
 
 def _encode(text):
     """GPT-2 BPE of text as ordinary text (special-token strings are not special) -> uint32 array.
-    encode_to_numpy skips building a Python list: ~10% faster than encode_ordinary."""
+    encode_to_numpy skips building a Python list, which encode_ordinary builds."""
     if hasattr(_encoder, "encode_to_numpy"):
         return _encoder.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
     return np.array(_encoder.encode_ordinary(text), dtype=np.uint32)
@@ -248,134 +229,7 @@ def tokenize(texts):
 
 
 # -----------------------------------------------------------------------------
-# Writing shards
-
-
-class _HashingWriter:
-    """File wrapper that hashes what np.save writes (no fileno, so numpy writes through it)."""
-
-    def __init__(self, f, sha):
-        self.f, self.sha = f, sha
-
-    def write(self, data):
-        self.sha.update(data)
-        return self.f.write(data)
-
-
-def write_shard(path, tokens):
-    """Save tokens as .npy, whole or not at all (cli.atomic_write); returns the file's sha256."""
-    sha = hashlib.sha256()
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(_HashingWriter(f, sha), tokens)
-
-    cli.atomic_write(path, write)
-    return sha.hexdigest()
-
-
-def write_json(path, obj):
-    cli.atomic_write(path, json.dumps(obj, indent=1))
-
-
-def shard_name(prefix, index):
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
-MANIFEST_FIX = "restore it, or delete the directory and build the dataset again with fineweb.py"
-
-
-def plain_shard_name(name):
-    """Whether name is a shard's name (as data.py finds shards) and nothing else: no directory, no '..'."""
-    m = isinstance(name, str) and not re.search(r"[/\\\0]", name) and SHARD_NAME.fullmatch(name)
-    return bool(m) and not SPLIT_IN_PREFIX.search(m[1])
-
-
-def check_manifest(m, file):
-    """Check manifest m, read from file, field by field: what fineweb.py and data.py read of it has
-    its type and shape, and a shard's name is a plain file name in the dataset's directory."""
-    def need(obj, key, where, ok, what):
-        if key not in obj or not ok(obj[key]):
-            found = f"{reprlib.repr(obj[key])}, not {what}" if key in obj else f"missing (it must be {what})"
-            raise cli.Error(f"{file}: {where}{key} is {found}; {MANIFEST_FIX}")
-        return obj[key]
-
-    def count(v):  # an int >= 0, and not a bool (which is an int too)
-        return type(v) is int and v >= 0
-
-    if not isinstance(m, dict):
-        raise cli.Error(f"{file}: not a JSON object but {reprlib.repr(m)}; {MANIFEST_FIX}")
-    need(m, "complete", "", lambda v: type(v) is bool, "true or false")
-    need(m, "tokens", "", count, "a token count (an integer >= 0)")
-    if m.get("prefix") is not None:
-        need(m, "prefix", "", lambda v: isinstance(v, str), "a string")
-    seen = set()
-    for i, s in enumerate(need(m, "shards", "", lambda v: isinstance(v, list), "a list")):
-        where = f"shards[{i}]."
-        if not isinstance(s, dict):
-            raise cli.Error(f"{file}: shards[{i}] is {reprlib.repr(s)}, not an object; {MANIFEST_FIX}")
-        name = need(s, "name", where, plain_shard_name,
-                    "a shard's file name in the dataset's directory (<prefix>_<split>_NNNNNN.npy, no path)")
-        if name in seen:
-            raise cli.Error(f"{file}: {where}name is {name!r}, a shard listed before it; {MANIFEST_FIX}")
-        seen.add(name)
-        split = SHARD_NAME.fullmatch(name)[2]
-        need(s, "split", where, lambda v: v == split, f"{split!r} as its name says")
-        need(s, "tokens", where, count, "a token count (an integer >= 0)")
-        need(s, "sha256", where, lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v), "a sha256 (hex)")
-        need(s, "end_doc", where, count, "a document count (an integer >= 0)")
-        need(s, "end_skip", where, count, "a token count (an integer >= 0)")
-
-
-def read_manifest(path):
-    """The manifest.json of directory path, checked (check_manifest), or None where there is none."""
-    file = os.path.join(path, "manifest.json")
-    try:
-        st = os.stat(file)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        raise cli.Error(f"cannot read {file}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would wait for a writer forever
-        raise cli.Error(f"{file} is not a regular file; {MANIFEST_FIX}")
-    try:
-        with open(file) as f:
-            m = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise cli.Error(f"{file} is unreadable ({type(e).__name__}: {e}); {MANIFEST_FIX}") from None
-    check_manifest(m, file)
-    return m
-
-
-def file_problem(path):
-    """Why the file at path cannot be a shard, whatever it holds, or None: missing, not a regular
-    file, or a link out of its directory. Checked with os.stat before any open: opening a FIFO
-    would wait for a writer forever."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "missing"
-    except OSError as e:
-        return f"unreadable ({e.strerror or e})"
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file (a FIFO, a device or a directory)"
-    root, real = os.path.realpath(os.path.dirname(path)), os.path.realpath(path)
-    if os.path.commonpath([root, real]) != root:
-        return f"a link to {real}, outside the dataset's directory"
-    return None
-
-
-def shard_problem(path, tokens):
-    """Why the file at path is not a shard of `tokens` tokens (from its header and size), or None."""
-    if why := file_problem(path):
-        return why
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-        if a.dtype == np.uint16 and a.shape == (tokens,) and os.path.getsize(path) == a.offset + a.nbytes:
-            return None
-    except Exception:  # truncated below its header's size, or not an .npy at all
-        pass
-    return f"wrong size: {os.path.getsize(path):,} bytes, not the {tokens:,} tokens manifest.json lists"
+# Building the dataset
 
 
 def load_manifest(args):
@@ -395,7 +249,8 @@ def load_manifest(args):
         for i, shard in enumerate(shards):
             f = os.path.join(args.path, shard["name"])
             if why := shard_problem(f, shard["tokens"]):
-                print(f"{f}: {why}; rebuilding the dataset from this shard on ({len(shards) - i} of {len(shards)} shards)")
+                print(f"{f}: {why}; rebuilding the dataset from this shard on "
+                      f"({len(shards) - i} of {len(shards)} shards)")
                 manifest.update(complete=False, shards=shards[:i])
                 break
         return manifest
@@ -403,46 +258,6 @@ def load_manifest(args):
     if others:
         raise cli.Error(f"output directory {args.path!r} holds shards without a manifest.json; choose another --path")
     return {**settings, "complete": False, "tokens": 0, "documents": 0, "shards": []}
-
-
-def verify(path):
-    """--verify: every shard's sha256 against the manifest; returns the exit status."""
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise cli.Error(f"{path!r} holds no manifest.json: not a dataset made by fineweb.py")
-    from tqdm import tqdm
-
-    shards = manifest["shards"]
-    files = [os.path.join(path, s["name"]) for s in shards]
-    bad = 0
-    if manifest["complete"]:  # data.py refuses a shard a complete manifest does not list
-        for name in sorted(set(filter(SHARD_NAME.fullmatch, os.listdir(path))) - {s["name"] for s in shards}):
-            print(f"{os.path.join(path, name)}: not listed in manifest.json (another dataset's? move it away)")
-            bad += 1
-    total = sum(os.path.getsize(f) for f in files if file_problem(f) is None)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verifying")
-    for shard, f in zip(shards, files):
-        why = shard_problem(f, shard["tokens"])
-        if why is None:
-            sha = hashlib.sha256()
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    sha.update(chunk)
-                    bar.update(len(chunk))
-            if sha.hexdigest() != shard["sha256"]:
-                why = "sha256 differs from manifest.json (overwritten or corrupted)"
-        if why:
-            tqdm.write(f"{f}: {why}")
-            bad += 1
-    bar.close()
-    if bad:
-        print(f"{path}: {bad} bad shard(s): delete them and run the command that made the dataset again to rebuild them")
-    elif not manifest["complete"]:
-        print(f"{path}: the {len(shards)} shards so far are good, but the dataset is incomplete: run the command "
-              "that made it again to finish it")
-    else:
-        print(f"{path}: all {len(shards)} shards good ({manifest['tokens']:,} tokens, sha256 as in manifest.json)")
-    return 1 if bad or not manifest["complete"] else 0
 
 
 def default_prefix(source):
@@ -478,39 +293,6 @@ def remove_empty(created):
             os.rmdir(d)  # only ever removes an empty directory
         except OSError:
             return
-
-
-def lock_dir(path):
-    """Lock directory path for this builder, as rundir.py locks train.py's run directory: flock on
-    the directory itself (no file is added to it). Another fineweb.py into it is refused at once.
-    Returns the descriptor that holds the lock (None where there is no fcntl)."""
-    if fcntl is None:
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise cli.Error(f"{path} is being written by another fineweb.py (it holds the directory's lock); wait for "
-                        "it to finish, or choose another --path") from None
-    return fd
-
-
-def building(path):
-    """Whether a fineweb.py is writing directory path now (holds its lock)."""
-    if fcntl is None:
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at close
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def run(args):
@@ -563,6 +345,10 @@ def build(args, docs, manifest):
     print(f"{args.path}: {written:,} tokens in {len(shards)} shards ({shards[0]['name']} ... {shards[-1]['name']})")
 
 
+# -----------------------------------------------------------------------------
+# Tokenizing into shards: the worker processes, and the loop that feeds them and fills the shards
+
+
 class WorkerError(Exception):
     """A tokenizer process died (e.g. killed for memory): printed as one line, no traceback."""
 
@@ -596,9 +382,9 @@ class Workers:
     takes the next, and results come back through another pipe, handed out in submission order.
 
     Why not multiprocessing.Pool: its worker-handler thread waits on the result pipe as well as
-    on the workers, so it spins whenever a result lies there unread. On 2 cores that spinning
-    took ~30 ms of CPU from each ~420 ms run (bench.py: 0.83x -> 0.87x of the limit without it).
-    And a worker killed for memory makes Pool.get() wait forever; here it is an error."""
+    on the workers, so it spins whenever a result lies there unread, taking CPU from the workers
+    (BENCHMARKS.md's data pipeline has the figures). And a worker killed for memory makes
+    Pool.get() wait forever; here it is an error."""
 
     def __init__(self, n, start_method=None):
         ctx = mp.get_context(start_method)
@@ -656,7 +442,8 @@ class Workers:
             raise WorkerError("the tokenizer processes stopped answering; run the same command again to continue")
         why = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         why += " (out of memory?)" if code == -getattr(signal, "SIGKILL", 9) else ""
-        raise WorkerError(f"a tokenizer process {why}; the finished shards are kept: run the same command again to continue")
+        raise WorkerError(f"a tokenizer process {why}; the finished shards are kept: "
+                          "run the same command again to continue")
 
     def terminate(self):
         """Stop the workers at once (work still in flight is not wanted, or there is none)."""
@@ -677,8 +464,8 @@ def tokenize_into_shards(args, docs_iter, manifest, bar):
     written = sum(s["tokens"] for s in shards)
     limit = args.max_tokens or float("inf")
     # A full shard is written (hashed, synced, renamed, then added to the manifest) by a
-    # background thread while the workers go on filling the other of two buffers: at 100M-token
-    # shards a write takes about a second, which would otherwise starve the workers each time.
+    # background thread while the workers go on filling the other of two buffers: a large shard's
+    # write would otherwise starve the workers each time.
     buffers = [np.empty(args.shard_size, dtype=np.uint16), None]
     buf, fill, index, pending = buffers[0], 0, len(shards), None
     writer = ThreadPoolExecutor(1)
@@ -759,7 +546,8 @@ def main(argv=None):
                         "directory before the pattern, with characters other than letters, digits, '.' and '-' made "
                         "'-', or 'text' if none is left; a --path holding a dataset keeps the prefix it was made with)")
     p.add_argument("--shard_size", type=cli.positive_int, default=100_000_000, help="tokens per shard")
-    p.add_argument("--max_tokens", type=cli.positive_int, default=None, help="stop after this many tokens (default: all of the source)")
+    p.add_argument("--max_tokens", type=cli.positive_int, default=None,
+                   help="stop after this many tokens (default: all of the source)")
     p.add_argument("--workers", type=cli.positive_int, default=usable_cores(),
                    help="tokenizer processes (default: one per usable core)")
     p.add_argument("--start_method", choices=mp.get_all_start_methods(), default=None,

@@ -48,9 +48,13 @@ import torch  # noqa: E402
 
 import chat  # noqa: E402
 import cli  # noqa: E402
-from model import PRESETS, StaticDecoder  # noqa: E402
-from model_io import (DTYPES, IM_END, TextStream, best_device, checkpoint_dirs, default_dtype,  # noqa: E402
+import decode  # noqa: E402
+import runtime  # noqa: E402
+from decode import StaticDecoder  # noqa: E402
+from model import PRESETS  # noqa: E402
+from model_io import (IM_END, TextStream, checkpoint_dirs,  # noqa: E402
                       get_tokenizer, load_model)
+from runtime import DTYPES  # noqa: E402
 
 MAX_NEW_TOKENS = {"plain": 64, "chat": 256}  # --max_new_tokens's defaults
 
@@ -62,14 +66,15 @@ def prompt_ids(prompt):
 
 
 def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **sampling):
-    """Sample num_samples completions of the string `prompt` in one generate_stream batch (KV cache).
+    """Sample num_samples completions of the string `prompt` in one batch (decode.generate_stream, KV cache).
     on_text(piece) is called with sample 1's text as it is made, the prompt first.
-    sampling: generate_stream's temperature, top_k, top_p, seed.
+    sampling: generate_stream's temperature, top_k, top_p, seed, decoder.
     Returns (texts: prompt + completion of each sample, steps: tokens made per row, seconds)."""
     eot = get_tokenizer().eot_token
     ids = prompt_ids(prompt)
     idx = torch.tensor([ids] * num_samples, device=model.transformer.wte.weight.device)
-    token_bytes = get_tokenizer(chat=chat.is_chat_model(model)).decode_single_token_bytes  # (a chat model's markers too)
+    # each token's bytes, a chat model's markers too
+    token_bytes = get_tokenizer(chat=chat.is_chat_model(model)).decode_single_token_bytes
     streams = [TextStream() for _ in range(num_samples)]
     pieces = [[] for _ in range(num_samples)]
 
@@ -85,7 +90,7 @@ def sample(model, prompt, max_new_tokens, num_samples=1, on_text=None, **samplin
                 add(row, token_bytes(t))
     t0 = time.perf_counter()
     steps = 0
-    for tokens in model.generate_stream(idx, max_new_tokens, eos_token_id=eot, **sampling):
+    for tokens in decode.generate_stream(model, idx, max_new_tokens, eos_token_id=eot, **sampling):
         steps += 1
         for row, t in enumerate(tokens.tolist()):  # a finished row keeps yielding eot: nothing to print
             if t != eot:
@@ -175,9 +180,9 @@ def check_system_fits(system, block_size, room):
     start = [{"role": "system", "content": system}] if system is not None else []
     ids, _ = chat.render(start + [{"role": "user", "content": "x"}], generation_prompt=True)
     if len(ids) > block_size - room:
-        raise cli.Error(f"--system is {len(chat.render(start)[0])} tokens: with {room} tokens kept for the reply, it leaves no "
-                        f"room for your messages in the model's {block_size}-token context (shorten it or lower "
-                        "--max_new_tokens)")
+        raise cli.Error(f"--system is {len(chat.render(start)[0])} tokens: with {room} tokens kept for the reply, "
+                        f"it leaves no room for your messages in the model's {block_size}-token context (shorten it "
+                        "or lower --max_new_tokens)")
 
 
 class CtrlC:
@@ -251,7 +256,8 @@ def chat_loop(model, system=None, max_new_tokens=MAX_NEW_TOKENS["chat"], seed=42
                 note(f"message cropped: its first {cut} tokens dropped to fit the {block_size}-token context")
             print("assistant> ", end="", flush=True)
             idx = torch.tensor([ids], device=device)
-            tokens = model.generate_stream(idx, max_new_tokens, eos_token_id=IM_END, seed=seed + replies, **sampling)
+            tokens = decode.generate_stream(model, idx, max_new_tokens, eos_token_id=IM_END, seed=seed + replies,
+                                            **sampling)
             for tok in tokens:
                 if ctrl_c.pressed:
                     break
@@ -289,7 +295,8 @@ def main(argv=None):
            f"with --chat {MAX_NEW_TOKENS['chat']})")
     a("--temperature", type=cli.non_negative_float, default=1.0, help="0: greedy")
     a("--top_k", type=cli.non_negative_int, default=50, help="sample among the k most likely tokens (0: all)")
-    a("--top_p", type=cli.float_range(0, 1, lo_open=True), default=1.0, help="nucleus: the most likely tokens up to this probability (1: all)")
+    a("--top_p", type=cli.float_range(0, 1, lo_open=True), default=1.0,
+      help="nucleus: the most likely tokens up to this probability (1: all)")
     a("--num_samples", type=cli.positive_int, default=1, help="samples drawn together, as one batch (not with --chat)")
     a("--seed", type=cli.int_range(0, 2**63 - 1), default=42,
       help="the same seed, settings and model give the same samples (--chat: reply n uses seed + n - 1)")
@@ -298,7 +305,8 @@ def main(argv=None):
     a("--static_cache", action=argparse.BooleanOptionalAction, default=None,
       help="decode with fixed shapes (whole-context KV cache; default: with --compile, which makes its steps "
            "CUDA graphs); the same tokens")
-    a("--compile", action="store_true", help="compile the decode step, on the static cache (on CUDA a CUDA graph; slow start)")
+    a("--compile", action="store_true",
+      help="compile the decode step, on the static cache (on CUDA a CUDA graph; slow start)")
     args = p.parse_args(argv)
     if args.chat:
         for flag in ("prompt", "num_samples"):
@@ -307,20 +315,21 @@ def main(argv=None):
     elif args.system is not None:
         p.error("--system needs --chat")
     max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS["chat" if args.chat else "plain"]
-    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                    static_cache=args.static_cache, compile=args.compile)
-    device = args.device or best_device()
-    dtype = args.dtype or default_dtype(device)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     try:
+        rt = runtime.setup(args.device, args.dtype, distributed=False)
+        device = rt.device
         get_tokenizer()  # fail before loading weights if the BPE cannot be had
-        model = load(args.model).to(device=device, dtype=DTYPES[dtype])
-        static = StaticDecoder.chosen(args.static_cache, args.compile)
+        model = load(args.model).to(device=device, dtype=DTYPES[rt.dtype])
+        static = StaticDecoder.wanted(args.static_cache, args.compile)
         if not args.chat:
             check_batch_fits(model, device, args.num_samples, len(prompt_ids(args.prompt)), max_new_tokens, static)
-        if args.compile and static:  # now: tokens/s counts no compiling
-            print("(compiling the decode step...)", file=sys.stderr, flush=True)
-            with model.static_decoder(1 if args.chat else args.num_samples, compile=True) as decoder:
-                decoder.warm_up()
+        if static:  # this run's decoder, for every sample or reply (a bucket of rows: what batch_bytes counts)
+            rows = StaticDecoder.bucket(1 if args.chat else args.num_samples)
+            sampling["decoder"] = StaticDecoder(model, rows, compile=args.compile)
+            if args.compile:  # now: tokens/s counts no compiling
+                print("(compiling the decode step...)", file=sys.stderr, flush=True)
+                sampling["decoder"].warm_up()
         if args.chat:
             if not chat.is_chat_model(model):
                 raise cli.Error(f"--model {args.model} is not a chat model (its vocabulary has no chat markers): "
@@ -350,7 +359,8 @@ def main(argv=None):
     print()
     for i, text in enumerate(texts[1:], 2):
         print(f"--- sample {i} ---\n{text}")
-    print(f"{n} x {steps} tokens in {seconds:.2f} s: {n * steps / seconds:.1f} tokens/s ({device}, {dtype})", file=sys.stderr)
+    print(f"{n} x {steps} tokens in {seconds:.2f} s: {n * steps / seconds:.1f} tokens/s ({device}, {rt.dtype})",
+          file=sys.stderr)
     return 0
 
 

@@ -206,28 +206,18 @@ def main(argv=None):
                    help="where the jsonl files are (default: $HELLASWAG_DIR or ./hellaswag)")
     p.add_argument("--json", default=None, help="write the results and per-example choices here")
     args = p.parse_args(argv)
-    from model_io import DTYPES, best_device, default_dtype, load_model
+    import runtime
+    from model_io import load_model
 
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
     try:
         examples = load_examples(data_path(args.split, args.data_dir))[: args.limit]  # fail fast on bad data
-        device = args.device or best_device()
-        dtype = args.dtype or default_dtype(device)
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-            if device == "cuda":
-                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                torch.cuda.set_device(device)
-        model = load_model(args.model).to(device)
+        rt = runtime.setup(args.device, args.dtype)
+        model = load_model(args.model).to(rt.device)
     except cli.Error as e:
         return cli.fail(e)
-    autocast = torch.autocast(device.split(":")[0], dtype=DTYPES[dtype], enabled=dtype != "fp32")
-    with autocast:
-        result = evaluate(model, examples, args.batch_size, rank, world_size, progress=True)
-    if rank == 0:
+    with rt.autocast():
+        result = evaluate(model, examples, args.batch_size, rt.rank, rt.world_size, progress=True)
+    if rt.rank == 0:
         if result["skipped"]:
             print(f"{result['skipped']} examples skipped: an ending of block_size tokens or more")
         if result["acc"] is None:
@@ -238,8 +228,7 @@ def main(argv=None):
                   f"acc_norm {result['acc_norm']:.4f}  acc_norm_bytes {result['acc_norm_bytes']:.4f}")
         if args.json:
             cli.atomic_write(args.json, json.dumps({"model": args.model, "split": args.split, **result}))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    runtime.teardown()
     return 0
 
 

@@ -13,9 +13,9 @@ script runs by default (device and dtype).
     python model_io.py export log/small out/small [--dtype bf16]   # a folder for the Hub, with a model card
 
 Every directory written here is whole for transformers: AutoTokenizer, pipeline("text-generation")
-and lm_eval --model hf read it without the Hub (tokenizer files built offline from tiktoken's BPE; a
-chat model's carries its chat_template and stops at <|im_end|>). Every failure to load is a
-cli.Error whose message says what to do.
+and lm_eval --model hf read it without the Hub (tokenizer files built offline from tiktoken's BPE
+by hf_tokenizer.py; a chat model's carries its chat_template and stops at <|im_end|>). Every failure
+to load is a cli.Error whose message says what to do.
 """
 
 import codecs
@@ -32,23 +32,9 @@ from dataclasses import asdict
 import torch
 
 import cli
+from hf_tokenizer import CHAT_TEMPLATE, FILES_VERSION, build_files
 from model import BLOCK_MATRICES, EOT_TOKEN, GPT, PRESETS, GPTConfig
-
-# -----------------------------------------------------------------------------
-# Where a script runs
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the scripts' --dtype
-
-
-def best_device():
-    """What --device defaults to in every script: cuda, else mps, else cpu."""
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def default_dtype(device):
-    """What --dtype defaults to in every script: bf16 on a CUDA device that has it, else fp32."""
-    return "bf16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-
+from runtime import DTYPES
 
 # -----------------------------------------------------------------------------
 # The tokenizer
@@ -60,25 +46,6 @@ R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tikto
 # pretraining never uses: its vocabulary is GPT-2's 50,257 tokens and these two.
 IM_START, IM_END = 50257, 50258
 CHAT_VOCAB_SIZE = 50259
-
-# chat.render's tokens as transformers' apply_chat_template makes them (the Jinja template in a chat
-# model's tokenizer_config.json): a developer message is a system message, text parts are joined by
-# newlines (chat.parse_messages), another role is an error. (A message whose text spells a marker,
-# "<|im_end|>", gets the marker there: the tokenizer reads markers in the rendered text.)
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- set role = 'system' if message['role'] == 'developer' else message['role'] %}"
-    "{%- if role not in ['system', 'user', 'assistant'] %}"
-    "{{- raise_exception('roles are system, developer, user and assistant, not ' ~ message['role']) }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + role + '\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}{{- ('\n' if not loop.first else '') + part['text'] }}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,8 +59,9 @@ def get_tokenizer(chat=False):
 
     if chat:
         base = get_tokenizer()
+        markers = {"<|im_start|>": IM_START, "<|im_end|>": IM_END}
         return tiktoken.Encoding(name="r50k_base_chatml", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
-                                 special_tokens={**base._special_tokens, "<|im_start|>": IM_START, "<|im_end|>": IM_END})
+                                 special_tokens={**base._special_tokens, **markers})
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:
@@ -128,7 +96,8 @@ class TextStream:
         if hits:
             end = min(hits)
         else:
-            held = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            held = 0 if final else max((k for s in self.stop for k in range(1, len(s))
+                                        if self.text.endswith(s[:k])), default=0)
             end = max(self.sent, len(self.text) - held)
         delta, self.sent = self.text[self.sent : end], end
         return delta, bool(hits)
@@ -137,7 +106,6 @@ class TextStream:
 # -----------------------------------------------------------------------------
 # The tokenizer as transformers reads it, beside every checkpoint (AutoTokenizer.from_pretrained)
 
-HF_TOKENIZER_VERSION = 1  # the cache of built files is keyed by it: bump it when _build_tokenizer_files changes
 SPECIAL = {"<|endoftext|>": EOT_TOKEN, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
 
 
@@ -146,73 +114,12 @@ def cache_root():
     return os.environ.get("GPT2_REPRO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-repro")
 
 
-def _byte_chars():
-    """GPT-2's printable spelling of the 256 bytes (vocab.json and merges.txt are written in it)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in bs]
-    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
-
-
-def _merge_of(token, rank, ranks):
-    """The two tokens that token (of rank >= 256) is the merge of: what BPE leaves of its bytes with
-    only the merges before it (so merges.txt line k makes token 256 + k, as GPT-2's does)."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while True:
-        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-        r, i = min(pairs)
-        if r >= rank:
-            return parts
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-
-
-def _build_tokenizer_files(chat):
-    enc = get_tokenizer()
-    ranks, char = enc._mergeable_ranks, _byte_chars()
-
-    def spell(b):
-        return "".join(char[x] for x in b)
-
-    specials = {k: v for k, v in SPECIAL.items() if chat or v == EOT_TOKEN}
-    vocab, merges = {}, []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        vocab[spell(token)] = rank
-        if len(token) > 1:
-            parts = _merge_of(token, rank, ranks)
-            if len(parts) != 2:
-                raise cli.Error(f"the BPE's token {rank} is not a merge of two tokens: not GPT-2's BPE")
-            merges.append(" ".join(map(spell, parts)))
-    vocab |= specials
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    pre = byte_level
-    if chat:
-        # chat.render encodes a message's "role\n" and its text apart: a text that starts with white
-        # space (as "  Hi") is not pre-tokenized into the newline before it. Isolating a leading role
-        # line in each stretch between markers does the same.
-        role_line = {"Regex": r"\A(?:system|user|assistant)\n"}
-        pre = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": role_line, "behavior": "Isolated", "invert": False}, byte_level]}
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for t, i in specials.items()],
-        "normalizer": None, "pre_tokenizer": pre,
-        "post_processor": {**byte_level, "add_prefix_space": True, "trim_offsets": False},
-        "decoder": {**byte_level, "add_prefix_space": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
-    }
-    return {"tokenizer.json": json.dumps(tokenizer, ensure_ascii=False).encode(),
-            "vocab.json": json.dumps(vocab, ensure_ascii=False).encode(),
-            "merges.txt": "\n".join(["#version: 0.2", *merges, ""]).encode()}
-
-
 @functools.lru_cache(maxsize=None)
 def tokenizer_files(chat=False):
     """{name: bytes} of tokenizer.json, vocab.json and merges.txt: GPT-2's BPE (chat=True: with the chat
     markers as special tokens) as transformers reads it, built from tiktoken's ranks. Built once per
     machine (kept under cache_root()), read once per process: a checkpoint only copies them."""
-    cache = os.path.join(cache_root(), f"hf-tokenizer-v{HF_TOKENIZER_VERSION}", "chatml" if chat else "gpt2")
+    cache = os.path.join(cache_root(), f"hf-tokenizer-v{FILES_VERSION}", "chatml" if chat else "gpt2")
     names = ("tokenizer.json", "vocab.json", "merges.txt")
     try:
         files = {}
@@ -222,7 +129,8 @@ def tokenizer_files(chat=False):
         return files
     except OSError:
         pass
-    files = _build_tokenizer_files(chat)
+    specials = {k: v for k, v in SPECIAL.items() if chat or v == EOT_TOKEN}
+    files = build_files(get_tokenizer()._mergeable_ranks, specials, chat)
     try:
         os.makedirs(cache, exist_ok=True)
         for name in names:
@@ -297,7 +205,8 @@ def load_hf_state_dict(model, sd):
     ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()}
     missing, unexpected = sorted(ours.keys() - sd.keys()), sorted(sd.keys() - ours.keys())
     if missing or unexpected:
-        raise cli.Error(f"state dict does not match GPT-2 {model.config}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise cli.Error(f"state dict does not match GPT-2 {model.config}: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
     V = model.config.vocab_size
     with torch.no_grad():
         for k, v in sd.items():
@@ -433,9 +342,9 @@ def download(name, cache_dir=None):
         except (urllib.error.URLError, OSError) as e:
             raise cli.Error(
                 f"could not download {name!r} from the Hugging Face Hub ({e}). Offline? On a machine with "
-                f"internet, download config.json and model.safetensors from https://huggingface.co/openai-community/{name} "
-                f"into a directory, copy it here, and pass that directory instead of {name!r} "
-                f"(e.g. load_model('path/to/{name}') or --model path/to/{name})."
+                "internet, download config.json and model.safetensors from "
+                f"https://huggingface.co/openai-community/{name} into a directory, copy it here, and pass that "
+                f"directory instead of {name!r} (e.g. load_model('path/to/{name}') or --model path/to/{name})."
             ) from None
     return target
 

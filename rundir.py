@@ -38,7 +38,8 @@ class BadCheckpoint(Exception):
 
 def _finite(tensors):
     """Names of the non-finite floating-point tensors in a {name: tensor} dict."""
-    return [k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    return [k for k, t in tensors.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def optimizer_tensors(opt_state):
@@ -58,7 +59,8 @@ class RunDir:
         """Lock the directory and make sure it holds this run (or nothing yet); returns the run id.
         defaults: the value of each setting that run.json leaves out when it holds it."""
         if os.path.islink(self.path) and not os.path.exists(self.path):
-            raise cli.Error(f"--log_dir {self.path!r} is a symbolic link to {os.readlink(self.path)!r}, which does not exist")
+            raise cli.Error(f"--log_dir {self.path!r} is a symbolic link to {os.readlink(self.path)!r}, "
+                            "which does not exist")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise cli.Error(f"--log_dir {self.path!r} is a file, not a directory")
         os.makedirs(self.path, exist_ok=True)
@@ -67,7 +69,8 @@ class RunDir:
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise cli.Error(f"{self.path} is in use by another live run; wait for it or pick another --log_dir") from None
+                raise cli.Error(f"{self.path} is in use by another live run; wait for it or pick another "
+                                "--log_dir") from None
         ident_path = os.path.join(self.path, "run.json")
         try:
             with open(ident_path) as f:
@@ -77,9 +80,12 @@ class RunDir:
         except ValueError as e:
             raise cli.Error(f"{ident_path} is damaged ({e}); pick another --log_dir") from None
         if old is not None or os.path.exists(ident_path):  # (a file holding `null` too)
-            if not (isinstance(old, dict) and isinstance(old.get("run_id"), str) and isinstance(old.get("settings"), dict)):
-                raise cli.Error(f"{ident_path} is damaged (not an object with a run_id and settings); pick another --log_dir")
-        has_files = bool(checkpoint_dirs(self.path)) or (os.path.isfile(self.log_path) and os.path.getsize(self.log_path) > 0)
+            if not (isinstance(old, dict) and isinstance(old.get("run_id"), str)
+                    and isinstance(old.get("settings"), dict)):
+                raise cli.Error(f"{ident_path} is damaged (not an object with a run_id and settings); "
+                                "pick another --log_dir")
+        has_log = os.path.isfile(self.log_path) and os.path.getsize(self.log_path) > 0
+        has_files = bool(checkpoint_dirs(self.path)) or has_log
         if old is None:
             if has_files and not resume:
                 raise cli.Error(f"{self.path} holds another run's log.jsonl or checkpoints; continue that run with "
@@ -121,7 +127,8 @@ class RunDir:
                     f.truncate(keep)
                     print(f"warning: {self.log_path} ended in a torn record ({len(data) - keep} bytes of an "
                           f"interrupted write); cut it")
-        self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # (less the umask, as any new file)
+        # (mode 0o666 less the umask, as any new file)
+        self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
     def log(self, record):
         line = (json.dumps(record) + "\n").encode()
@@ -150,7 +157,8 @@ class RunDir:
         try:
             save_pretrained(model, tmp)
             torch.save({**state, "run_id": self.run_id}, os.path.join(tmp, "trainer_state.pt"))
-            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in ("config.json", "model.safetensors", "trainer_state.pt")}
+            files = {f: os.path.getsize(os.path.join(tmp, f))
+                     for f in ("config.json", "model.safetensors", "trainer_state.pt")}
             with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
                 json.dump({"run_id": self.run_id, "step": step, "files": files}, f)
             for name in os.listdir(tmp):
@@ -168,7 +176,8 @@ class RunDir:
 
     def prune(self, keep):
         """Delete all but the newest `keep` checkpoints of this run (never another run's)."""
-        ours = [d for d in self.checkpoints() if _read_json(os.path.join(d, "checkpoint.json")).get("run_id") == self.run_id]
+        ours = [d for d in self.checkpoints()
+                if _read_json(os.path.join(d, "checkpoint.json")).get("run_id") == self.run_id]
         for old in ours[:-keep]:
             shutil.rmtree(old)
 
@@ -217,7 +226,8 @@ def _read_json(path):
 
 
 def _optimizer_state(s):
-    return isinstance(s, dict) and isinstance(s.get("state"), dict) and all(isinstance(v, dict) for v in s["state"].values())
+    return (isinstance(s, dict) and isinstance(s.get("state"), dict)
+            and all(isinstance(v, dict) for v in s["state"].values()))
 
 
 def verify(d, config, run_id, muon=False):

@@ -16,7 +16,6 @@ context + continuation), so every number is the one an unpacked forward pass wou
 """
 
 import torch
-import torch.nn.functional as F
 
 import cli
 

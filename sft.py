@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,8 +39,9 @@ import chat
 import cli
 import train
 from model_io import IM_END, get_tokenizer, load_model
+from train import setting
 
-# The recipes' fine-tuning defaults: a gentler learning rate than pretraining's, a short warm-up (5% of the run),
+# The recipes' fine-tuning defaults: a gentler learning rate than pretraining's, a short warm-up ("5%" of the run),
 # a decay to zero; the optimizers as in pretraining.
 RECIPES = {
     "gpt2": {**train.RECIPES["gpt2"], "max_lr": 1e-4, "min_lr": 0.0, "warmup_steps": "5%", "zero_init_residual": False},
@@ -48,39 +50,46 @@ RECIPES = {
 }
 
 
-def parser():
-    p = cli.Parser(description=__doc__, conflict_handler="resolve")
-    a = p.add_argument
-    a("--model", required=True, help="the model to fine-tune: a train.py run, a checkpoint or HF-format dir, or gpt2")
-    a("--data", nargs="+", required=True, help="conversation files (JSON lines) or hf:OWNER/NAME[:SPLIT]")
-    a("--val_data", nargs="+", default=None, help="held-out conversations (default: --val_frac of --data)")
-    a("--val_frac", type=cli.float_range(0, 1, lo_open=True, hi_open=True), default=0.05,
-      help="the share of --data held out for the val loss when there is no --val_data (at least one conversation, "
-      "at most --val_conversations)")
-    a("--val_conversations", type=cli.positive_int, default=256,
-      help="the most held-out conversations scored at each evaluation (a sample drawn by --seed)")
-    a("--conversations_per_step", type=cli.positive_int, default=32,
-      help="conversations (rows) per optimizer step, across all processes")
-    a("--sample_prompt", default="Hello! What can you do?", help="the user's message sampled at each evaluation")
-    train.add_training_flags(p, RECIPES)
-    # train.py's flags with fine-tuning's defaults
-    a("--max_steps", type=cli.positive_int, default=None, help="optimizer steps (default: one epoch of the train conversations)")
-    a("--batch_size_per_device", type=cli.positive_int, default=8, help="conversations per process per micro-step")
-    a("--eval_step_interval", type=cli.positive_int, default=50, help="validate and sample every N steps")
-    a("--save_step", type=cli.positive_int, default=500, help="checkpoint every N steps (and at the end)")
-    a("--log_dir", default="log/chat", help="the run's directory (log.jsonl, checkpoints); it holds one run only")
-    a("--zero_init_residual", "--no-zero_init_residual", nargs=0, action=TrainPyOnly, default=None,
-      help=argparse.SUPPRESS)
-    p.set_defaults(hellaswag_examples=0)  # HellaSwag scores completions, not chats
-    return p
-
-
 class TrainPyOnly(argparse.Action):
     """A training flag that means nothing here: refused in one line rather than accepted and ignored."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is train.py's (a new model's initialisation); "
                      "sft.py starts from --model's weights")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(train.TrainConfig):
+    """sft.py's settings: train.py's, with fine-tuning's defaults, and the model and conversations."""
+    model: str = setting(None, "the model to fine-tune: a train.py run, a checkpoint or HF-format dir, or gpt2",
+                         required=True)
+    data: list = setting(None, "conversation files (JSON lines) or hf:OWNER/NAME[:SPLIT]", nargs="+", required=True)
+    val_data: list = setting(None, "held-out conversations (default: --val_frac of --data)", nargs="+")
+    val_frac: float = setting(0.05, "the share of --data held out for the val loss when there is no --val_data (at "
+                              "least one conversation, at most --val_conversations)",
+                              cli.float_range(0, 1, lo_open=True, hi_open=True))
+    val_conversations: int = setting(256, "the most held-out conversations scored at each evaluation (a sample "
+                                     "drawn by --seed)", cli.positive_int)
+    conversations_per_step: int = setting(32, "conversations (rows) per optimizer step, across all processes",
+                                          cli.positive_int, run=True)
+    sample_prompt: str = setting("Hello! What can you do?", "the user's message sampled at each evaluation")
+    # train.py's flags with fine-tuning's defaults
+    max_steps: int = setting(None, "optimizer steps (default: one epoch of the train conversations)",
+                             cli.positive_int, run=True)
+    batch_size_per_device: int = setting(8, "conversations per process per micro-step", cli.positive_int)
+    eval_step_interval: int = setting(50, "validate and sample every N steps", cli.positive_int)
+    save_step: int = setting(500, "checkpoint every N steps (and at the end)", cli.positive_int)
+    log_dir: str = setting("log/chat", "the run's directory (log.jsonl, checkpoints); it holds one run only")
+    zero_init_residual: bool = setting(None, argparse.SUPPRESS, run=True, older=False, recipe=False, nargs=0,
+                                       action=TrainPyOnly, also=("--no-zero_init_residual",))
+    # set here, not by flags: the batch from --conversations_per_step, validation from the held-out data
+    total_batch_size: int = setting(None, run=True, flag=False)
+    val_tokens: int = setting(None, run=True, flag=False)
+    hellaswag_examples: int = setting(0, flag=False)  # HellaSwag scores completions, not chats
+
+
+def parser():
+    return train.parser(SFTConfig, RECIPES, __doc__)
 
 
 def read_data(sources):
@@ -115,66 +124,60 @@ def sample(n, k, seed):
     return set(np.random.default_rng(seed).permutation(n)[:k].tolist())
 
 
-class FineTuning:
-    """train.py's task for sft.py: start from --model (with room for the chat markers), train on
-    conversations."""
+def split(cfg, conversations):
+    """(train, val) conversations: --val_data's (a sample of at most --val_conversations), or
+    --val_frac of --data held out."""
+    if cfg.val_data:
+        val_convs = read_data(cfg.val_data)
+        if len(val_convs) > cfg.val_conversations:
+            val_convs = [val_convs[i] for i in sorted(sample(len(val_convs), cfg.val_conversations, cfg.seed))]
+        return conversations, val_convs
+    n_val = min(max(1, round(cfg.val_frac * len(conversations))), cfg.val_conversations)
+    if n_val >= len(conversations):
+        raise cli.Error(f"--data holds {len(conversations)} conversation(s): too few to hold out {n_val} "
+                        "for the val loss; add some or pass --val_data")
+    held_out = sample(len(conversations), n_val, cfg.seed)
+    return ([c for i, c in enumerate(conversations) if i not in held_out],
+            [c for i, c in enumerate(conversations) if i in held_out])
 
-    recipes = RECIPES
 
-    def __init__(self):
-        self.base = None
-
-    def config(self, args):
-        self.base = chat.to_chat_model(load_model(args.model))
-        return self.base.config
-
-    def loaders(self, args, config, rank, world_size):
-        T, B = config.block_size, args.batch_size_per_device
-        conversations = read_data(args.data)
-        if args.val_data:
-            train_convs, val_convs = conversations, read_data(args.val_data)
-            if len(val_convs) > args.val_conversations:
-                val_convs = [val_convs[i] for i in sorted(sample(len(val_convs), args.val_conversations, args.seed))]
-        else:
-            n_val = min(max(1, round(args.val_frac * len(conversations))), args.val_conversations)
-            if n_val >= len(conversations):
-                raise cli.Error(f"--data holds {len(conversations)} conversation(s): too few to hold out {n_val} "
-                                "for the val loss; add some or pass --val_data")
-            held_out = sample(len(conversations), n_val, args.seed)
-            train_convs = [c for i, c in enumerate(conversations) if i not in held_out]
-            val_convs = [c for i, c in enumerate(conversations) if i in held_out]
-        train_rows, val_rows = chat.rows(train_convs, T), chat.rows(val_convs, T)
-        if rank == 0:
-            for name, (_, _, counts) in (("train", train_rows), ("val", val_rows)):
-                print(f"{name}: {counts['kept']:,} conversations of at most {T} tokens "
-                      f"({counts['cropped']:,} cropped, {counts['skipped']:,} skipped: no assistant token fits)")
-        args.total_batch_size = args.conversations_per_step * T
-        args.val_tokens = len(val_rows[0]) * T  # every held-out conversation, at every validation
-        if args.max_steps is None:
-            args.max_steps = math.ceil(len(train_rows[0]) / args.conversations_per_step)
-            if args.max_steps < 20 and rank == 0:
-                print(f"warning: one epoch of {len(train_rows[0])} conversations is {args.max_steps} step(s) of "
-                      f"--conversations_per_step {args.conversations_per_step}, too few to learn from: pass --max_steps "
-                      f"(more epochs) and a smaller --conversations_per_step (README: a small chat model)")
-        # what run.json records: --resume refuses other data (or the same data split otherwise)
-        self.data_sha256 = hashlib.sha256(json.dumps([train_convs, val_convs]).encode()).hexdigest()
-        return (chat.ChatLoader(*train_rows[:2], "train", T, B, args.total_batch_size, rank, world_size, args.seed),
-                chat.ChatLoader(*val_rows[:2], "val", T, B, B * T * world_size, rank, world_size, args.seed))
-
-    def init_model(self, args, config):
-        return self.base
-
-    def settings(self, args):
-        return {"task": "sft", "init_model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
-                "data_sha256": self.data_sha256, "conversations_per_step": args.conversations_per_step}
-
-    def sample_prompt(self, args):
-        ids, _ = chat.render([{"role": "user", "content": args.sample_prompt}], generation_prompt=True)
-        return ids, get_tokenizer(chat=True), IM_END
+def loaders(cfg, T, rt):
+    """(train, val) loaders of conversation rows, and the data's sha256 (run.json: --resume refuses
+    other data, or the same data split otherwise). Sets the batch, val tokens and, by default, the
+    steps (one epoch)."""
+    B = cfg.batch_size_per_device
+    train_convs, val_convs = split(cfg, read_data(cfg.data))
+    train_rows, val_rows = chat.conversation_rows(train_convs, T), chat.conversation_rows(val_convs, T)
+    if rt.rank == 0:
+        for name, (_, _, counts) in (("train", train_rows), ("val", val_rows)):
+            print(f"{name}: {counts['kept']:,} conversations of at most {T} tokens "
+                  f"({counts['cropped']:,} cropped, {counts['skipped']:,} skipped: no assistant token fits)")
+    cfg.total_batch_size = cfg.conversations_per_step * T
+    cfg.val_tokens = len(val_rows[0]) * T  # every held-out conversation, at every validation
+    if cfg.max_steps is None:
+        cfg.max_steps = math.ceil(len(train_rows[0]) / cfg.conversations_per_step)
+        if cfg.max_steps < 20 and rt.rank == 0:
+            print(f"warning: one epoch of {len(train_rows[0])} conversations is {cfg.max_steps} step(s) of "
+                  f"--conversations_per_step {cfg.conversations_per_step}, too few to learn from: pass --max_steps "
+                  f"(more epochs) and a smaller --conversations_per_step (README: a small chat model)")
+    sha256 = hashlib.sha256(json.dumps([train_convs, val_convs]).encode()).hexdigest()
+    return (chat.ChatLoader(*train_rows[:2], "train", T, B, cfg.total_batch_size, rt.rank, rt.world_size, cfg.seed),
+            chat.ChatLoader(*val_rows[:2], "val", T, B, B * T * rt.world_size, rt.rank, rt.world_size, cfg.seed),
+            sha256)
 
 
 def main(argv=None):
-    return train.main(argv, task=FineTuning(), parser=parser())
+    def body():
+        cfg = train.parse_args(argv, SFTConfig, RECIPES, parser())
+        rt = train.setup(cfg)
+        base = chat.to_chat_model(load_model(cfg.model))  # room for the chat markers
+        *data, sha256 = loaders(cfg, base.config.block_size, rt)
+        settings = {"task": "sft", "init_model": os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model,
+                    "data_sha256": sha256}
+        ids, _ = chat.render([{"role": "user", "content": cfg.sample_prompt}], generation_prompt=True)
+        return train.fit(cfg, rt, base.config, data, lambda: base, (ids, get_tokenizer(chat=True), IM_END), settings)
+
+    return train.run_main(body)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO_ROOT, env, perturb_
 
 import chat
+import decode
 import generate
 from model import GPT, GPTConfig
 from model_io import IM_END, IM_START, get_tokenizer, load_model, save_pretrained
@@ -294,9 +295,9 @@ def test_compile_warms_the_decoder_before_it_samples(small, monkeypatch, capsys)
             return fn(*args)
         return step
 
-    real = GPT.generate_stream
+    real = decode.generate_stream
     monkeypatch.setattr(torch, "compile", compile_)
-    monkeypatch.setattr(GPT, "generate_stream", lambda *a, **k: (started.append(len(steps)), real(*a, **k))[1])
+    monkeypatch.setattr(decode, "generate_stream", lambda *a, **k: (started.append(len(steps)), real(*a, **k))[1])
     assert generate.main(argv + ["--compile"]) == 0
     out, err = capsys.readouterr()
     assert out == want and "(compiling the decode step...)" in err

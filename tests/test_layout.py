@@ -2,6 +2,9 @@
 use one another's public names only, and the imports form no cycle."""
 
 import ast
+import io
+import re
+import tokenize
 
 import pytest
 from conftest import REPO_ROOT
@@ -44,7 +47,7 @@ def imported_modules(t):
 
 def test_no_module_uses_another_modules_private_names():
     """A private name (_x) of one module is never imported or reached from another: what scripts
-    share is public (model.hidden, model.next_logits, fineweb.init_worker, ...)."""
+    share is public (model.hidden, decode.next_logits, fineweb.init_worker, ...)."""
     defined = {name: defined_names(tree(name)) for name in MODULES}
     problems = []
     for name in MODULES:
@@ -96,3 +99,70 @@ def test_imports_form_no_cycle():
 
     for n in sorted(graph):
         visit(n, [])
+
+
+# -- sizes a newcomer can read -------------------------------------------------------------------
+
+MAX_FUNCTION_LINES, MAX_FILE_LINES, MAX_LINE_CHARS = 80, 600, 120
+
+
+def test_no_function_over_80_lines():
+    long = []
+    for name in MODULES:
+        for node in ast.walk(tree(name)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {n} lines")
+    assert not long, "\n".join(long)
+
+
+def test_no_file_over_600_lines_nor_line_over_120_characters():
+    problems = []
+    for name, path in MODULES.items():
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_FILE_LINES:
+            problems.append(f"{name}.py: {len(lines)} lines")
+        problems += [f"{name}.py:{i}: {len(ln)} characters" for i, ln in enumerate(lines, 1) if len(ln) > MAX_LINE_CHARS]
+    assert not problems, "\n".join(problems)
+
+
+# A measured figure: a number with a unit of time or speed ("~3 us", "0.1 s", "1,491 tok/s"), a ratio
+# ("2.76x") or a share ("70%"). A value in quotes ("5%" as a flag takes it) is a setting, not a measurement.
+FIGURE = re.compile(r"(?<![\w.\"'])~?\d[\d,]*(\.\d+)?\s?(ns|us|µs|ms|s|sec|seconds|min|minutes|h|tok/s|tokens/s|it/s"
+                    r"|GB/s|MB/s)(?![\w/])|(?<![\w.\"'])~?\d+(\.\d+)?x(?!\w)|(?<![\w.\"'])~?\d+(\.\d+)?%")
+
+
+def comments_and_docstrings(path):
+    """(line, text) of every comment and docstring line of a module."""
+    src = path.read_text()
+    found = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(src).readline)
+             if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                found += [(node.body[0].lineno + i, line) for i, line in enumerate(doc.splitlines())]
+    return found
+
+
+def test_no_measured_figure_in_a_docstring_or_comment():
+    """Measurements and their history live in BENCHMARKS.md and the commit log, where they carry a
+    date, a machine and a command; docstrings and comments say what and why."""
+    found = [f"{name}.py:{line}: {m.group(0)!r} in {text.strip()[:100]!r}"
+             for name, path in MODULES.items() for line, text in comments_and_docstrings(path)
+             for m in FIGURE.finditer(text)]
+    assert not found, "\n".join(found)
+
+
+def test_the_figure_pattern_finds_figures():
+    """The pattern above, on what it must find and what it must let be."""
+    for text in ("takes ~3 us", "0.83x -> 0.87x", "1,491 tok/s", "70% of that", "about 0.1 s", "40 ms on Linux"):
+        assert FIGURE.search(text), text
+    for text in ('warm-up ("5%" of the run)', "a 64x1025 batch", "step_000040", "the 2 ranks", "python3.11"):
+        assert not FIGURE.search(text), text
+
+
+def test_every_module_opens_with_its_job():
+    missing = [name for name in MODULES if not ast.get_docstring(tree(name))]
+    assert not missing, missing

@@ -111,9 +111,9 @@ def test_hf_agrees_with_serve_py(checkpoint, tasks, hf_run):
     """--model local-completions through serve.py (echo + logprobs; /tokenizer_info and /tokenize: lm-eval's
     remote tokenizer) gives every choice the log-likelihood --model hf gives it (1e-4), and the same acc,
     acc_norm and acc_bytes, example for example."""
-    import serve
+    from launch import launch
 
-    proc, url = serve.launch(checkpoint, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc, url = launch(checkpoint, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:  # as README says, lm-eval's default tokenizer backend (it finds serve.py's /tokenizer_info)
         served = run("local-completions", {"model": "step_000010", "base_url": f"{url}/v1/completions",
                                            "num_concurrent": 8, "max_length": 128, "max_retries": 1}, tasks)
@@ -187,16 +187,15 @@ def test_readme_lm_eval_lines_run_as_pasted(checkpoint, tasks, hf_run, tmp_path)
     import shutil
     import sys
 
-    import serve
-
     from conftest import REPO_ROOT
+    from launch import launch
 
     readme = (Path(REPO_ROOT) / "README.md").read_text()
     block = next(b for b in (b.split("```")[0] for b in readme.split("```bash\n")[1:]) if "lm_eval --model hf" in b)
     lines = [ln.split("  #")[0] for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("lm_eval ")]
     assert len(lines) == 2 and "--model local-completions" in lines[1], lines
     shutil.copytree(checkpoint, tmp_path / "log" / "small" / "step_000080")
-    proc, url = serve.launch(tmp_path / "log" / "small", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc, url = launch(tmp_path / "log" / "small", env={**os.environ, "OMP_NUM_THREADS": "1"})
     lm_eval_cli = str(Path(sys.executable).parent / "lm_eval")
     want = {m: hf_run[1]["repro_mc"][f"{m},none"] for m in ("acc", "acc_norm")}
     try:

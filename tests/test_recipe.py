@@ -173,12 +173,9 @@ def test_zero_init_residual_starts_the_projections_at_zero(data_dir, tmp_path):
     every other parameter is GPT-2's initialisation for the seed."""
     inits = {}
     for name, flags in [("zero", ["--zero_init_residual"]), ("plain", [])]:
-        args = train.parse_args([str(a) for a in base_args(data_dir, tmp_path / name, 4)] + flags)
-        ctx = train.build(train.setup(args))
-        try:
-            inits[name] = {k: v.clone() for k, v in ctx.raw_model.state_dict().items()}
-        finally:
-            ctx.run_dir.close()
+        cfg = train.parse_args([str(a) for a in base_args(data_dir, tmp_path / name, 4)] + flags)
+        model = train.new_model(cfg, train.model_config(cfg))  # what a new run trains from
+        inits[name] = {k: v.clone() for k, v in model.state_dict().items()}
     for k, v in inits["zero"].items():
         if k.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
             assert v.abs().sum() == 0, k

@@ -27,11 +27,15 @@ from conftest import REPO_ROOT, error_line, perturb_  # noqa: E402
 
 import chat  # noqa: E402
 import cli  # noqa: E402
+import decode  # noqa: E402
+import openai_api  # noqa: E402
 import serve  # noqa: E402
 from model import EOT_TOKEN, GPT, GPTConfig  # noqa: E402
 from model_io import IM_END, TextStream, get_tokenizer, load_model, save_pretrained  # noqa: E402
 from engine import Engine, Job, Sequence  # noqa: E402
-from serve import APIError, job_events, launch  # noqa: E402
+from launch import launch  # noqa: E402
+from openai_api import APIError  # noqa: E402
+from serve import job_events  # noqa: E402
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", str(REPO_ROOT / "test-artifacts"))
 PROMPTS = ["Hello, I'm a language model,", "The quick brown fox", "Once upon a time", "In 1905, Einstein",
@@ -288,13 +292,13 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
         raise RuntimeError("injected failure")
 
     try:
-        real = model.next_logits
-        monkeypatch.setattr(model, "next_logits", fail)
+        real = decode.next_logits
+        monkeypatch.setattr(decode, "next_logits", fail)
         with pytest.raises(APIError) as e:
             run(2)
         assert e.value.status == 500
         assert engine.load()["requests_in_flight"] == 0 and engine.load()["running"] == 0
-        monkeypatch.setattr(model, "next_logits", real)
+        monkeypatch.setattr(decode, "next_logits", real)
         assert run(2) == [reference(model, PROMPTS[0], 10, 3 + c)[0] for c in range(2)]
     finally:
         engine.close()
@@ -328,7 +332,7 @@ def test_a_compiled_engine_is_warm_for_every_bucket_before_it_serves(tiny, monke
     def fail(self):
         raise RuntimeError("injected compile failure")
 
-    monkeypatch.setattr(serve.StaticDecoder, "warm_up", fail)
+    monkeypatch.setattr(decode.StaticDecoder, "warm_up", fail)
     with pytest.raises(cli.Error, match="^compiling the decode step failed: RuntimeError: injected compile failure$"):
         Engine(model, max_batch=5, max_requests=2, compile=True)
 
@@ -1479,10 +1483,10 @@ def test_stalled_and_aborted_uploads_do_not_hold_or_flood_the_server(plain, tmp_
 def test_a_prompt_too_long_is_refused_before_it_is_tokenized(monkeypatch):
     """More characters than --max_prompt_tokens tokens can hold: 413 without tokenizing it (a megabyte
     of digits takes about a second). The bound never refuses a prompt that fits: no token is longer
-    than serve.TOKEN_BYTES bytes, and a 64-token prompt of the longest ones is taken."""
-    enc, limits = get_tokenizer(), serve.Limits(max_prompt_tokens=64)
+    than openai_api.TOKEN_BYTES bytes, and a 64-token prompt of the longest ones is taken."""
+    enc, limits = get_tokenizer(), openai_api.Limits(max_prompt_tokens=64)
     lengths = [len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)]
-    assert max(lengths) == serve.TOKEN_BYTES and all(len(t) <= serve.TOKEN_BYTES for t in ("<|im_start|>", "<|im_end|>"))
+    assert max(lengths) == openai_api.TOKEN_BYTES and all(len(t) <= openai_api.TOKEN_BYTES for t in ("<|im_start|>", "<|im_end|>"))
     seen = []
 
     class Spy:  # the tokenizer, noting the length of each text it is given
@@ -1492,7 +1496,7 @@ def test_a_prompt_too_long_is_refused_before_it_is_tokenized(monkeypatch):
             seen.append(len(text))
             return enc.encode(text, **kw)
 
-    parse = lambda body: serve.parse_request(json.dumps(body), Spy(), 1024, limits)  # noqa: E731
+    parse = lambda body: openai_api.parse_request(json.dumps(body), Spy(), 1024, limits)  # noqa: E731
     for prompt in ["7" * (64 * 128 + 1), ["Hi", "7" * 1_000_000]]:
         with pytest.raises(APIError) as e:
             parse({"prompt": prompt, "max_tokens": 1})
@@ -1503,7 +1507,7 @@ def test_a_prompt_too_long_is_refused_before_it_is_tokenized(monkeypatch):
     assert parse({"prompt": longest, "max_tokens": 1}).prompts == [enc.encode(longest)]
     monkeypatch.setattr(chat, "render", lambda *a, **k: pytest.fail("tokenized"))
     with pytest.raises(APIError) as e:
-        serve.parse_chat_request(json.dumps({"messages": [{"role": "user", "content": "7" * 5000}] * 2}), 1024, limits)
+        openai_api.parse_chat_request(json.dumps({"messages": [{"role": "user", "content": "7" * 5000}] * 2}), 1024, limits)
     assert e.value.status == 413 and e.value.body["error"]["param"] == "messages"
 
 

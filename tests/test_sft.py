@@ -5,7 +5,6 @@ import json
 import random
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,9 @@ import torch
 from conftest import REPO_ROOT, check_ok, env, error_line, kill_when, read_log, run_train, train_cmd
 
 import chat
+import runtime
 import sft
+import train
 from model import GPT, GPTConfig
 from model_io import CHAT_VOCAB_SIZE, IM_END, IM_START, get_tokenizer, load_model, save_pretrained
 
@@ -97,7 +98,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
     ids, trained = chat.render(messages)
     assert ids == by_hand and trained == want
     # the loader's targets: y[t] = ids[t + 1] where ids[t + 1] is trained, else -1
-    tokens, flags, counts = chat.rows([messages], 64)
+    tokens, flags, counts = chat.conversation_rows([messages], 64)
     assert counts == {"kept": 1, "cropped": 0, "skipped": 0}
     _, y = chat.ChatLoader(tokens, flags, "val", 64, 1, 64).next_batch()
     kept = [int(t) for t in y[0] if t >= 0]
@@ -111,7 +112,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
 
 def targets(conversations, seq_len=64):
     """The trained targets (y >= 0) of each conversation, as sft.py's loader gives them, decoded."""
-    tokens, flags, _ = chat.rows(conversations, seq_len)
+    tokens, flags, _ = chat.conversation_rows(conversations, seq_len)
     _, y = chat.ChatLoader(tokens, flags, "val", seq_len, len(tokens), len(tokens) * seq_len).next_batch()
     return [get_tokenizer(chat=True).decode([int(t) for t in row if t >= 0]) for row in y]
 
@@ -141,7 +142,7 @@ def test_weight_0_assistant_messages_are_context(tmp_path):
 def test_content_parts_and_developer_are_read_as_serve_reads_them(tmp_path):
     """A conversation file's messages and a chat request's are one format: serve.py's parsing (the
     reference) and sft.py's reading give the same messages, and refuse the same ones."""
-    serve = pytest.importorskip("serve")
+    openai_api = pytest.importorskip("openai_api")
     reply = {"role": "assistant", "content": "Yo"}
     good = [[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}, reply],
             [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there", "x": 1}]},
@@ -152,10 +153,10 @@ def test_content_parts_and_developer_are_read_as_serve_reads_them(tmp_path):
            [{"role": "user", "content": []}, reply], [{"role": "user", "content": [{"type": "text"}]}, reply],
            [{"role": "user", "content": ["Hi"]}, reply], [{"role": "robot", "content": "Hi"}, reply]]
     path = write_conversations(tmp_path / "ok.jsonl", [{"messages": m} for m in good])
-    assert chat.read_conversations(path) == [serve.chat_messages(m) for m in good]
+    assert chat.read_conversations(path) == [openai_api.chat_messages(m) for m in good]
     for messages in bad:
-        with pytest.raises(serve.APIError):
-            serve.chat_messages(messages)
+        with pytest.raises(openai_api.APIError):
+            openai_api.chat_messages(messages)
         with pytest.raises(chat.cli.Error, match="line 1: message 0"):
             chat.read_conversations(write_conversations(tmp_path / "bad.jsonl", [{"messages": messages}]))
 
@@ -188,7 +189,7 @@ def test_over_long_conversations_are_cropped_or_skipped_and_counted():
     short = conversation("Hi")["messages"]
     long_answer = conversation("Hi", " ".join(["word"] * 80))["messages"]  # its answer runs past the row
     long_question = conversation(" ".join(["word"] * 80))["messages"]  # no assistant token fits
-    tokens, flags, counts = chat.rows([short, long_answer, long_question], 32)
+    tokens, flags, counts = chat.conversation_rows([short, long_answer, long_question], 32)
     assert counts == {"kept": 2, "cropped": 1, "skipped": 1} and tokens.shape == (2, 33) and flags[1, 1:].any()
 
 
@@ -231,9 +232,9 @@ def test_val_set_is_capped(tmp_path):
     val = write_conversations(tmp_path / "v.jsonl", [conversation(f"Q {i}", f"A {i}") for i in range(300)])
 
     def split(*flags):
-        args = sft.parser().parse_args(["--model", "x", "--data", str(data), *flags])
+        args = train.parse_args(["--model", "x", "--data", str(data), *flags], sft.SFTConfig, sft.RECIPES)
         args.max_steps = 1
-        train_loader, val_loader = sft.FineTuning().loaders(args, SimpleNamespace(block_size=32), 0, 1)
+        train_loader, val_loader, _ = sft.loaders(args, 32, runtime.Runtime("cpu", "fp32"))
         texts = [chat.get_tokenizer(chat=True).decode(row.tolist()) for row in val_loader.tokens]
         return train_loader.epoch_windows, val_loader.epoch_windows, args.val_tokens, texts
 

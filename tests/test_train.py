@@ -269,10 +269,10 @@ def test_fp16_gradients_are_unscaled_before_clipping(data_dir, tmp_path, optimiz
         assert abs(a["train_loss"] - b["train_loss"]) < 0.01, (step, a, b)
 
 
-def optimizer_snapshot(run):
+def optimizer_snapshot(model, optimizers, scaler):
     """Copies of every parameter, every optimizer's state and the fp16 scale."""
-    params = {n: p.detach().clone() for n, p in run.raw_model.named_parameters()}
-    return params, [copy.deepcopy(opt.state_dict()["state"]) for opt in run.optimizers], run.scaler.get_scale()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return params, [copy.deepcopy(opt.state_dict()["state"]) for opt in optimizers], scaler.get_scale()
 
 
 def same_state(a, b):
@@ -291,34 +291,34 @@ def test_fp16_overflow_in_any_gradient_moves_nothing(data_dir, tmp_path, monkeyp
     """fp16: an inf or NaN planted in one element of one parameter's gradient (a Muon matrix, or a
     tensor of AdamW's) at step 2: on that step no parameter and no optimizer state changes, the scale
     backs off, the step is logged as skipped, and the run goes on to its end."""
+    import optim
     import train
 
     BAD = 2
     snaps = {}
-    real_build = train.build
+    calls = [0]  # train_step calls so far: the step being trained
+    real_build, real_step = train.build_optimizers, train.train_step
 
-    def build(run, task=None):
-        run = real_build(run, task)
-        named = dict(run.raw_model.named_parameters())
-        victim = named[train.param_groups(run.raw_model, run.args)[where][0]]
-        calls = [0]
-        real_next = run.train_loader.next_batch
-
-        def next_batch():  # one call per step (no accumulation): snapshot before steps BAD-1..BAD+1
-            if calls[0] in (BAD - 1, BAD, BAD + 1):
-                snaps[calls[0]] = optimizer_snapshot(run)
-            calls[0] += 1
-            return real_next()
+    def build_optimizers(model, cfg, device_type):
+        victim = dict(model.named_parameters())[optim.param_groups(model, cfg)[where][0]]
 
         def plant(p):
-            if calls[0] - 1 == BAD:
+            if calls[0] == BAD:
                 p.grad.view(-1)[0] = bad
 
-        run.train_loader.next_batch = next_batch
         victim.register_post_accumulate_grad_hook(plant)
-        return run
+        return real_build(model, cfg, device_type)
 
-    monkeypatch.setattr(train, "build", build)
+    def train_step(model, batches, optimizers, scaler, *rest, **kw):  # snapshot before steps BAD-1..BAD+1
+        if calls[0] in (BAD - 1, BAD, BAD + 1):
+            snaps[calls[0]] = optimizer_snapshot(model, optimizers, scaler)
+        try:
+            return real_step(model, batches, optimizers, scaler, *rest, **kw)
+        finally:
+            calls[0] += 1
+
+    monkeypatch.setattr(train, "build_optimizers", build_optimizers)
+    monkeypatch.setattr(train, "train_step", train_step)
     args = base_args(data_dir, tmp_path / "log", 5, optimizer=optimizer, sample_tokens=0)
     i = args.index("--dtype")
     del args[i : i + 2]
@@ -465,6 +465,7 @@ def test_seed_command_line_parses(tmp_path):
 def test_cuda_device_gets_an_index(monkeypatch, env, expected):
     """torch.cuda.set_device('cuda') raises on recent PyTorch (found on an H100): setup must pass
     an indexed device, the process's LOCAL_RANK under torchrun, else cuda:0."""
+    import runtime
     import train
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -481,10 +482,11 @@ def test_cuda_device_gets_an_index(monkeypatch, env, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    monkeypatch.setattr(train, "init_process_group", lambda *a, **k: None)
-    ctx = train.setup(train.parse_args(["--device", "cuda"]))
+    monkeypatch.setattr(runtime, "init_process_group", lambda *a, **k: None)
+    cfg = train.parse_args(["--device", "cuda"])
+    ctx = train.setup(cfg)
     assert chosen == [expected] and ctx.device == expected and ctx.device_type == "cuda"
-    assert ctx.args.dtype == "bf16" and ctx.args.compile is True
+    assert cfg.dtype == "bf16" and cfg.compile is True
 
 
 # ----------------------------------------------------------------------------------------------
