@@ -119,8 +119,8 @@ class TrainConfig:
     resume: bool = setting(False, "continue the run in --log_dir from its newest checkpoint that verifies (or start "
                            "it there)", action="store_true")
     device: str = setting(None, "cuda, mps or cpu (default: the best available)", cli.device)
-    dtype: str = setting(None, "default: bf16 where supported, else fp32", run=True, choices=list(DTYPES))
-    fp16: bool = setting(False, "shorthand for --dtype fp16 (autocast with a gradient scaler)", action="store_true")
+    dtype: str = setting(None, "autocast dtype; fp16 adds a gradient scaler (default: bf16 where supported, else fp32)",
+                         run=True, choices=list(DTYPES))
     compile: bool = setting(None, "torch.compile (default: on for CUDA)", action=BooleanOptionalAction)
     grad_clip: float = setting(1.0, "clip the gradient norm to this", cli.positive_float, run=True)
 
@@ -166,8 +166,6 @@ def parse_args(argv=None, config_class=PretrainConfig, recipes=RECIPES, p=None):
     """Parse a command line into a config (train.py's, or sft.py's) and fill in what the recipe decides."""
     args = (p or parser(config_class, recipes)).parse_args(argv)
     cfg = config_class(**vars(args))
-    if cfg.fp16:
-        cfg.dtype = "fp16"
     if cfg.val_tokens is None and isinstance(cfg, PretrainConfig):
         cfg.val_tokens = cfg.eval_max_steps * cfg.total_batch_size if cfg.eval_max_steps else 20 * 524288
     recipe = recipes[cfg.recipe]
@@ -219,7 +217,6 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
     """One optimizer step over a list of (x, y) micro-batches: forward and backward each, then
     unscale, clip, step every optimizer (or none), and zero the gradients. model is the training
     model (DDP under torchrun); the learning rates are set beforehand (set_lr)."""
-    device = rt.device
     # The step's loss is the mean over all its targets, whichever micro-step and rank holds them:
     # each micro-batch's mean weighs in by its share of the step's targets (x world_size, as DDP
     # averages the ranks' gradients). Without masked targets the weight is 1 / len(batches).
@@ -229,9 +226,9 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
         step_targets = step_targets.to(rt.comm_device)
         dist.all_reduce(step_targets)
     step_targets = step_targets.item()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=rt.device)
     for micro, (x, y) in enumerate(batches):
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(rt.device), y.to(rt.device)
         if rt.distributed:  # all-reduce the gradients only once, on the last micro-step
             model.require_backward_grad_sync = micro == len(batches) - 1
         with rt.autocast():
@@ -248,8 +245,9 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
         raise FloatingPointError(f"non-finite (NaN or inf) train loss {loss} at step {step}")
     for opt in optimizers:  # fp16: every optimizer's gradients unscaled before clipping
         scaler.unscale_(opt)
+    # clip the whole gradient's norm: one unlucky batch cannot throw the weights far (GPT-3's 1.0)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
-    skipped = not math.isfinite(grad_norm)
+    skipped = not math.isfinite(grad_norm)  # fp16 only: an overflow, which the scaler backs off from
     if skipped and not scaler.is_enabled():
         raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {step}")
     # One rule for all optimizers: an inf/NaN anywhere in the gradients (an fp16 overflow) and none
@@ -261,7 +259,8 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
     scaler.update()  # fp16: backs the scale off after an overflow
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):  # one sync
+    # a non-finite weight must never reach a checkpoint (one host sync for all parameters)
+    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
         lr = optimizers[0].param_groups[0]["lr"]
         raise FloatingPointError(f"the update of step {step} (lr {lr:.3e}) made weights non-finite")
     return StepResult(loss, grad_norm, skipped)

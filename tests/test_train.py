@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, TRAIN, T, base_args, check_ok, env, error_line, 
 
 SEED_FLAGS = ["--max_steps", "19073", "--warmup_steps", "715", "--max_lr", "6e-4", "--min_lr", "6e-5",
               "--batch_size_per_device", "64", "--total_batch_size", "524288", "--eval_step_interval", "250",
-              "--eval_max_steps", "20", "--save_step", "5000", "--seed", "1337", "--fp16"]
+              "--eval_max_steps", "20", "--save_step", "5000", "--seed", "1337", "--dtype", "fp16"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,10 +175,10 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, recipe):
     assert sorted(c.name for c in checkpoints(logB)) == sorted(c.name for c in checkpoints(tmp_path / "A"))
 
 
-@pytest.mark.parametrize("flags", [["--fp16"], ["--dtype", "bf16"], ["--dtype", "bf16", "--recipe", "modern"]],
+@pytest.mark.parametrize("flags", [["--dtype", "fp16"], ["--dtype", "bf16"], ["--dtype", "bf16", "--recipe", "modern"]],
                          ids=["fp16", "bf16", "bf16_modern"])
 def test_mixed_precision_runs_on_cpu(data_dir, tmp_path, flags):
-    """--fp16 (with its GradScaler) and --dtype bf16 (with AdamW, and with Muon) run 3 steps on CPU
+    """--dtype fp16 (with its GradScaler) and --dtype bf16 (with AdamW, and with Muon) run 3 steps on CPU
     with finite losses."""
     args = base_args(data_dir, tmp_path / "log", 3)
     i = args.index("--dtype")
@@ -251,11 +251,11 @@ def test_a_non_finite_value_anywhere_in_the_state_is_never_checkpointed(tmp_path
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_fp16_gradients_are_unscaled_before_clipping(data_dir, tmp_path, optimizer):
-    """--fp16 scales the loss by 2^16: the logged gradient norm, the clipping and hence the losses must
+    """--dtype fp16 scales the loss by 2^16: the logged gradient norm, the clipping and hence the losses must
     be those of the unscaled gradients, as in an fp32 run (to fp16 autocast's precision); with muon,
     the gradients of both optimizers' parameters."""
     runs = {}
-    for name, flags in [("fp32", []), ("fp16", ["--fp16"])]:
+    for name, flags in [("fp32", []), ("fp16", ["--dtype", "fp16"])]:
         args = base_args(data_dir, tmp_path / name, 4, optimizer=optimizer)
         if flags:
             i = args.index("--dtype")
@@ -322,7 +322,7 @@ def test_fp16_overflow_in_any_gradient_moves_nothing(data_dir, tmp_path, monkeyp
     args = base_args(data_dir, tmp_path / "log", 5, optimizer=optimizer, sample_tokens=0)
     i = args.index("--dtype")
     del args[i : i + 2]
-    assert train.main([str(a) for a in args] + ["--fp16"]) == 0
+    assert train.main([str(a) for a in args] + ["--dtype", "fp16"]) == 0
     log = {r["step"]: r for r in read_log(tmp_path / "log") if "train_loss" in r}
     assert sorted(log) == list(range(5)) and log[BAD].get("skipped") is True, log
     (p1, s1, scale1), (p2, s2, scale2), (p3, s3, scale3) = snaps[BAD - 1], snaps[BAD], snaps[BAD + 1]
