@@ -5,12 +5,9 @@ forward pass) and decode (the static cache against the dynamic path, transformer
 cache-less loop). torch and transformers are imported by the sections, when they run.
 """
 
-import glob
-import os
 
-import numpy as np
 
-from bench_timing import paired, repeats
+from bench_timing import multiple_choice, paired, repeats
 
 
 def bench_model(args):
@@ -115,17 +112,7 @@ def bench_hellaswag(args):
     model = GPT(GPTConfig.from_preset("gpt2")).eval()
     enc = get_tokenizer()
     n = 4 if args.quick else args.hellaswag_examples
-    real = os.path.join("..", "shared", "hellaswag", "hellaswag_val.jsonl")
-    if os.path.isfile(real):
-        examples, source = hellaswag.load_examples(real)[:n], "val"
-        rendered = [hellaswag.render(ex, enc) for ex in examples]
-    else:  # HellaSwag-like lengths (context 30-90 tokens, endings 10-35) cut from the corpus
-        files = sorted(glob.glob(os.path.join(args.corpus, "*", "*.txt")))[:20]
-        text = enc.encode_ordinary(" ".join(open(f).read() for f in files))
-        g = np.random.default_rng(0)
-        cut = lambda k: (lambda s: text[s : s + k])(int(g.integers(0, len(text) - 100)))  # noqa: E731
-        rendered = [(cut(int(g.integers(30, 91))), [cut(int(g.integers(10, 36))) for _ in range(4)]) for _ in range(n)]
-        source = "synthetic"
+    rendered, source = multiple_choice(args.corpus, enc, n)
 
     def ours():
         losses, counts = hellaswag.score(model, rendered, batch_size=args.hellaswag_batch)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from bench_timing import paired, repeats
+from bench_timing import multiple_choice, paired, repeats
 
 
 def bench_serve(args):
@@ -95,7 +95,6 @@ def bench_score(args):
     import httpx
     import torch
 
-    import hellaswag
     from model import GPT, GPTConfig
     from model_io import get_tokenizer, save_pretrained
 
@@ -104,16 +103,7 @@ def bench_score(args):
 
     enc = get_tokenizer()
     n = 20 if args.quick else args.score_examples
-    real = os.path.join("..", "shared", "hellaswag", "hellaswag_val.jsonl")
-    if os.path.isfile(real):
-        rendered, source = [hellaswag.render(ex, enc) for ex in hellaswag.load_examples(real)[:n]], "HellaSwag val"
-    else:  # HellaSwag-like lengths (context 30-90 tokens, endings 10-35) cut from the corpus
-        files = sorted(glob.glob(os.path.join(args.corpus, "*", "*.txt")))[:20]
-        text = enc.encode_ordinary(" ".join(open(f).read() for f in files))
-        g = np.random.default_rng(0)
-        cut = lambda k: (lambda s: text[s : s + k])(int(g.integers(0, len(text) - 100)))  # noqa: E731
-        rendered = [(cut(int(g.integers(30, 91))), [cut(int(g.integers(10, 36))) for _ in range(4)]) for _ in range(n)]
-        source = "synthetic"
+    rendered, source = multiple_choice(args.corpus, enc, n)
     inputs = sorted((ctx + e for ctx, ends in rendered for e in ends), key=lambda t: (-len(t), tuple(t)))  # lm-eval's
     bodies = [{"model": "m", "prompt": [t], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
                "echo": True} for t in inputs]

@@ -1,6 +1,7 @@
 """
 How bench.py's sections time ours against a reference: call by call in alternation (paired), so
-that drifting machine load hits every side alike, and how many timed calls a side gets (repeats).
+that drifting machine load hits every side alike, and how many timed calls a side gets (repeats);
+the multiple-choice examples the hellaswag and score sections time.
 """
 
 import statistics
@@ -25,3 +26,29 @@ def paired(fns, repeat, warmup=1):
 def repeats(args, default):
     """Timed calls of each side: one under --quick, else --repeat, else the section's default."""
     return 1 if args.quick else args.repeat or default
+
+
+def multiple_choice(corpus, enc, n):
+    """(n rendered examples [(context ids, [4 ending ids])], their source): HellaSwag val where it lies
+    beside the project, else HellaSwag-like lengths (context 30-90 tokens, endings 10-35) cut from the
+    corpus."""
+    import glob
+    import os
+
+    import numpy as np
+
+    import hellaswag
+
+    real = os.path.join("..", "shared", "hellaswag", "hellaswag_val.jsonl")
+    if os.path.isfile(real):
+        return [hellaswag.render(ex, enc) for ex in hellaswag.load_examples(real)[:n]], "HellaSwag val"
+    files = sorted(glob.glob(os.path.join(corpus, "*", "*.txt")))[:20]
+    text = enc.encode_ordinary(" ".join(open(f).read() for f in files))
+    g = np.random.default_rng(0)
+
+    def cut(k):
+        start = int(g.integers(0, len(text) - 100))
+        return text[start : start + k]
+
+    rendered = [(cut(int(g.integers(30, 91))), [cut(int(g.integers(10, 36))) for _ in range(4)]) for _ in range(n)]
+    return rendered, "synthetic"
