@@ -10,6 +10,11 @@ ratios (these machines are noisy; absolute numbers from one run mean little).
 Sections:
   model    training step (forward + backward + AdamW) and KV-cache sampling, ours against
            transformers' GPT2LMHeadModel at the same config, same inputs.
+  memory   (computed: no device, seconds) the bytes each rank holds for training (fp32 parameters,
+           gradients and AdamW's two moments) at the four GPT-2 presets: DDP against FSDP2
+           (fully_shard on each block, then the root) at 2, 4 and 8 ranks, read from the sharding plan
+           itself (a meta-device model over a fake process group), and DDP / FSDP2 at 8 ranks (goal at
+           1.5B: at least 6).
   hellaswag  examples/s of hellaswag.score at 124M shape (random weights) against build-nanogpt's
            way: one example (its 4 endings padded) per forward pass, full logits.
   fineweb  fineweb.py end to end (read, tokenize, write shards) over ../shared/corpus (or
@@ -55,7 +60,7 @@ import time
 
 import cli
 from bench_data import bench_chat_loader, bench_fineweb
-from bench_model import bench_decode, bench_hellaswag, bench_model
+from bench_model import bench_decode, bench_hellaswag, bench_memory, bench_model
 from bench_serve import bench_evals, bench_score, bench_serve
 from bench_timing import paired
 from fineweb import usable_cores
@@ -264,9 +269,9 @@ def bench_train(args):
 # The runner
 
 # fineweb first: see the imports at the top
-SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "hellaswag": bench_hellaswag, "serve": bench_serve,
-            "score": bench_score, "evals": bench_evals,
-            "decode": bench_decode, "chat_loader": bench_chat_loader, "train": bench_train, "recipe": bench_recipe}
+SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "memory": bench_memory, "hellaswag": bench_hellaswag,
+            "serve": bench_serve, "score": bench_score, "evals": bench_evals, "decode": bench_decode,
+            "chat_loader": bench_chat_loader, "train": bench_train, "recipe": bench_recipe}
 ON_REQUEST = ("recipe", "decode", "train")  # not in the default set: they train models or want a GPU
 
 

@@ -1,8 +1,9 @@
 """
 bench.py's sections on the model: model (our training step and KV-cache sampling against
 transformers' GPT2LMHeadModel), hellaswag (hellaswag.score against build-nanogpt's one example per
-forward pass) and decode (the static cache against the dynamic path, transformers' generate and a
-cache-less loop). torch and transformers are imported by the sections, when they run.
+forward pass), decode (the static cache against the dynamic path, transformers' generate and a
+cache-less loop) and memory (the bytes each rank holds for training under DDP and FSDP2, computed from
+the sharding plan). torch and transformers are imported by the sections, when they run.
 """
 
 
@@ -192,3 +193,77 @@ def bench_decode(args):
         for ref in [r for r in fns if r != "static"]:  # (yielded batch by batch: see bench_serve)
             yield (f"decode {where}: static (tok/s)", B * N / t["static"], B * N / t[ref], f"ours {ref}"
                    if ref != "transformers" else "transformers generate")
+
+
+# -----------------------------------------------------------------------------
+# memory: the bytes each rank holds for training, DDP against FSDP2 (computed, nothing allocated)
+
+TRAIN_BYTES_PER_PARAM = 16  # fp32 parameter (4) + fp32 gradient (4) + AdamW's two fp32 moments (8)
+MEMORY_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MEMORY_RANKS = (2, 4, 8)
+
+
+def fsdp_local_numel(config, world_size):
+    """Elements of a GPT(config) the largest rank holds under train.py --fsdp (fsdp.shard: each block,
+    then the root), read from the real sharding plan: the model built on the meta device (no memory)
+    and sharded over a fake process group of world_size ranks in this process, as rank 0. FSDP2 chunks
+    each parameter on dim 0 as torch.chunk does and pads every rank's shard to the largest chunk,
+    rank 0's, so rank 0's local shards are the size every rank holds."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import fsdp
+    from model import GPT
+    from runtime import Runtime
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already up: the memory plan needs a fake one of its own")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        with torch.device("meta"):
+            model = fsdp.shard(GPT(config), Runtime("cpu", "fp32", world_size=world_size))
+        # parameters() yields the tied wte (also the lm_head) once
+        return sum(p.to_local().numel() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def memory_table(configs=None, ranks=MEMORY_RANKS):
+    """The bytes each rank holds for training ({name: GPTConfig}; default: the four GPT-2 presets):
+    a row a model, {"model", "params" (held, the vocabulary's padding rows included), "ddp" (every
+    rank holds everything), "fsdp" ({ranks: the largest rank's bytes})}."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    configs = configs or {name: GPTConfig.from_preset(name) for name in MEMORY_PRESETS}
+    rows = []
+    for name, config in configs.items():
+        with torch.device("meta"):
+            params = sum(p.numel() for p in GPT(config).parameters())
+        rows.append({"model": name, "params": params, "ddp": params * TRAIN_BYTES_PER_PARAM,
+                     "fsdp": {n: fsdp_local_numel(config, n) * TRAIN_BYTES_PER_PARAM for n in ranks}})
+    return rows
+
+
+def bench_memory(args):
+    """Per-rank training memory, DDP against FSDP2 at 2, 4 and 8 ranks: a table, and a row a preset
+    (DDP against FSDP2 at the most ranks)."""
+    rows, most = memory_table(), max(MEMORY_RANKS)
+    gb = lambda b: b / 1e9  # noqa: E731
+    table = ["memory each rank holds for training, GB (10^9 bytes): fp32 parameters, gradients and AdamW's two",
+             "moments, 16 bytes a parameter. DDP: every rank holds all of it. FSDP2: fully_shard on each block, then",
+             "the root; the largest rank's shards (FSDP2 pads every rank's to them), read from the sharding plan of",
+             "a meta-device model over a fake process group. Not counted: activations, the blocks FSDP2 gathers",
+             "for the forward and backward, DDP's gradient buckets.", "",
+             "| model | parameters held | DDP | " + " | ".join(f"FSDP2 x{n}" for n in MEMORY_RANKS)
+             + f" | DDP / FSDP2 x{most} |", "| --- | ---: | ---: | " + "---: | " * len(MEMORY_RANKS) + "---: |"]
+    for r in rows:
+        table.append(f"| {r['model']} | {r['params']:,} | {gb(r['ddp']):.2f} | "
+                     + " | ".join(f"{gb(r['fsdp'][n]):.2f}" for n in MEMORY_RANKS)
+                     + f" | {r['ddp'] / r['fsdp'][most]:.2f}x |")
+    yield "\n".join(table)
+    for r in rows:
+        goal = "; goal at 1.5B: ratio >= 6" if r["model"] == "gpt2-xl" else ""
+        yield (f"memory per rank, {r['model']}: DDP (GB)", gb(r["ddp"]), gb(r["fsdp"][most]), f"FSDP2 x{most}{goal}")

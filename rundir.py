@@ -24,6 +24,8 @@ import uuid
 import torch
 
 import cli
+import fsdp
+import runtime
 from model_io import checkpoint_dirs, load_model, save_pretrained
 
 try:
@@ -144,26 +146,41 @@ class RunDir:
 
     # -- checkpoints --------------------------------------------------------------
 
-    def save(self, step, model, state):
-        """Write step_NNNNNN/ whole: into a temporary directory, fsynced, then renamed into place."""
-        bad = _finite(model.state_dict()) + _finite(optimizer_tensors(state["optimizer"]))
-        if state.get("muon") is not None:
-            bad += _finite(optimizer_tensors(state["muon"]))
+    def begin_save(self, step):
+        """The empty temporary directory step_NNNNNN/ is written into (the ranks' optimizer shards
+        first, under --fsdp, then save())."""
+        tmp = os.path.join(self.path, f".tmp-step_{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)  # a write of this run that was interrupted
+        os.makedirs(tmp)
+        return tmp
+
+    def save(self, step, model, state, begun=False):
+        """Write step_NNNNNN/ whole: into a temporary directory, fsynced, then renamed into place.
+        begun: begin_save() made the directory and the optimizer shards are in it already."""
+        bad = _finite(model.state_dict())
+        for key in ("optimizer", "muon"):
+            if state.get(key) is not None:
+                bad += _finite(optimizer_tensors(state[key]))
         if bad:
             raise FloatingPointError(f"not checkpointing step {step}: {len(bad)} non-finite tensors ({bad[0]}, ...)")
         final = os.path.join(self.path, f"step_{step:06d}")
         tmp = os.path.join(self.path, f".tmp-step_{step:06d}")
-        shutil.rmtree(tmp, ignore_errors=True)  # a write of this run that was interrupted
+        if not begun:
+            self.begin_save(step)
         try:
             save_pretrained(model, tmp)
             torch.save({**state, "run_id": self.run_id}, os.path.join(tmp, "trainer_state.pt"))
-            files = {f: os.path.getsize(os.path.join(tmp, f))
-                     for f in ("config.json", "model.safetensors", "trainer_state.pt")}
+            names = ["config.json", "model.safetensors", "trainer_state.pt"]
+            shards = state.get("sharded_optimizers")  # (the files every rank wrote, listed so that they are checked)
+            if shards:
+                names += [f"{shards}/{f}" for f in sorted(os.listdir(os.path.join(tmp, shards)))]
+            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in names}
             with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
                 json.dump({"run_id": self.run_id, "step": step, "files": files}, f)
-            for name in os.listdir(tmp):
-                cli.sync(os.path.join(tmp, name))
-            cli.sync(tmp)
+            for root, _, found in os.walk(tmp):
+                for name in found:
+                    cli.sync(os.path.join(root, name))
+                cli.sync(root)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, RuntimeError):  # torch.save on a full disk: "[enforce fail at inline_container.cc] ..."
@@ -244,7 +261,7 @@ def verify(d, config, run_id, muon=False):
             raise BadCheckpoint(f"it belongs to run {meta.get('run_id')}, not {run_id}")
         for name, size in files.items():
             path = os.path.join(d, name)
-            if os.path.dirname(os.path.normpath(name)) or not os.path.isfile(path):
+            if os.path.isabs(name) or ".." in name.split("/") or not os.path.isfile(path):
                 raise BadCheckpoint(f"checkpoint.json names {name!r}, which is not a file there")
             actual = os.path.getsize(path)
             if actual != size:
@@ -261,13 +278,17 @@ def verify(d, config, run_id, muon=False):
         state = torch.load(os.path.join(d, "trainer_state.pt"), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, garbage, or a pickle that needs more than tensors
         raise BadCheckpoint(f"trainer_state.pt does not load as plain tensors ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("step") != step or not _optimizer_state(state.get("optimizer")):
+    sharded = isinstance(state, dict) and state.get("sharded_optimizers")  # --fsdp: the optimizers' state in DCP
+    if sharded and not os.path.isfile(os.path.join(d, str(sharded), ".metadata")):
+        raise BadCheckpoint(f"its sharded optimizer state ({sharded}/) has no .metadata")
+    if not (isinstance(state, dict) and state.get("step") == step
+            and (sharded or _optimizer_state(state.get("optimizer")))):
         raise BadCheckpoint(f"trainer_state.pt is not the trainer state of step {step}")
     if not (isinstance(state.get("scaler"), dict) and isinstance(state.get("loader"), dict)):
         raise BadCheckpoint("trainer_state.pt lacks the scaler's or the loader's state")
-    if muon and not _optimizer_state(state.get("muon")):
+    if muon and not (sharded or _optimizer_state(state.get("muon"))):
         raise BadCheckpoint("trainer_state.pt holds no Muon optimizer state")
-    bad = _finite(model.state_dict()) + _finite(optimizer_tensors(state["optimizer"]))
+    bad = _finite(model.state_dict()) + (_finite(optimizer_tensors(state["optimizer"])) if not sharded else [])
     if muon:
         bad += _finite(optimizer_tensors(state["muon"]))
     if bad:
@@ -275,3 +296,55 @@ def verify(d, config, run_id, muon=False):
     if not all(math.isfinite(v) for v in state.get("scaler", {}).values() if isinstance(v, float)):
         raise BadCheckpoint("non-finite gradient scaler state")
     return model, state
+
+
+# -- a training run's side: every rank ---------------------------------------------
+
+def open_run(run_dir, rt, settings, older, resume, config, muon):
+    """Rank 0 claims the run directory (one run per directory) and, on resume, finds the newest
+    checkpoint that verifies; every rank then loads that one. Returns (model, trainer state, path)
+    or (None, None, None) for a new run. older: RunDir.claim's defaults."""
+    found = []
+
+    def claim_and_find():
+        try:
+            run_dir.claim(settings, resume, older)
+            run_dir.open_log()
+            found.append(run_dir.newest_valid(config, muon=muon) if resume else None)
+        except OSError as e:  # the directory cannot be made or read: an input error
+            raise cli.Error(str(e)) from None
+        return found[0][0] if found[0] else None
+
+    path = runtime.on_rank0(rt, claim_and_find)
+    if not path:
+        return None, None, None
+    if rt.rank == 0:
+        _, model, state = found[0]
+    else:
+        model = load_model(path)
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    return model, state, path
+
+
+def save_checkpoint(run_dir, rt, step, model, optimizers, state, keep, new_model):
+    """Checkpoint step `step` (state: the trainer's, less the optimizers'). Rank 0 writes step_NNNNNN/
+    whole (RunDir.save) and keeps the newest `keep` (0: all); the others wait for it, and stop with it
+    if it fails (a full disk). A sharded model (--fsdp): every rank first writes its shards of the
+    optimizers' state into the directory (DCP), and rank 0 the weights gathered into new_model()."""
+    sharded = fsdp.is_sharded(model)
+    if sharded:
+        tmp = runtime.on_rank0(rt, lambda: run_dir.begin_save(step))
+        fsdp.save_optimizers(model, optimizers, os.path.join(tmp, "optimizer"))
+        state = {**state, "sharded_optimizers": "optimizer"}
+        model = fsdp.full_model(model, new_model)
+    else:
+        state = {**state, "optimizer": optimizers[0].state_dict()}
+        if len(optimizers) > 1:
+            state["muon"] = optimizers[1].state_dict()
+
+    def save():
+        run_dir.save(step, model, state, begun=sharded)
+        if keep > 0:
+            run_dir.prune(keep)
+
+    runtime.on_rank0(rt, save)

@@ -41,11 +41,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
+import fsdp
 import runtime
 from data import DataLoader
 from model import GPT, PRESETS, GPTConfig
-from model_io import get_tokenizer, load_model
+from model_io import get_tokenizer
 from optim import build_optimizers, get_lr, set_lr
+import rundir
 from rundir import RunDir
 from runtime import DTYPES
 
@@ -123,6 +125,8 @@ class TrainConfig:
                          run=True, choices=list(DTYPES))
     compile: bool = setting(None, "torch.compile (default: on for CUDA)", action=BooleanOptionalAction)
     grad_clip: float = setting(1.0, "clip the gradient norm to this", cli.positive_float, run=True)
+    fsdp: bool = setting(False, "shard parameters, gradients and optimizer state across the processes (FSDP2) "
+                         "instead of DDP's copy on each: for models that do not fit one GPU", action="store_true")
 
 
 @dataclass(kw_only=True)
@@ -184,6 +188,9 @@ def parse_args(argv=None, config_class=PretrainConfig, recipes=RECIPES, p=None):
             setattr(cfg, k, v)
     if cfg.max_steps is not None:  # (sft.py knows its own only once it has read the data: fit() then)
         cfg.warmup_steps = cli.steps_of(cfg.warmup_steps, cfg.max_steps)
+    if cfg.fsdp and (cfg.optimizer == "muon" or cfg.dtype == "fp16"):
+        what = "--optimizer muon (it orthogonalises whole matrices)" if cfg.optimizer == "muon" else "--dtype fp16"
+        raise cli.Error(f"--fsdp does not take {what}: use --optimizer adamw with --dtype bf16 or fp32")
     if cfg.min_lr > cfg.max_lr:
         raise cli.Error(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}")
     return cfg
@@ -229,7 +236,9 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
     loss_sum = torch.zeros((), device=rt.device)
     for micro, (x, y) in enumerate(batches):
         x, y = x.to(rt.device), y.to(rt.device)
-        if rt.distributed:  # all-reduce the gradients only once, on the last micro-step
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter only on the last micro-step
+            model.set_requires_gradient_sync(micro == len(batches) - 1)
+        elif rt.distributed:  # DDP: all-reduce the gradients only once, on the last micro-step
             model.require_backward_grad_sync = micro == len(batches) - 1
         with rt.autocast():
             _, loss = model(x, y, return_logits=False)
@@ -246,7 +255,7 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
     for opt in optimizers:  # fp16: every optimizer's gradients unscaled before clipping
         scaler.unscale_(opt)
     # clip the whole gradient's norm: one unlucky batch cannot throw the weights far (GPT-3's 1.0)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).item()
     skipped = not math.isfinite(grad_norm)  # fp16 only: an overflow, which the scaler backs off from
     if skipped and not scaler.is_enabled():
         raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {step}")
@@ -260,7 +269,7 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     # a non-finite weight must never reach a checkpoint (one host sync for all parameters)
-    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+    if not fsdp.all_finite(model.parameters()):
         lr = optimizers[0].param_groups[0]["lr"]
         raise FloatingPointError(f"the update of step {step} (lr {lr:.3e}) made weights non-finite")
     return StepResult(loss, grad_norm, skipped)
@@ -268,33 +277,6 @@ def train_step(model, batches, optimizers, scaler, grad_clip, rt, step=0):
 
 # -----------------------------------------------------------------------------
 # The loop around it
-
-def open_run(run_dir, cfg, rt, config, settings):
-    """Rank 0 claims the run directory (one run per directory) and, on resume, finds the newest
-    checkpoint that verifies; every rank then loads that one. Returns (model, trainer state, path)
-    or (None, None, None) for a new run."""
-    resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0  # a torchrun restart resumes
-    found = []
-
-    def claim_and_find():
-        try:
-            run_dir.claim(settings, resume, older_settings(cfg))
-            run_dir.open_log()
-            found.append(run_dir.newest_valid(config, muon=cfg.optimizer == "muon") if resume else None)
-        except OSError as e:  # the directory cannot be made or read: an input error
-            raise cli.Error(str(e)) from None
-        return found[0][0] if found[0] else None
-
-    path = runtime.on_rank0(rt, claim_and_find)
-    if not path:
-        return None, None, None
-    if rt.rank == 0:
-        _, model, state = found[0]
-    else:
-        model = load_model(path)
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
-    return model, state, path
-
 
 def val_loss(model, loader, windows, rt, batch_size):
     """Mean loss over the first `windows` windows of the val stream: each rank sums its share
@@ -336,6 +318,8 @@ def evaluate(cfg, rt, model, raw_model, ev, run_dir, step):
     """Val loss (model: compiled, not DDP: no collectives), HellaSwag and a sample (raw_model)."""
     model.eval()
     loss = val_loss(model, ev.loader, ev.windows, rt, cfg.batch_size_per_device)
+    if hasattr(raw_model, "reshard"):  # FSDP keeps the root's parameters whole after a forward without backward
+        raw_model.reshard()
     records = [{"step": step, "val_loss": loss, "val_tokens": ev.windows * ev.loader.seq_len}]
     message = f"step {step:6d} | val loss {loss:.6f}"
     if ev.hellaswag is not None:
@@ -350,7 +334,7 @@ def evaluate(cfg, rt, model, raw_model, ev, run_dir, step):
         for record in records:
             run_dir.log(record)
         print(message)
-        if cfg.sample_tokens > 0:
+        if cfg.sample_tokens > 0 and ev.sample is not None:
             ids, enc, end = ev.sample
             with rt.autocast():
                 out = raw_model.generate(torch.tensor([ids], device=rt.device), cfg.sample_tokens, top_k=50,
@@ -383,19 +367,31 @@ def load_hellaswag(n, rt):
 
 
 def save_checkpoint(cfg, rt, run_dir, step, raw_model, optimizers, scaler, loader, recipe):
-    """Rank 0 writes step_NNNNNN/ whole (see rundir.py); the others wait for it, and stop with it
-    if it fails (a full disk)."""
-    def save():
-        state = {"step": step, "optimizer": optimizers[0].state_dict(), "scaler": scaler.state_dict(),
-                 "loader": loader.state_dict(), "args": dataclasses.asdict(cfg), "recipe": recipe,
-                 "config": dataclasses.asdict(raw_model.config)}
-        if len(optimizers) > 1:
-            state["muon"] = optimizers[1].state_dict()
-        run_dir.save(step, raw_model, state)
-        if cfg.keep_checkpoints > 0:
-            run_dir.prune(cfg.keep_checkpoints)
+    state = {"step": step, "scaler": scaler.state_dict(), "loader": loader.state_dict(), "recipe": recipe,
+             "args": dataclasses.asdict(cfg), "config": dataclasses.asdict(raw_model.config)}
+    rundir.save_checkpoint(run_dir, rt, step, raw_model, optimizers, state, cfg.keep_checkpoints,
+                           lambda: GPT(raw_model.config))
 
-    runtime.on_rank0(rt, save)
+
+def prepare(cfg, rt, raw_model, state, path):
+    """The model on its device (sharded under --fsdp), its optimizers, their peak learning rates and
+    the gradient scaler; on resume (state: the checkpoint's at path), with their state."""
+    raw_model = raw_model.to(rt.device)
+    if cfg.fsdp:  # parameters, gradients and optimizer state sharded across the ranks
+        raw_model = fsdp.shard(raw_model, rt)
+    optimizers = build_optimizers(raw_model, cfg, rt.device_type)
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]  # (before a state sets them)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=cfg.dtype == "fp16")
+    if state is not None and state.get("sharded_optimizers"):  # written under --fsdp: DCP reshards it
+        fsdp.load_optimizers(raw_model, optimizers, os.path.join(path, state["sharded_optimizers"]))
+    elif state is not None:
+        if cfg.fsdp:
+            raise cli.Error(f"{path} was written without --fsdp: resume it without --fsdp")
+        for opt, key in zip(optimizers, ("optimizer", "muon")):
+            opt.load_state_dict(state[key])
+    if state is not None:
+        scaler.load_state_dict(state["scaler"])
+    return raw_model, optimizers, base_lrs, scaler
 
 
 def fit(cfg, rt, config, loaders, new_model, sample, settings=None):
@@ -414,21 +410,17 @@ def fit(cfg, rt, config, loaders, new_model, sample, settings=None):
     run_dir = RunDir(cfg.log_dir)
     step = saved_step = None
     try:
-        raw_model, state, resume_from = open_run(run_dir, cfg, rt, config, run_settings(cfg, config, settings))
-        raw_model = (raw_model or new_model()).to(rt.device)
+        resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0  # a torchrun restart resumes
+        raw_model, state, resume_from = rundir.open_run(run_dir, rt, run_settings(cfg, config, settings),
+                                                        older_settings(cfg), resume, config, cfg.optimizer == "muon")
+        raw_model, optimizers, base_lrs, scaler = prepare(cfg, rt, raw_model or new_model(), state, resume_from)
         recipe = {"name": cfg.recipe, **{k: getattr(cfg, k) for k in RECIPES[cfg.recipe]}}  # with the flags given
-        optimizers = build_optimizers(raw_model, cfg, rt.device_type)
-        base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-        scaler = torch.amp.GradScaler(rt.device_type, enabled=cfg.dtype == "fp16")
         start_step = 0
         if state is not None:
-            for opt, key in zip(optimizers, ("optimizer", "muon")):
-                opt.load_state_dict(state[key])
-            scaler.load_state_dict(state["scaler"])
             train_loader.load_state_dict(state["loader"])
             start_step = saved_step = state["step"]
         eval_model = torch.compile(raw_model) if cfg.compile else raw_model
-        model = eval_model if not rt.distributed else DDP(
+        model = eval_model if not rt.distributed or cfg.fsdp else DDP(
             eval_model, device_ids=[int(os.environ.get("LOCAL_RANK", 0))] if rt.device_type == "cuda" else None)
         if resume_from and rt.rank == 0:
             print(f"resuming from {resume_from} at step {start_step}")
@@ -436,7 +428,11 @@ def fit(cfg, rt, config, loaders, new_model, sample, settings=None):
             if rt.rank == 0:
                 print(f"{cfg.log_dir}: this run has finished ({cfg.max_steps} steps); nothing to do")
             return 0
-        ev = Evaluation(val_loader, windows, load_hellaswag(cfg.hellaswag_examples, rt), sample)
+        if cfg.fsdp and rt.rank == 0 and (cfg.hellaswag_examples or cfg.sample_tokens):
+            print("note: --fsdp: no HellaSwag or samples during training (no rank holds the whole model); "
+                  "score the checkpoints with hellaswag.py or evals.py")
+        hellaswag_examples = None if cfg.fsdp else load_hellaswag(cfg.hellaswag_examples, rt)
+        ev = Evaluation(val_loader, windows, hellaswag_examples, None if cfg.fsdp else sample)
         if rt.rank == 0:
             run_dir.log({"step": start_step, "recipe": recipe})
             print_header(cfg, rt, raw_model, recipe, train_loader.grad_accum_steps, start_step)
@@ -572,6 +568,9 @@ def loaders(cfg, config, rt):
 def setup(cfg):
     """The Runtime of a run (runtime.setup), its dtype and --compile's default filled into cfg."""
     rt = runtime.setup(cfg.device, cfg.dtype)
+    if cfg.fsdp and not rt.distributed:
+        raise cli.Error("--fsdp shards the model across torchrun's processes: run it under torchrun "
+                        "(torchrun --standalone --nproc_per_node=N train.py --fsdp ...)")
     cfg.dtype = rt.dtype
     if cfg.compile is None:
         cfg.compile = rt.device_type == "cuda"
