@@ -42,6 +42,8 @@ Sections:
            --train_steps steps of the --n_layer/--n_embd model, --batch_size x --seq_len a
            micro-step, on --data (default: fineweb.py over --corpus); the median of the steps after
            the first two (compilation, warm-up) from its log.jsonl, against step 0 and the MFU goal.
+  fsdp     (only when asked for; meant for a GPU) the train section's run with --fsdp against DDP,
+           each under torchrun with one process: tokens/s.
   recipe   (only when asked for: it trains 7 small models, long on a CPU) train.py
            --recipe modern against the classic recipe (gpt2, its --max_lr the best of
            --recipe_lrs) on ../shared/corpus, same token budget, seeds and data order: val loss
@@ -231,31 +233,55 @@ def _steady(log_path, skip=2):
     return steps[skip:], steps[0]
 
 
-def bench_train(args):
-    """train.py's throughput as users run it (a subprocess): the steady-state median of its own
-    per-step tokens/s and MFU, against step 0 (compilation, warm-up) and the MFU goal."""
+def _train_run(args, work, name, extra=(), torchrun=False):
+    """One train.py run of the train section (a subprocess, as users run it: under torchrun with one
+    process when asked); returns its (steady step records, step 0's record)."""
     import subprocess
 
     L, C, B, T = args.n_layer, args.n_embd, args.batch_size, args.seq_len
+    log_dir, steps = os.path.join(work, name), args.train_steps
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
+        else [sys.executable]
+    argv = [*launch, "train.py", "--path", _shards(args, work), "--log_dir", log_dir, "--n_layer", str(L),
+            "--n_head", str(args.n_head), "--n_embd", str(C), "--block_size", str(T), "--batch_size_per_device",
+            str(B), "--total_batch_size", str(B * T), "--max_steps", str(steps), "--eval_step_interval", str(steps),
+            "--val_tokens", str(B * T), "--save_step", str(10 * steps), "--hellaswag_examples", "0",
+            "--sample_tokens", "0", *args.train_flags.split(), *extra]  # (a --total_batch_size here comes last)
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train.py failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return _steady(os.path.join(log_dir, "log.jsonl"))
+
+
+def bench_fsdp(args):
+    """The train section's run with --fsdp against DDP, each under torchrun with one process."""
+    args.train_fsdp = True
+    yield from bench_train(args)
+
+
+def bench_train(args):
+    """train.py's throughput as users run it: the steady-state median of its own per-step tokens/s
+    and MFU, against step 0 (compilation, warm-up) and the MFU goal (the fsdp section: --fsdp against
+    DDP)."""
+    L, C, B, T = args.n_layer, args.n_embd, args.batch_size, args.seq_len
     work = tempfile.mkdtemp(prefix="bench_train_")
+    t0 = time.time()
     try:
-        data = _shards(args, work)
-        log_dir, steps = os.path.join(work, "run"), args.train_steps
-        argv = [sys.executable, "train.py", "--path", data, "--log_dir", log_dir, "--n_layer", str(L), "--n_head",
-                str(args.n_head), "--n_embd", str(C), "--block_size", str(T), "--batch_size_per_device", str(B),
-                "--total_batch_size", str(B * T), "--max_steps", str(steps), "--eval_step_interval", str(steps),
-                "--val_tokens", str(B * T), "--save_step", str(10 * steps), "--hellaswag_examples", "0",
-                "--sample_tokens", "0", *args.train_flags.split()]  # (a --total_batch_size here comes last: it wins)
-        t0 = time.time()
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"train.py failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        steady, first = _steady(os.path.join(log_dir, "log.jsonl"))
+        if getattr(args, "train_fsdp", False):
+            runs = {k: _train_run(args, work, k, flags, torchrun=True)
+                    for k, flags in (("ddp", ()), ("fsdp", ["--fsdp"]))}
+        else:
+            steady, first = _train_run(args, work, "run")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    what = f"train.py {L}x{C}, {B}x{T} a micro-step, {args.train_flags or 'its defaults'}"
+    if getattr(args, "train_fsdp", False):
+        tok_s = {k: statistics.median(r["tokens_per_sec"] for r in steady) for k, (steady, _) in runs.items()}
+        print(f"{what}, one process: --fsdp {tok_s['fsdp']:,.0f} tok/s, DDP {tok_s['ddp']:,.0f}", flush=True)
+        yield (f"{what}: tokens/s, --fsdp (1 process)", tok_s["fsdp"], tok_s["ddp"], "DDP (1 process)")
+        return
     tok_s = statistics.median(r["tokens_per_sec"] for r in steady)
     mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
-    what = f"train.py {L}x{C}, {B}x{T} a micro-step, {args.train_flags or 'its defaults'}"
     span = f"steps {steady[0]['step']}-{steady[-1]['step']}"
     print(f"{what}: median of {span}: {tok_s:,.0f} tok/s"
           + (f", MFU {statistics.median(mfu) * 100:.1f}%" if mfu else "")
@@ -271,8 +297,8 @@ def bench_train(args):
 # fineweb first: see the imports at the top
 SECTIONS = {"fineweb": bench_fineweb, "model": bench_model, "memory": bench_memory, "hellaswag": bench_hellaswag,
             "serve": bench_serve, "score": bench_score, "evals": bench_evals, "decode": bench_decode,
-            "chat_loader": bench_chat_loader, "train": bench_train, "recipe": bench_recipe}
-ON_REQUEST = ("recipe", "decode", "train")  # not in the default set: they train models or want a GPU
+            "chat_loader": bench_chat_loader, "train": bench_train, "fsdp": bench_fsdp, "recipe": bench_recipe}
+ON_REQUEST = ("recipe", "decode", "train", "fsdp")  # not in the default set: they train models or want a GPU
 
 
 def without_markdown(argv):

@@ -11,8 +11,9 @@
 #  3. recipe: --recipe modern as shipped against the gpt2 recipe (max_lr 6e-4), 124M bf16, one seed,
 #     100 steps of 32k tokens of the corpus: the key ratio and the val losses (--section recipe);
 #  4. train: train.py's 124M bf16 --compile tokens/s and MFU at 524,288 tokens a step, the median of
-#     steps 2-9 (--section train).
-# Each part runs in its own time box (TIME_DECODE, TIME_SERVE, TIME_SCORE, TIME_RECIPE, TIME_TRAIN: seconds; all
+#     steps 2-9 (--section train);
+#  5. fsdp: the same run with --fsdp against DDP, each under torchrun with one process (--section fsdp).
+# Each part runs in its own time box (TIME_DECODE, TIME_SCORE, ..., TIME_TRAIN, TIME_FSDP: seconds; all
 # cut to what is left of TOTAL, the whole run's): a part that fails or overruns is reported, and the
 # next one runs. The run ends with the tables for BENCHMARKS.md (markdown: the date, the device, torch,
 # the command; a part stopped part-way keeps the rows it had) and a line for each part. The boxes are
@@ -25,7 +26,7 @@
 set -uo pipefail  # (not -e: a failing part must not cost the others' figures)
 . tests/gpu_env.sh
 WORK=${WORK:-/tmp/gpu_all${DRY:+_dry}}  # (not $OUT, which the device tool sends back: the tables are printed)
-PARTS=${PARTS:-decode serve score recipe train}
+PARTS=${PARTS:-decode serve score recipe train fsdp}
 mkdir -p "$WORK" && rm -f "$WORK"/*.md
 if [ -n "${DRY:-}" ]; then  # the script's logic on a CPU: tiny models, fewer rows and steps
     model=(--n_layer 2 --n_head 2 --n_embd 64) rows=1,4 quick=--quick max_batch=4
@@ -75,15 +76,16 @@ bench decode "${TIME_DECODE:-130}" "${model[@]}" "${decode[@]}" --decode_batches
 bench serve "${TIME_SERVE:-110}" "${model[@]}" --serve_clients $rows --prompt_len 32 --new_tokens 64 $quick \
     --serve_flags="--max_batch $max_batch --compile --max_requests 128"
 bench score "${TIME_SCORE:-45}" "${model[@]}" $quick --serve_flags="--max_batch 16"
-if want recipe || want train; then  # the corpus's shards, once for both (fineweb.py resumes a finished set at once)
+if want recipe || want train || want fsdp; then  # the corpus's shards, once for both (fineweb.py resumes a finished set at once)
     part data 60 env TQDM_DISABLE=1 "$PY" fineweb.py --source "$CORPUS" --path "$WORK/data" --shard_size 250000 \
         "${data[@]}"
 fi
 bench recipe "${TIME_RECIPE:-130}" "${recipe[@]}" --recipe_seeds 1 --recipe_lrs 6e-4 --data "$WORK/data"
 bench train "${TIME_TRAIN:-110}" "${model[@]}" "${train[@]}" --data "$WORK/data"
+bench fsdp "${TIME_FSDP:-150}" "${model[@]}" "${train[@]}" --train_steps 6 --data "$WORK/data"
 
 echo "== tables for BENCHMARKS.md"
-for name in decode serve score recipe train; do
+for name in decode serve score recipe train fsdp; do
     [ -f "$WORK/$name.md" ] && echo && cat "$WORK/$name.md"
 done
 echo "== parts ($SECONDS s in all)"

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-PARTS = ("decode", "serve", "score", "recipe", "train")
+PARTS = ("decode", "serve", "score", "recipe", "train", "fsdp")
 
 
 def gpu_all(tmp_path, **env):
@@ -74,6 +74,8 @@ def test_the_gpu_all_script_runs_on_a_cpu_and_prints_each_part_s_table(tmp_path)
     assert labels["score"] == [("score: 20 synthetic examples x 4 endings, 8 clients (examples/s)",
                                 "the same requests one at a time"),
                                ("score: the 80 requests' forward passes, 8 clients", "one at a time (one request each)")]
+    assert len(labels["fsdp"]) == 1 and labels["fsdp"][0][0].endswith(": tokens/s, --fsdp (1 process)") \
+        and labels["fsdp"][0][1] == "DDP (1 process)", labels["fsdp"]
     assert len(labels["recipe"]) == 2
     assert labels["recipe"][0][0] == "recipe: training step, modern's optimizers / gpt2's (ms)"
     assert labels["recipe"][1][0].startswith("recipe: modern's tokens to gpt2's final val loss / gpt2's (seeds: ")
