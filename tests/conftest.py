@@ -123,6 +123,18 @@ def kill_when(cmd, marker, timeout=150):
     return still_running
 
 
+def one_gloo_rank(monkeypatch):
+    """torchrun's environment for one rank in this process, on a free local port: a script's main
+    then starts a gloo process group of one (a test can count its collectives)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+
+
 def check_ok(proc):
     assert proc.returncode == 0, (f"train.py failed rc={proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
                                   f"\nstderr:\n{proc.stderr[-4000:]}")

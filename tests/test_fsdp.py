@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TRAIN, T, TINY, base_args, check_ok, env, error_line, read_log, run_train
+from conftest import (REPO_ROOT, TRAIN, T, TINY, base_args, check_ok, env, error_line, one_gloo_rank, read_log,
+                      run_train)
 
 # a step of 2 micro-steps on each of 2 ranks, or of 4 in one process: the same 16 sequences a step
 FLAGS = dict(batch_size_per_device=4, total_batch_size=16 * T, eval_step_interval=2, val_tokens=24 * T)
@@ -148,17 +149,11 @@ def test_fsdp_reduces_gradients_once_per_optimizer_step(data_dir, tmp_path, monk
     """With gradient accumulation, FSDP must reduce-scatter the gradients only on the last micro-step:
     4 micro-steps a step make as many gradient reductions as 1. (One gloo rank in this process; FSDP2's
     foreach_reduce, one call per sharded group's reduction, is counted.)"""
-    import socket
-
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
     import train
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    one_gloo_rank(monkeypatch)
     calls = []
     real = _fsdp_param_group.foreach_reduce
     monkeypatch.setattr(_fsdp_param_group, "foreach_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TRAIN, T, base_args, check_ok, env, error_line, kill_when, read_log, run_train, train_cmd
+from conftest import (REPO_ROOT, TRAIN, T, base_args, check_ok, env, error_line, kill_when, one_gloo_rank, read_log,
+                      run_train, train_cmd)
 
 SEED_FLAGS = ["--max_steps", "19073", "--warmup_steps", "715", "--max_lr", "6e-4", "--min_lr", "6e-5",
               "--batch_size_per_device", "64", "--total_batch_size", "524288", "--eval_step_interval", "250",
@@ -336,15 +337,9 @@ def test_ddp_all_reduces_once_per_optimizer_step(data_dir, tmp_path, monkeypatch
     """With gradient accumulation, DDP must all-reduce only on the last micro-step: a run with 4
     micro-steps per step makes exactly as many all-reduce calls as one with a single micro-step.
     (One gloo process in this process; a comm hook counts DDP's bucket all-reduces.)"""
-    import socket
-
     import train
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    one_gloo_rank(monkeypatch)
     calls = []
     real_ddp = train.DDP
 
