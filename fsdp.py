@@ -15,8 +15,9 @@ from torch.distributed.tensor import DTensor
 
 
 def shard(model, rt):
-    """Shard each block, then the root (the embeddings, tied to the lm_head, and the last LayerNorm).
-    Under bf16 the blocks compute in bf16 and reduce gradients in fp32."""
+    """Shard each block, then the root (the embeddings, tied to the lm_head, and the last LayerNorm),
+    each moved to the device as it is sharded (the model may come on the CPU). Under bf16 the blocks
+    compute in bf16 and reduce gradients in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

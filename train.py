@@ -376,9 +376,10 @@ def save_checkpoint(cfg, rt, run_dir, step, raw_model, optimizers, scaler, loade
 def prepare(cfg, rt, raw_model, state, path):
     """The model on its device (sharded under --fsdp), its optimizers, their peak learning rates and
     the gradient scaler; on resume (state: the checkpoint's at path), with their state."""
-    raw_model = raw_model.to(rt.device)
-    if cfg.fsdp:  # parameters, gradients and optimizer state sharded across the ranks
-        raw_model = fsdp.shard(raw_model, rt)
+    if cfg.fsdp:  # parameters, gradients and optimizer state sharded across the ranks, moved to the device
+        raw_model = fsdp.shard(raw_model, rt)  # block by block: no GPU ever holds the whole model
+    else:
+        raw_model = raw_model.to(rt.device)
     optimizers = build_optimizers(raw_model, cfg, rt.device_type)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]  # (before a state sets them)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=cfg.dtype == "fp16")
