@@ -19,7 +19,7 @@ def shard(model, rt):
     each moved to the device as it is sharded (the model may come on the CPU). Under bf16 the blocks
     compute in bf16 and reduce gradients in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(rt.device_type, (rt.world_size,))
     policy = MixedPrecisionPolicy()
@@ -28,6 +28,7 @@ def shard(model, rt):
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "generate")  # its samples gather the root's parameters as forward does
     return model
 
 

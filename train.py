@@ -317,8 +317,9 @@ class Evaluation:
 def evaluate(cfg, rt, model, raw_model, ev, run_dir, step):
     """Val loss (model: compiled, not DDP: no collectives), HellaSwag and a sample (raw_model)."""
     model.eval()
+    sharded = hasattr(raw_model, "reshard")  # FSDP: every forward is every rank's
     loss = val_loss(model, ev.loader, ev.windows, rt, cfg.batch_size_per_device)
-    if hasattr(raw_model, "reshard"):  # FSDP keeps the root's parameters whole after a forward without backward
+    if sharded:  # FSDP keeps the root's parameters whole after a forward without backward
         raw_model.reshard()
     records = [{"step": step, "val_loss": loss, "val_tokens": ev.windows * ev.loader.seq_len}]
     message = f"step {step:6d} | val loss {loss:.6f}"
@@ -334,11 +335,14 @@ def evaluate(cfg, rt, model, raw_model, ev, run_dir, step):
         for record in records:
             run_dir.log(record)
         print(message)
-        if cfg.sample_tokens > 0 and ev.sample is not None:
-            ids, enc, end = ev.sample
-            with rt.autocast():
-                out = raw_model.generate(torch.tensor([ids], device=rt.device), cfg.sample_tokens, top_k=50,
-                                         seed=cfg.seed + step, eos_token_id=end)
+    if cfg.sample_tokens > 0 and (rt.rank == 0 or sharded):  # (FSDP: every rank samples the same tokens in step)
+        ids, enc, end = ev.sample
+        with rt.autocast():
+            out = raw_model.generate(torch.tensor([ids], device=rt.device), cfg.sample_tokens, top_k=50,
+                                     seed=cfg.seed + step, eos_token_id=end)
+        if sharded:
+            raw_model.reshard()
+        if rt.rank == 0:
             print(f"sample: {enc.decode(out[0].tolist())!r}")
     model.train()
 
@@ -429,11 +433,11 @@ def fit(cfg, rt, config, loaders, new_model, sample, settings=None):
             if rt.rank == 0:
                 print(f"{cfg.log_dir}: this run has finished ({cfg.max_steps} steps); nothing to do")
             return 0
-        if cfg.fsdp and rt.rank == 0 and (cfg.hellaswag_examples or cfg.sample_tokens):
-            print("note: --fsdp: no HellaSwag or samples during training (no rank holds the whole model); "
-                  "score the checkpoints with hellaswag.py or evals.py")
+        if cfg.fsdp and rt.rank == 0 and cfg.hellaswag_examples:
+            print("note: --fsdp: no HellaSwag during training (each rank scores its share, in passes FSDP "
+                  "cannot run apart); score the checkpoints with hellaswag.py or evals.py")
         hellaswag_examples = None if cfg.fsdp else load_hellaswag(cfg.hellaswag_examples, rt)
-        ev = Evaluation(val_loader, windows, hellaswag_examples, None if cfg.fsdp else sample)
+        ev = Evaluation(val_loader, windows, hellaswag_examples, sample)
         if rt.rank == 0:
             run_dir.log({"step": start_step, "recipe": recipe})
             print_header(cfg, rt, raw_model, recipe, train_loader.grad_accum_steps, start_step)

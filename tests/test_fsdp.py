@@ -44,8 +44,10 @@ def runs(data_dir, tmp_path_factory):
     out = {}
     for name, nproc, extra in (("fsdp", 2, ["--fsdp"]), ("ddp", 2, []), ("one", 1, [])):
         log = tmp_path_factory.mktemp(name) / "log"
-        check_ok(run_train(*args(data_dir, log, 6, *extra, save_step=3), nproc=nproc, timeout=300))
+        proc = run_train(*args(data_dir, log, 6, *extra, save_step=3, sample_tokens=12), nproc=nproc, timeout=300)
+        check_ok(proc)
         out[name] = log
+        out[name + " samples"] = [ln for ln in proc.stdout.splitlines() if ln.startswith("sample: ")]
     return out
 
 
@@ -55,6 +57,12 @@ def test_fsdp_losses_are_ddps_and_one_processes(runs):
     assert any(k[0] == "val" for k in fsdp) and sum(k[0] == "train" for k in fsdp) == 6
     assert_close(fsdp, ddp)
     assert_close(fsdp, one)
+
+
+def test_fsdp_samples_at_each_evaluation_as_ddp_does(runs):
+    """Every rank samples in step (no rank holds the whole model) and rank 0 prints: the same samples,
+    seed by seed, as the DDP run (whose weights are these to float rounding)."""
+    assert len(runs["fsdp samples"]) == 4 and runs["fsdp samples"] == runs["ddp samples"], runs["fsdp samples"]
 
 
 def test_fsdp_checkpoint_holds_ddps_weights_and_loads_in_transformers(runs):
