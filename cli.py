@@ -170,6 +170,12 @@ def steps_of(value, total):
     return value
 
 
+def duration(seconds):
+    """A time as "1h02m", "3m05s" or "42s"."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 positive_float = float_range(0, lo_open=True)

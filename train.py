@@ -496,7 +496,7 @@ def report_step(cfg, rt, run_dir, step, result, lr, optimizers, recent, flops_pe
     if result.skipped:
         record["skipped"] = True  # fp16: inf/NaN gradients, no optimizer stepped
     run_dir.log(record)
-    eta = duration(sum(recent) / len(recent) * (cfg.max_steps - step - 1))  # (evaluations not counted)
+    eta = cli.duration(sum(recent) / len(recent) * (cfg.max_steps - step - 1))  # (evaluations not counted)
     print(f"step {step:6d} | loss {result.loss:.6f} | lr {lr:.3e} | norm {result.grad_norm:.4f} | "
           f"{dt * 1000:.0f} ms | {tok_s:,.0f} tok/s" + (f" | mfu {mfu * 100:.1f}%" if mfu else "")
           + f" | eta {eta}" + (" | skipped (fp16 overflow)" if result.skipped else ""))
@@ -509,12 +509,6 @@ def interrupted(step, saved_step):
     again = (f"--resume continues from step {saved_step}" if saved_step
              else "no checkpoint yet: --resume starts it again")
     return f"interrupted at step {step}; {again}"
-
-
-def duration(seconds):
-    """A time as "1h02m", "3m05s" or "42s"."""
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def run_main(body):
