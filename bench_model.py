@@ -6,8 +6,6 @@ cache-less loop) and memory (the bytes each rank holds for training under DDP an
 the sharding plan). torch and transformers are imported by the sections, when they run.
 """
 
-
-
 from bench_timing import multiple_choice, paired, repeats
 
 
@@ -17,7 +15,6 @@ def bench_model(args):
     import transformers
 
     from model import GPT, GPTConfig
-
     from model_io import hf_state_dict
 
     transformers.logging.set_verbosity_error()

@@ -5,7 +5,6 @@ one at a time) and evals (evals.py's lm-eval model against lm-eval's hf backend)
 measures on a checkpoint of random weights it writes; torch and the clients are imported when it runs.
 """
 
-import glob
 import os
 import shutil
 import statistics
@@ -13,9 +12,17 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+from bench_timing import corpus_tokens, multiple_choice, paired, repeats
 
-from bench_timing import multiple_choice, paired, repeats
+
+def test_launcher():
+    """tests/launch.py's launch(): serve.py in a subprocess, waited for (the tests' harness)."""
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from launch import launch
+
+    return launch
 
 
 def bench_serve(args):
@@ -30,8 +37,7 @@ def bench_serve(args):
     from model import GPT, GPTConfig
     from model_io import save_pretrained
 
-    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))  # launch(): tests/launch.py
-    from launch import launch
+    launch = test_launcher()
 
     torch.manual_seed(0)
     work = tempfile.mkdtemp(prefix="bench-serve-")
@@ -98,8 +104,7 @@ def bench_score(args):
     from model import GPT, GPTConfig
     from model_io import get_tokenizer, save_pretrained
 
-    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))  # launch(): tests/launch.py
-    from launch import launch
+    launch = test_launcher()
 
     enc = get_tokenizer()
     n = 20 if args.quick else args.score_examples
@@ -167,9 +172,8 @@ def bench_evals(args):
 
     enc = get_tokenizer()
     n = 20 if args.quick else args.evals_examples
-    files = sorted(glob.glob(os.path.join(args.corpus, "*", "*.txt")))[:20]
-    text = enc.encode_ordinary(" ".join(open(f).read() for f in files))
-    g = np.random.default_rng(0)
+    text, g = corpus_tokens(args.corpus, enc)
+
     def cut(k):  # k tokens of the corpus as text, not blank
         while not (piece := enc.decode(text[(s := int(g.integers(0, len(text) - 100))) : s + k]).strip()):
             pass

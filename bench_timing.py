@@ -28,23 +28,30 @@ def repeats(args, default):
     return 1 if args.quick else args.repeat or default
 
 
-def multiple_choice(corpus, enc, n):
-    """(n rendered examples [(context ids, [4 ending ids])], their source): HellaSwag val where it lies
-    beside the project, else HellaSwag-like lengths (context 30-90 tokens, endings 10-35) cut from the
-    corpus."""
+def corpus_tokens(corpus, enc):
+    """The token ids of the corpus's first 20 documents, and the generator the sections cut their
+    pieces with (seeded: the same pieces every run)."""
     import glob
     import os
 
     import numpy as np
+
+    files = sorted(glob.glob(os.path.join(corpus, "*", "*.txt")))[:20]
+    return enc.encode_ordinary(" ".join(open(f).read() for f in files)), np.random.default_rng(0)
+
+
+def multiple_choice(corpus, enc, n):
+    """(n rendered examples [(context ids, [4 ending ids])], their source): HellaSwag val where it lies
+    beside the project, else HellaSwag-like lengths (context 30-90 tokens, endings 10-35) cut from the
+    corpus."""
+    import os
 
     import hellaswag
 
     real = os.path.join("..", "shared", "hellaswag", "hellaswag_val.jsonl")
     if os.path.isfile(real):
         return [hellaswag.render(ex, enc) for ex in hellaswag.load_examples(real)[:n]], "HellaSwag val"
-    files = sorted(glob.glob(os.path.join(corpus, "*", "*.txt")))[:20]
-    text = enc.encode_ordinary(" ".join(open(f).read() for f in files))
-    g = np.random.default_rng(0)
+    text, g = corpus_tokens(corpus, enc)
 
     def cut(k):
         start = int(g.integers(0, len(text) - 100))

@@ -33,7 +33,6 @@ def token_name(b):
         return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
 
 
-
 class Job:
     """One HTTP request as the engine sees it: the engine delivers (index, text, finish_reason,
     tokens so far) events to its asyncio queue; the handler cancels it when the client leaves."""

@@ -32,6 +32,7 @@ Offline, lm-eval cannot download a task's data from the Hugging Face Hub: point 
 with --include_path DIR holding a task YAML with `dataset_path: json` (see README).
 """
 
+import functools
 import json
 import os
 import sys
@@ -41,8 +42,8 @@ from tqdm import tqdm
 
 import chat
 import cli
-import runtime
 import decode
+import runtime
 import scoring
 from model_io import CHAT_TEMPLATE, IM_END, get_tokenizer, load_model
 from runtime import DTYPES, best_device
@@ -269,19 +270,14 @@ class ReproLM(TemplateLM):
                 for job, m in zip(batch, made)}
 
 
-_REGISTERED = []
-
-
+@functools.cache
 def make_lm_class():
     """ReproLM, registered with lm-eval as gpt2-repro (once)."""
     _require_lm_eval()
-    if not _REGISTERED:
-        from lm_eval.api.registry import register_model
+    from lm_eval.api.registry import register_model
 
-        register_model("gpt2-repro")(ReproLM)
-        _REGISTERED.append(ReproLM)
+    register_model("gpt2-repro")(ReproLM)
     return ReproLM
-
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ ranks (torch.distributed.fsdp.fully_shard on each transformer block and on the r
 optimizer state written and read with torch.distributed.checkpoint (DCP), which reshards it for any
 number of processes (or one, without FSDP).
 
-    model = fsdp.shard(model, rt)                     # after .to(device), before the optimizers
+    model = fsdp.shard(model, rt)                     # moves it to rt.device; then the optimizers
     fsdp.save_optimizers(model, optimizers, path)     # every rank, its shards
     fsdp.load_optimizers(model, optimizers, path)     # every rank (or one process)
 """

@@ -115,6 +115,11 @@ def cache_root():
 
 
 @functools.lru_cache(maxsize=None)
+def specials(chat):
+    """{text: id} of the special tokens a model's tokenizer has: <|endoftext|>, and a chat model's markers."""
+    return {k: v for k, v in SPECIAL.items() if chat or v == EOT_TOKEN}
+
+
 def tokenizer_files(chat=False):
     """{name: bytes} of tokenizer.json, vocab.json and merges.txt: GPT-2's BPE (chat=True: with the chat
     markers as special tokens) as transformers reads it, built from tiktoken's ranks. Built once per
@@ -129,8 +134,7 @@ def tokenizer_files(chat=False):
         return files
     except OSError:
         pass
-    specials = {k: v for k, v in SPECIAL.items() if chat or v == EOT_TOKEN}
-    files = build_files(get_tokenizer()._mergeable_ranks, specials, chat)
+    files = build_files(get_tokenizer()._mergeable_ranks, specials(chat), chat)
     try:
         os.makedirs(cache, exist_ok=True)
         for name in names:
@@ -155,7 +159,7 @@ def hf_extra_files(model):
         warn_once(f"warning: no tokenizer files written beside the model ({e})")
         return {}
     eos = "<|im_end|>" if chat else "<|endoftext|>"
-    specials = {k: v for k, v in SPECIAL.items() if chat or v == EOT_TOKEN}
+    added = specials(chat)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as written (GPT2Tokenizer rebuilds its own)
         "model_max_length": c.block_size,
@@ -164,7 +168,7 @@ def hf_extra_files(model):
         "clean_up_tokenization_spaces": False,  # decode() gives the text back as it was
         "errors": "replace",
         "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for t, i in specials.items()},
+                                          "single_word": False, "special": True} for t, i in added.items()},
     }
     if chat:
         config["additional_special_tokens"] = ["<|im_start|>", "<|im_end|>"]

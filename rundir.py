@@ -149,7 +149,7 @@ class RunDir:
     def begin_save(self, step):
         """The empty temporary directory step_NNNNNN/ is written into (the ranks' optimizer shards
         first, under --fsdp, then save())."""
-        tmp = os.path.join(self.path, f".tmp-step_{step:06d}")
+        tmp = self._tmp(step)
         shutil.rmtree(tmp, ignore_errors=True)  # a write of this run that was interrupted
         os.makedirs(tmp)
         return tmp
@@ -164,9 +164,7 @@ class RunDir:
         if bad:
             raise FloatingPointError(f"not checkpointing step {step}: {len(bad)} non-finite tensors ({bad[0]}, ...)")
         final = os.path.join(self.path, f"step_{step:06d}")
-        tmp = os.path.join(self.path, f".tmp-step_{step:06d}")
-        if not begun:
-            self.begin_save(step)
+        tmp = self._tmp(step) if begun else self.begin_save(step)
         try:
             save_pretrained(model, tmp)
             torch.save({**state, "run_id": self.run_id}, os.path.join(tmp, "trainer_state.pt"))
@@ -190,6 +188,9 @@ class RunDir:
             os.rename(final, f"{final}.replaced-{int(time.time())}")
         os.rename(tmp, final)
         cli.sync(self.path)
+
+    def _tmp(self, step):
+        return os.path.join(self.path, f".tmp-step_{step:06d}")
 
     def prune(self, keep):
         """Delete all but the newest `keep` checkpoints of this run (never another run's)."""
@@ -281,16 +282,17 @@ def verify(d, config, run_id, muon=False):
     sharded = isinstance(state, dict) and state.get("sharded_optimizers")  # --fsdp: the optimizers' state in DCP
     if sharded and not os.path.isfile(os.path.join(d, str(sharded), ".metadata")):
         raise BadCheckpoint(f"its sharded optimizer state ({sharded}/) has no .metadata")
+    in_file = [] if sharded else ["optimizer", "muon"] if muon else ["optimizer"]  # the optimizers' states here
     if not (isinstance(state, dict) and state.get("step") == step
-            and (sharded or _optimizer_state(state.get("optimizer")))):
+            and ("optimizer" not in in_file or _optimizer_state(state.get("optimizer")))):
         raise BadCheckpoint(f"trainer_state.pt is not the trainer state of step {step}")
     if not (isinstance(state.get("scaler"), dict) and isinstance(state.get("loader"), dict)):
         raise BadCheckpoint("trainer_state.pt lacks the scaler's or the loader's state")
-    if muon and not (sharded or _optimizer_state(state.get("muon"))):
+    if "muon" in in_file and not _optimizer_state(state.get("muon")):
         raise BadCheckpoint("trainer_state.pt holds no Muon optimizer state")
-    bad = _finite(model.state_dict()) + (_finite(optimizer_tensors(state["optimizer"])) if not sharded else [])
-    if muon:
-        bad += _finite(optimizer_tensors(state["muon"]))
+    bad = _finite(model.state_dict())
+    for key in in_file:
+        bad += _finite(optimizer_tensors(state[key]))
     if bad:
         raise BadCheckpoint(f"{len(bad)} non-finite tensors ({bad[0]}, ...)")
     if not all(math.isfinite(v) for v in state.get("scaler", {}).values() if isinstance(v, float)):

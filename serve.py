@@ -578,7 +578,7 @@ def main(argv=None):
         return cli.fail(e)
     c = model.config
     host = f"[{args.host}]" if ":" in args.host else args.host
-    kind = "a chat model, " if chat.is_chat_model(model) else ""
+    kind = "a chat model, " if app.state.served.is_chat else ""
     print(f"serve.py: {args.model} ({kind}{c.n_layer} layers x {c.n_embd}, context {c.block_size}) on {device} "
           f"{dtype}, at http://{host}:{sock.getsockname()[1]}/", flush=True)
     # asyncio's loop, not uvloop: Listener.accept is asyncio's

@@ -48,7 +48,6 @@ from model import GPT, PRESETS, GPTConfig
 from model_io import get_tokenizer
 from optim import build_optimizers, get_lr, set_lr
 import rundir
-from rundir import RunDir
 from runtime import DTYPES
 
 # A recipe is a set of defaults for the flags marked "by --recipe"; a flag given explicitly wins. A step count in
@@ -317,9 +316,8 @@ class Evaluation:
 def evaluate(cfg, rt, model, raw_model, ev, run_dir, step):
     """Val loss (model: compiled, not DDP: no collectives), HellaSwag and a sample (raw_model)."""
     model.eval()
-    sharded = hasattr(raw_model, "reshard")  # FSDP: every forward is every rank's
     loss = val_loss(model, ev.loader, ev.windows, rt, cfg.batch_size_per_device)
-    if sharded:  # FSDP keeps the root's parameters whole after a forward without backward
+    if cfg.fsdp:  # FSDP keeps the root's parameters whole after a forward without backward
         raw_model.reshard()
     records = [{"step": step, "val_loss": loss, "val_tokens": ev.windows * ev.loader.seq_len}]
     message = f"step {step:6d} | val loss {loss:.6f}"
@@ -335,12 +333,12 @@ def evaluate(cfg, rt, model, raw_model, ev, run_dir, step):
         for record in records:
             run_dir.log(record)
         print(message)
-    if cfg.sample_tokens > 0 and (rt.rank == 0 or sharded):  # (FSDP: every rank samples the same tokens in step)
+    if cfg.sample_tokens > 0 and (rt.rank == 0 or cfg.fsdp):  # (FSDP: every rank samples the same tokens in step)
         ids, enc, end = ev.sample
         with rt.autocast():
             out = raw_model.generate(torch.tensor([ids], device=rt.device), cfg.sample_tokens, top_k=50,
                                      seed=cfg.seed + step, eos_token_id=end)
-        if sharded:
+        if cfg.fsdp:
             raw_model.reshard()
         if rt.rank == 0:
             print(f"sample: {enc.decode(out[0].tolist())!r}")
@@ -412,7 +410,7 @@ def fit(cfg, rt, config, loaders, new_model, sample, settings=None):
     if windows > val_loader.epoch_windows:  # never wrap around: the same tokens twice
         raise cli.Error(f"--val_tokens {cfg.val_tokens:,} is more than the val shards hold "
                         f"({val_loader.epoch_windows * T:,} in whole windows of {T}); pass at most that")
-    run_dir = RunDir(cfg.log_dir)
+    run_dir = rundir.RunDir(cfg.log_dir)
     step = saved_step = None
     try:
         resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0  # a torchrun restart resumes
